@@ -1,0 +1,134 @@
+"""LongLLaMA configuration: every field of the official release, plus GQA and the kNN memory knobs."""
+
+from huggingface_hub.dataclasses import strict
+from transformers.configuration_utils import PreTrainedConfig
+
+MEM_DTYPES = ("float32", "bfloat16", "float16")
+MEM_BACKENDS = ("dense", "faiss", "torch_topk")
+
+
+@strict
+class LongLlamaConfig(PreTrainedConfig):
+    r"""
+    Configuration of a LongLLaMA (Focused Transformer) model.
+
+    The architecture fields are those of Hugging Face LLaMA. The memory fields follow the official release:
+
+    - `max_position_embeddings`: the context window length `lctx` (RoPE table size, window length used to split
+      long inputs, and cap on the local generation cache).
+    - `last_context_length`: trailing input tokens kept in the local cache instead of going to memory.
+    - `mem_layers`: indices of the memory layers (empty = plain LLaMA).
+    - `mem_dtype`: dtype of stored memory keys and values (`"bfloat16"`, `"float16"` or `"float32"`).
+    - `mem_positionals`: if false, memory layers use no RoPE at all.
+    - `mem_attention_grouping`: `(heads, queries)` chunking of memory-layer attention; changes peak memory only.
+    - `torch_attention`: non-memory layers use fused SDPA instead of matmul + fp32 softmax.
+    - `gradient_checkpoint_every_ith`: with gradient checkpointing on, checkpoint every i-th non-memory layer.
+
+    Added by this project:
+
+    - `num_key_value_heads`: grouped-query attention (defaults to `num_attention_heads`, plain multi-head).
+    - `mem_backend`: `"dense"` (official: attend to the whole memory), `"faiss"` (top-k search in per-head Faiss
+      indices) or `"torch_topk"` (exact top-k in plain torch, any device).
+    - `mem_knn_k`: number of memory entries retrieved per query and head by the kNN backends.
+    - `mem_index`: Faiss `index_factory` string (`"Flat"`, `"IVF1024,Flat"`, `"HNSW32"`, `"IVF1024,PQ16"`, `"SQ8"`...).
+    - `mem_index_params`: Faiss search parameters, e.g. `{"nprobe": 32}` or `{"efSearch": 64}`.
+    """
+
+    model_type = "longllama"
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    tie_word_embeddings: bool = False
+    rope_theta: float | int = 10000.0
+    rope_scaling: dict | None = None
+    last_context_length: int = 1024
+    mem_layers: list[int] | tuple[int, ...] | None = None
+    mem_positionals: bool = True
+    mem_dtype: str = "bfloat16"
+    mem_attention_grouping: list[int] | tuple[int, int] | None = None
+    torch_attention: bool = False
+    gradient_checkpoint_every_ith: int = 1
+    mem_backend: str = "dense"
+    mem_knn_k: int = 32
+    mem_index: str = "Flat"
+    mem_index_params: dict | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        self.mem_layers = [] if self.mem_layers is None else list(self.mem_layers)
+        super().__post_init__(**kwargs)
+        self.validate_longllama()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def validate_longllama(self) -> None:
+        """Raise a `ValueError` naming the offending field for any setting the model cannot honour."""
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) must be a multiple of `num_attention_heads` "
+                f"({self.num_attention_heads})."
+            )
+        if self.num_key_value_heads <= 0 or self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"`num_key_value_heads` must divide `num_attention_heads` ({self.num_attention_heads}), "
+                f"got {self.num_key_value_heads}."
+            )
+        bad = [i for i in self.mem_layers if not isinstance(i, int) or not 0 <= i < self.num_hidden_layers]
+        if bad:
+            raise ValueError(
+                f"`mem_layers` must hold layer indices in [0, {self.num_hidden_layers - 1}] "
+                f"(num_hidden_layers={self.num_hidden_layers}), got {list(self.mem_layers)}."
+            )
+        if self.rope_scaling is not None:
+            raise ValueError(
+                f"`rope_scaling` must be null for LongLLaMA (context is extended by memory, not RoPE scaling), "
+                f"got {self.rope_scaling!r}."
+            )
+        if self.mem_dtype not in MEM_DTYPES:
+            raise ValueError(f"`mem_dtype` must be one of {MEM_DTYPES}, got {self.mem_dtype!r}.")
+        check_last_context_length(self.last_context_length)
+        if self.max_position_embeddings <= 0:
+            raise ValueError(
+                f"`max_position_embeddings` (the window length) must be a positive int, "
+                f"got {self.max_position_embeddings!r}."
+            )
+        if self.mem_attention_grouping is not None:
+            grouping = tuple(self.mem_attention_grouping)
+            if len(grouping) != 2 or not all(isinstance(g, int) and g > 0 for g in grouping):
+                raise ValueError(
+                    "`mem_attention_grouping` must be null or a pair of positive ints (heads, queries), "
+                    f"got {self.mem_attention_grouping!r}."
+                )
+        if self.mem_backend not in MEM_BACKENDS:
+            raise ValueError(f"`mem_backend` must be one of {MEM_BACKENDS}, got {self.mem_backend!r}.")
+        if not isinstance(self.mem_knn_k, int) or self.mem_knn_k <= 0:
+            raise ValueError(f"`mem_knn_k` must be a positive int, got {self.mem_knn_k!r}.")
+        if self.gradient_checkpoint_every_ith <= 0:
+            raise ValueError(
+                f"`gradient_checkpoint_every_ith` must be a positive int, got {self.gradient_checkpoint_every_ith!r}."
+            )
+
+
+def check_last_context_length(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"`last_context_length` must be a positive int (tokens kept local), got {value!r}.")
+    return value
+
+
+__all__ = ["LongLlamaConfig"]

@@ -1,0 +1,142 @@
+"""Memory of one memory layer: what the attention layer adds windows to and looks queries up in.
+
+A memory object holds, for each batch row (document) and each KV head, the raw (un-rotated) keys and values of
+earlier windows. The attention layer talks to it through two calls:
+
+- `add(keys, values, mask)`: append a window; keys/values `[B, H_kv, T, d]`, mask `[B, T]` (True = real token).
+- `lookup(queries, h0, h1)`: for queries `[B, h1 - h0, Q, d]` of KV heads `h0:h1`, return a `MemoryLookup` with raw
+  inner products `<q, k_i>` for the entries this memory offers, which of them are valid, and their values.
+
+`DenseMemory` offers every stored entry (the official LongLLaMA behaviour). `KnnMemory` offers the top-k entries per
+query found in per-(row, head) Faiss indices (or exact torch top-k) with exact re-scored inner products.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class MemoryLookup:
+    """Memory entries offered to a block of queries.
+
+    scores: `[B, h, Q, K]` raw inner products `<q, k_i>` (not yet scaled by 1/sqrt(d)).
+    valid: bool, broadcastable to `scores`; False entries must get no attention (padding, missing neighbours).
+    values: `[B, h, K, d]` shared by all queries (dense), or `[B, h, Q, K, d]` per query (kNN).
+    """
+
+    scores: torch.Tensor
+    valid: torch.Tensor
+    values: torch.Tensor
+
+    def mix(self, probs: torch.Tensor) -> torch.Tensor:
+        """Attention-weighted sum of the values: probs `[B, h, Q, K]` -> `[B, h, Q, d]`."""
+        values = self.values.to(probs.dtype)
+        if values.dim() == 4:
+            return probs @ values
+        return (probs.unsqueeze(-2) @ values).squeeze(-2)
+
+
+class _GrowingBuffer:
+    """A `[B, H, N, d]` tensor appended to along N with capacity doubling (amortised O(1) per token)."""
+
+    def __init__(self):
+        self.data = None
+        self.length = 0
+
+    def append(self, chunk: torch.Tensor) -> None:
+        n = chunk.shape[2]
+        if self.data is None:
+            self.data = torch.empty(*chunk.shape[:2], max(n, 1), *chunk.shape[3:], dtype=chunk.dtype, device=chunk.device)
+        elif self.length + n > self.data.shape[2]:
+            capacity = max(self.length + n, 2 * self.data.shape[2])
+            grown = torch.empty(*self.data.shape[:2], capacity, *self.data.shape[3:], dtype=self.data.dtype,
+                                device=self.data.device)
+            grown[:, :, : self.length] = self.data[:, :, : self.length]
+            self.data = grown
+        self.data[:, :, self.length : self.length + n] = chunk
+        self.length += n
+
+    def view(self) -> torch.Tensor | None:
+        return None if self.data is None else self.data[:, :, : self.length]
+
+    def truncate(self, length: int) -> None:
+        self.length = min(self.length, length)
+
+    def nbytes(self) -> int:
+        return 0 if self.data is None else self.data.numel() * self.data.element_size()
+
+
+class DenseMemory:
+    """Every stored (key, value) is attended by every query (official FoT memory)."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.keys = _GrowingBuffer()
+        self.values = _GrowingBuffer()
+        self.mask = _GrowingBuffer()  # [B, 1, N] bool
+
+    def add(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
+        self.keys.append(keys.detach().to(self.dtype))
+        self.values.append(values.detach().to(self.dtype))
+        self.mask.append(mask.detach().bool()[:, None, :])
+
+    def lookup(self, queries: torch.Tensor, h0: int, h1: int) -> MemoryLookup | None:
+        if len(self) == 0:
+            return None
+        keys = self.keys.view()[:, h0:h1].to(queries.dtype)
+        return MemoryLookup(
+            scores=queries @ keys.transpose(-1, -2),
+            valid=self.mask.view()[:, :, None, :],
+            values=self.values.view()[:, h0:h1],
+        )
+
+    def __len__(self) -> int:
+        return self.keys.length
+
+    def truncate(self, length: int) -> None:
+        """Forget everything added after the first `length` tokens (used to restore a read state)."""
+        for buffer in (self.keys, self.values, self.mask):
+            buffer.truncate(length)
+
+    def nbytes(self) -> int:
+        return self.keys.nbytes() + self.values.nbytes() + self.mask.nbytes()
+
+    def reset(self) -> None:
+        self.__init__(self.dtype)
+
+
+class KnnMemory:
+    """Top-k memory: per (row, KV head) kNN search, exact re-scoring of the retrieved keys, one joint softmax.
+
+    With k >= the number of stored tokens it offers every entry and equals `DenseMemory`.
+    """
+
+    def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, *, k: int, backend: str, index: str,
+                 index_params: dict | None, dtype: torch.dtype, device):
+        import knn_index  # the Faiss side is only needed by the kNN backends
+
+        self.k = k
+        self.store = knn_index.KnnStore(
+            batch_size, num_kv_heads, head_dim,
+            index=index, backend="torch" if backend == "torch_topk" else "faiss",
+            index_params=index_params, dtype=dtype, device=device,
+        )
+
+    def add(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
+        self.store.add(keys.detach(), values.detach(), mask.bool())
+
+    def lookup(self, queries: torch.Tensor, h0: int, h1: int) -> MemoryLookup | None:
+        if len(self.store) == 0:
+            return None
+        found = self.store.search(queries.detach(), self.k, heads=slice(h0, h1))
+        return MemoryLookup(scores=found.scores.to(queries.dtype), valid=found.ids >= 0, values=found.values)
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def nbytes(self) -> int:
+        return self.store.nbytes()
+
+    def reset(self) -> None:
+        self.store.reset()

@@ -1,0 +1,513 @@
+"""LongLLaMA (Focused Transformer) for transformers 5.x, readable top to bottom.
+
+The architecture is Hugging Face LLaMA (same state-dict names). A few *memory layers* also attend to a memory of
+(key, value) pairs from earlier context windows, with one fp32 softmax over local and memory scores. Long inputs are
+split into windows of `max_position_embeddings` tokens; see `split_windows` and `LongLlamaModel.forward`.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .configuration_longllama import LongLlamaConfig, check_last_context_length
+from .memory import DenseMemory, KnnMemory
+
+
+def split_windows(num_tokens: int, window: int, last_context_length: int) -> list[tuple[int, int]]:
+    """Window bounds for `num_tokens` new tokens: the first `max(N - L, 0)` tokens in windows of `window` tokens
+    (the last of them possibly shorter), then one final window with the last `min(N, L)` tokens."""
+    prefix = max(num_tokens - last_context_length, 0)
+    bounds = [(start, min(start + window, prefix)) for start in range(0, prefix, window)]
+    return bounds + [(prefix, num_tokens)]
+
+
+def score_floor(dtype: torch.dtype) -> float:
+    """Masked scores are set to, and all scores clamped from below at, max(finfo.min, -1e6) (as the official code)."""
+    return max(torch.finfo(dtype).min, -1e6)
+
+
+class LongLlamaRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class LongLlamaRotaryEmbedding(nn.Module):
+    """Rotate-half RoPE evaluated at arbitrary (window-relative) positions."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions `[B, T]` -> (cos, sin), each `[B, 1, T, head_dim]` in `dtype`."""
+        freqs = positions[:, :, None].float() * self.inv_freq[None, None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class LongLlamaMLP(nn.Module):
+    def __init__(self, config: LongLlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class WindowContext:
+    """What every layer needs to attend within one window (computed once per window by the model).
+
+    rope: (cos, sin) `[B, 1, T_keys, d]` at window-relative key positions; the queries are the last T_q keys.
+    allowed: bool `[B, 1, T_q, T_keys]`: causal and padding mask of the local keys.
+    past: per-layer un-rotated local keys/values `[B, H_kv, P, d]` to prepend, or None.
+    """
+
+    rope: tuple[torch.Tensor, torch.Tensor]
+    allowed: torch.Tensor
+    past: list | None
+
+
+class LongLlamaAttention(nn.Module):
+    """LLaMA attention; in memory layers, one fp32 softmax over local keys and memory entries (FoT)."""
+
+    def __init__(self, config: LongLlamaConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.is_memory_layer = layer_idx in config.mem_layers
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor, window: WindowContext, memory=None):
+        """Returns the attention output and the un-rotated local (keys, values) `[B, H_kv, P + T, d]`
+        (past local cache, if any, followed by this window)."""
+        bsz, q_len, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(bsz, q_len, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(bsz, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(bsz, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if window.past is not None:
+            past_k, past_v = window.past[self.layer_idx]
+            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        local_kv = (k, v)
+
+        if not self.is_memory_layer or self.config.mem_positionals:
+            cos, sin = window.rope
+            q = apply_rotary(q, cos[:, :, -q_len:], sin[:, :, -q_len:])
+            k = apply_rotary(k, cos, sin)
+
+        if self.is_memory_layer or not self.config.torch_attention:
+            out = self._attend_eager(q, k, v, window.allowed, memory)
+        else:
+            bias = torch.zeros(window.allowed.shape, dtype=q.dtype, device=q.device)
+            bias.masked_fill_(~window.allowed, score_floor(q.dtype))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
+        out = out.transpose(1, 2).reshape(bsz, q_len, self.num_heads * self.head_dim)
+        return self.o_proj(out), local_kv
+
+    def _attend_eager(self, q, k, v, allowed, memory):
+        """matmul + fp32 softmax over `[local ; memory]`, chunked by `mem_attention_grouping` (same results)."""
+        bsz, _, q_len, d = q.shape
+        groups = self.num_heads // self.num_kv_heads
+        q = q.view(bsz, self.num_kv_heads, groups, q_len, d)
+        heads_per_chunk, queries_per_chunk = self.num_kv_heads, q_len
+        if self.is_memory_layer and self.config.mem_attention_grouping is not None:
+            max_heads, max_queries = self.config.mem_attention_grouping
+            heads_per_chunk, queries_per_chunk = max(1, max_heads // groups), max_queries
+        floor = score_floor(q.dtype)
+        scale = 1.0 / math.sqrt(d)
+        out = torch.empty_like(q)
+        for h0 in range(0, self.num_kv_heads, heads_per_chunk):
+            h1 = min(h0 + heads_per_chunk, self.num_kv_heads)
+            for t0 in range(0, q_len, queries_per_chunk):
+                t1 = min(t0 + queries_per_chunk, q_len)
+                q_block = q[:, h0:h1, :, t0:t1].reshape(bsz, h1 - h0, groups * (t1 - t0), d)
+                local = (q_block @ k[:, h0:h1].transpose(-1, -2)) * scale
+                local = local.view(bsz, h1 - h0, groups, t1 - t0, -1)
+                local = local.masked_fill(~allowed[:, :, None, t0:t1], floor).flatten(2, 3)
+                found = memory.lookup(q_block, h0, h1) if memory is not None else None
+                if found is None:
+                    probs = torch.softmax(local.clamp(min=floor), dim=-1, dtype=torch.float32).to(q.dtype)
+                    block_out = probs @ v[:, h0:h1]
+                else:
+                    mem = (found.scores * scale).masked_fill(~found.valid, floor)
+                    scores = torch.cat([local, mem], dim=-1).clamp(min=floor)
+                    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+                    n_local = local.shape[-1]
+                    block_out = probs[..., :n_local] @ v[:, h0:h1] + found.mix(probs[..., n_local:])
+                out[:, h0:h1, :, t0:t1] = block_out.view(bsz, h1 - h0, groups, t1 - t0, d)
+        return out.view(bsz, self.num_heads, q_len, d)
+
+
+class LongLlamaDecoderLayer(nn.Module):
+    def __init__(self, config: LongLlamaConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = LongLlamaAttention(config, layer_idx)
+        self.mlp = LongLlamaMLP(config)
+        self.input_layernorm = LongLlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LongLlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor, window: WindowContext, memory=None):
+        attn_out, local_kv = self.self_attn(self.input_layernorm(hidden_states), window, memory)
+        hidden_states = hidden_states + attn_out
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states, local_kv
+
+
+class LongLlamaCache(Cache):
+    """Generation state: the local cache of every layer plus the memory of every memory layer.
+
+    The local cache holds un-rotated keys/values `[B, H_kv, P, d]` per layer, with their absolute positions and
+    padding mask `[B, P]` (shared by all layers). `memories` maps a memory layer index to its memory object.
+    `get_seq_length()` counts every token fed so far (memory and local), as `generate` expects.
+    """
+
+    def __init__(self, num_layers: int):
+        super().__init__(layers=[])
+        self.local_kv = [None] * num_layers
+        self.positions = None
+        self.mask = None
+        self.next_position = None
+        self.memories = {}
+        self.seen_tokens = 0
+
+    @property
+    def local_length(self) -> int:
+        return 0 if self.positions is None else self.positions.shape[1]
+
+    def clear_local(self) -> None:
+        self.local_kv = [None] * len(self.local_kv)
+        self.positions = self.mask = None
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False]
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        raise NotImplementedError("LongLlamaCache does not support beam search (`num_beams > 1`); use greedy or sampling.")
+
+    def batch_repeat_interleave(self, repeats: int):
+        raise NotImplementedError("LongLlamaCache cannot be expanded after it was filled; expand the inputs instead.")
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        raise NotImplementedError("LongLlamaCache does not support selecting batch rows.")
+
+
+class LongLlamaPreTrainedModel(PreTrainedModel):
+    config_class = LongLlamaConfig
+    config: LongLlamaConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LongLlamaDecoderLayer"]
+    _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
+    _supports_sdpa = True
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the model creates its own LongLlamaCache
+
+
+class LongLlamaModel(LongLlamaPreTrainedModel):
+    """The LongLLaMA decoder: embeddings, layers (some with memory), final norm."""
+
+    def __init__(self, config: LongLlamaConfig):
+        super().__init__(config)
+        config.validate_longllama()
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([LongLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = LongLlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LongLlamaRotaryEmbedding(config.head_dim, config.rope_theta)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def new_memory(self, batch_size: int, device, dtype: torch.dtype):
+        """An empty memory for one memory layer, as configured (`mem_backend`, `mem_dtype`, `mem_knn_k`, ...)."""
+        config = self.config
+        mem_dtype = getattr(torch, config.mem_dtype)
+        if config.mem_backend == "dense":
+            return DenseMemory(mem_dtype)
+        return KnnMemory(
+            batch_size, config.num_key_value_heads, config.head_dim, k=config.mem_knn_k, backend=config.mem_backend,
+            index=config.mem_index, index_params=config.mem_index_params, dtype=mem_dtype, device=device,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: LongLlamaCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        last_context_length: int | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        keep_last: int = 0,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """Run N new tokens through the model, window by window (spec: long inputs, cache and generation).
+
+        keep_last: if > 0, only the hidden states of the last `keep_last` tokens are returned (saves memory on
+        very long inputs).
+        """
+        if "past_key_values" in kwargs:
+            cache = kwargs.pop("past_key_values") if cache is None else cache
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if inputs_embeds is None:
+            if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+                raise ValueError(
+                    f"`input_ids` must be a non-empty [batch, seq_len] tensor, got shape {tuple(input_ids.shape)}."
+                )
+            inputs_embeds = self.embed_tokens(input_ids)
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[1] == 0:
+            raise ValueError(f"`inputs_embeds` must be non-empty [batch, seq_len, hidden], got {tuple(inputs_embeds.shape)}.")
+        bsz, num_tokens, _ = inputs_embeds.shape
+        device = inputs_embeds.device
+        config = self.config
+        lctx = config.max_position_embeddings
+        last_context_length = check_last_context_length(
+            config.last_context_length if last_context_length is None else last_context_length
+        )
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        if use_cache is None:
+            use_cache = cache is not None or (config.use_cache and not self.training)
+        if cache is not None and not use_cache:
+            raise ValueError("`use_cache=False` cannot be combined with a `cache`; pass `use_cache=True` or no cache.")
+        if use_cache and cache is None:
+            cache = LongLlamaCache(config.num_hidden_layers)
+        if cache is not None and cache.next_position is not None and cache.next_position.shape[0] != bsz:
+            raise ValueError(f"The cache holds {cache.next_position.shape[0]} rows but the input has {bsz}.")
+
+        token_mask = self._token_mask(attention_mask, bsz, num_tokens, cache, device)
+        start = cache.next_position if cache is not None and cache.next_position is not None else None
+        if start is None:
+            start = torch.zeros(bsz, dtype=torch.long, device=device)
+        if position_ids is None:
+            position_ids = start[:, None] + (token_mask.long().cumsum(-1) - 1).clamp(min=0)
+        elif position_ids.shape != (bsz, num_tokens):
+            raise ValueError(f"`position_ids` must have shape {(bsz, num_tokens)}, got {tuple(position_ids.shape)}.")
+
+        memories = cache.memories if cache is not None else {}
+        for idx in config.mem_layers:
+            if idx not in memories:
+                memories[idx] = self.new_memory(bsz, device, inputs_embeds.dtype)
+
+        windows = split_windows(num_tokens, lctx, last_context_length)
+        kept_hidden, all_hidden = [], []
+        for w, (beg, end) in enumerate(windows):
+            is_last = w == len(windows) - 1
+            keep_local = use_cache and (is_last or cache.local_length > 0)
+            hidden, layer_states = self._run_window(
+                inputs_embeds[:, beg:end], position_ids[:, beg:end], token_mask[:, beg:end],
+                cache if keep_local else None, memories, lctx, output_hidden_states,
+            )
+            if output_hidden_states:
+                all_hidden.append(layer_states)
+            if keep_last <= 0 or end > num_tokens - keep_last:
+                kept_hidden.append(hidden[:, max(0, num_tokens - keep_last - beg) :] if keep_last > 0 else hidden)
+
+        if cache is not None:
+            cache.seen_tokens += num_tokens
+            cache.next_position = torch.maximum(start, position_ids.max(dim=-1).values + 1)
+        hidden_states = torch.cat(kept_hidden, dim=1)
+        all_hidden_states = None
+        if output_hidden_states:
+            all_hidden_states = tuple(torch.cat(per_layer, dim=1) for per_layer in zip(*all_hidden))
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states)
+
+    @staticmethod
+    def _token_mask(attention_mask, bsz: int, num_tokens: int, cache, device) -> torch.Tensor:
+        """The bool padding mask `[B, N]` of the new tokens (True = real token)."""
+        if attention_mask is None:
+            return torch.ones(bsz, num_tokens, dtype=torch.bool, device=device)
+        seen = cache.seen_tokens if cache is not None else 0
+        accepted = sorted({num_tokens, seen + num_tokens})
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != bsz or attention_mask.shape[1] not in accepted:
+            raise ValueError(
+                f"`attention_mask` must have shape [batch={bsz}, length] with length in {accepted} (the new tokens, "
+                f"or all tokens seen so far plus the new ones), got {tuple(attention_mask.shape)}."
+            )
+        return attention_mask[:, -num_tokens:].to(device=device, dtype=torch.bool)
+
+    def _run_window(self, embeds, positions, mask, cache, memories, lctx, output_hidden_states):
+        """One window through every layer.
+
+        cache is None: the window attends to itself (+ memory) and is then appended to memory.
+        cache given: the window joins the local cache; if that would exceed `lctx`, the whole previous local cache
+        is first evicted (into memory for memory layers, dropped elsewhere).
+        """
+        num_new = embeds.shape[1]
+        past = None
+        if cache is not None:
+            if cache.local_length > 0 and cache.local_length + num_new > lctx:
+                for idx, memory in memories.items():
+                    past_k, past_v = cache.local_kv[idx]
+                    memory.add(past_k, past_v, cache.mask)
+                cache.clear_local()
+            if cache.local_length > 0:
+                positions = torch.cat([cache.positions, positions], dim=1)
+                mask = torch.cat([cache.mask, mask], dim=1)
+                past = cache.local_kv
+        num_keys = positions.shape[1]
+        relative = positions - positions.min(dim=1, keepdim=True).values
+        rope = self.rotary_emb(relative, embeds.dtype)
+        columns = torch.arange(num_keys, device=embeds.device)
+        causal = columns[None, :] <= columns[num_keys - num_new :, None]
+        allowed = (causal[None] & mask[:, None, :])[:, None]
+        window = WindowContext(rope=rope, allowed=allowed, past=past)
+
+        hidden = embeds
+        layer_states = [hidden]
+        local_kv = [None] * len(self.layers)
+        non_memory_seen = 0
+        for idx, layer in enumerate(self.layers):
+            memory = memories.get(idx)
+            checkpoint = False
+            if self.gradient_checkpointing and self.training and idx not in self.config.mem_layers:
+                checkpoint = non_memory_seen % self.config.gradient_checkpoint_every_ith == 0
+                non_memory_seen += 1
+            if checkpoint:
+                hidden, local_kv[idx] = self._gradient_checkpointing_func(layer.__call__, hidden, window, None)
+            else:
+                hidden, local_kv[idx] = layer(hidden, window, memory)
+            if output_hidden_states:
+                layer_states.append(hidden)
+        hidden = self.norm(hidden)
+        layer_states[-1] = hidden  # Hugging Face convention: the last entry is the normed output
+
+        if cache is None:
+            for idx, memory in memories.items():
+                memory.add(*local_kv[idx], mask)
+        else:
+            cache.local_kv, cache.positions, cache.mask = local_kv, positions, mask
+        return hidden, layer_states
+
+
+class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
+    """LongLLaMA with a language-modelling head; `generate()` works as for any Hugging Face causal LM."""
+
+    def __init__(self, config: LongLlamaConfig):
+        super().__init__(config)
+        self.model = LongLlamaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: LongLlamaCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        last_context_length: int | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Logits for all input tokens (or the last `logits_to_keep`); `labels` give the full-sequence loss.
+
+        last_context_length: trailing tokens kept in the local cache instead of memory (default: the config's).
+        """
+        if labels is not None and logits_to_keep:
+            raise ValueError("`labels` need the logits of every token; do not combine them with `logits_to_keep`.")
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache if cache is not None else kwargs.pop("past_key_values", None),
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            last_context_length=last_context_length,
+            output_hidden_states=output_hidden_states,
+            keep_last=logits_to_keep,
+        )
+        logits = self.lm_head(outputs.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                labels[:, 1:].reshape(-1).to(logits.device),
+                ignore_index=-100,
+            )
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        )
+
+
+__all__ = [
+    "LongLlamaCache",
+    "LongLlamaForCausalLM",
+    "LongLlamaModel",
+    "LongLlamaPreTrainedModel",
+    "split_windows",
+]
