@@ -125,6 +125,32 @@ class LongLlamaConfig(PreTrainedConfig):
             )
 
 
+    @classmethod
+    def from_llama_config(cls, llama_config, **overrides) -> "LongLlamaConfig":
+        """A LongLLaMA config for the weights of a plain Hugging Face LLaMA config (GQA allowed), with `overrides`
+        (e.g. `mem_layers=[...]`) applied. Raises `ValueError` for LLaMA variants this model does not implement."""
+        source = llama_config.to_dict() if hasattr(llama_config, "to_dict") else dict(llama_config)
+        rope = source.pop("rope_parameters", None) or {}
+        rope_scaling = source.pop("rope_scaling", None)
+        if rope_scaling is not None or rope.get("rope_type", "default") != "default":
+            raise ValueError(
+                f"`rope_scaling` / `rope_parameters` must be plain RoPE (rope_type 'default'), got "
+                f"{rope_scaling or rope!r}; scaled RoPE variants are not supported."
+            )
+        hidden, heads = source["hidden_size"], source["num_attention_heads"]
+        if source.get("head_dim") not in (None, hidden // heads):
+            raise ValueError(f"`head_dim` must equal hidden_size // num_attention_heads ({hidden // heads}), "
+                             f"got {source['head_dim']}.")
+        for flag in ("attention_bias", "mlp_bias"):
+            if source.get(flag):
+                raise ValueError(f"`{flag}=True` is not supported (LongLLaMA projections have no biases).")
+        fields = set(cls.__annotations__) | {"dtype"}
+        kwargs = {key: value for key, value in source.items() if key in fields}
+        kwargs["rope_theta"] = rope.get("rope_theta", source.get("rope_theta", 10000.0))
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
 def check_last_context_length(value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"`last_context_length` must be a positive int (tokens kept local), got {value!r}.")

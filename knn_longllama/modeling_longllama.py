@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, LlamaForCausalLM, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -252,6 +252,38 @@ class LongLlamaPreTrainedModel(PreTrainedModel):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the model creates its own LongLlamaCache
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
+        """Load an official LongLLaMA folder (`model_type: "longllama"`, no `trust_remote_code` needed) or a plain
+        Hugging Face LLaMA folder or GGUF file (`model_type: "llama"`, GQA allowed), whose memory layers are then
+        those given as `mem_layers=[...]` (none by default). Config fields passed as keyword arguments
+        (`mem_layers`, `mem_dtype`, `mem_attention_grouping`, `last_context_length`, `mem_backend`, ...) override
+        the stored config."""
+        if config is None:
+            overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in LongLlamaConfig.__annotations__}
+            if kwargs.get("gguf_file"):
+                # transformers maps GGUF tensor names by model type: load as LLaMA, then convert.
+                llama = LlamaForCausalLM.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+                return cls.from_llama(llama, **overrides)
+            config_dict, _ = LongLlamaConfig.get_config_dict(
+                pretrained_model_name_or_path, local_files_only=kwargs.get("local_files_only", False)
+            )
+            if config_dict.get("model_type") == "llama":
+                config = LongLlamaConfig.from_llama_config(config_dict, **overrides)
+            else:
+                config = LongLlamaConfig.from_dict(config_dict, **overrides)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+
+    @classmethod
+    def from_llama(cls, llama_model: nn.Module, **overrides):
+        """Convert a loaded Hugging Face `LlamaForCausalLM` (same weights, memory layers from `overrides`)."""
+        config = LongLlamaConfig.from_llama_config(llama_model.config, **overrides)
+        config.dtype = llama_model.dtype
+        model = cls(config).to(dtype=llama_model.dtype, device=llama_model.device)
+        model.load_state_dict(llama_model.state_dict(), strict=False, assign=True)
+        model.tie_weights()
+        return model.eval()
+
 
 class LongLlamaModel(LongLlamaPreTrainedModel):
     """The LongLLaMA decoder: embeddings, layers (some with memory), final norm."""
@@ -439,6 +471,8 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
 
 class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
     """LongLLaMA with a language-modelling head; `generate()` works as for any Hugging Face causal LM."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # only when config.tie_word_embeddings
 
     def __init__(self, config: LongLlamaConfig):
         super().__init__(config)

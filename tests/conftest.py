@@ -1,0 +1,31 @@
+import pytest
+import torch
+
+from knn_longllama import LongLlamaConfig, LongLlamaForCausalLM
+
+
+def tiny_config(**overrides) -> LongLlamaConfig:
+    """A few-thousand-parameter LongLLaMA for fast tests."""
+    fields = dict(
+        vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=16, last_context_length=8, mem_layers=[1],
+        mem_dtype="float32", rms_norm_eps=1e-6,
+    )
+    fields.update(overrides)
+    return LongLlamaConfig(**fields)
+
+
+def tiny_model(seed: int = 0, **overrides) -> LongLlamaForCausalLM:
+    torch.manual_seed(seed)
+    model = LongLlamaForCausalLM(tiny_config(**overrides)).eval()
+    # Larger-than-default weights so that attention is far from uniform and memory matters numerically.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("proj.weight"):
+                param.mul_(8.0)
+    return model
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(1234)
