@@ -52,8 +52,11 @@ class LongLlamaRotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
+
+    def compute_inv_freq(self) -> torch.Tensor:
+        return 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim))
 
     @torch.no_grad()
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,6 +250,12 @@ class LongLlamaPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["LongLlamaDecoderLayer"]
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
     _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, LongLlamaRotaryEmbedding):  # a computed buffer, never stored in checkpoints
+            module.inv_freq.copy_(module.compute_inv_freq())
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
