@@ -9,7 +9,7 @@ def tiny_config(**overrides) -> LongLlamaConfig:
     fields = dict(
         vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=4, max_position_embeddings=16, last_context_length=8, mem_layers=[1],
-        mem_dtype="float32", rms_norm_eps=1e-6,
+        mem_dtype="float32", rms_norm_eps=1e-6, eos_token_id=None,  # no early stop in generation tests
     )
     fields.update(overrides)
     return LongLlamaConfig(**fields)
