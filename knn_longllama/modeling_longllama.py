@@ -14,6 +14,7 @@ from torch import nn
 from transformers import GenerationMixin, LlamaForCausalLM, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
+from transformers.generation.stopping_criteria import MaxLengthCriteria
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_longllama import LongLlamaConfig, check_last_context_length
@@ -489,6 +490,18 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+        if self.generation_config is not None and self.generation_config.max_new_tokens is None:
+            # Without it, transformers caps the default length at max_position_embeddings (our window length).
+            self.generation_config.max_new_tokens = 20
+
+    def _get_stopping_criteria(self, *args, **kwargs):
+        # transformers warns when generation passes `max_position_embeddings`; for LongLLaMA that is the window
+        # length, and going past it is the point.
+        criteria = super()._get_stopping_criteria(*args, **kwargs)
+        for criterion in criteria:
+            if isinstance(criterion, MaxLengthCriteria):
+                criterion.max_position_embeddings = None
+        return criteria
 
     def get_input_embeddings(self):
         return self.model.embed_tokens

@@ -100,3 +100,10 @@ def test_generate_returns_our_cache_and_beam_search_is_refused():
         assert isinstance(out.cache, LongLlamaCache) and out.cache.get_seq_length() == 32
         with pytest.raises(NotImplementedError, match="beam search"):
             model.generate(ids, max_new_tokens=3, num_beams=2, do_sample=False)
+
+
+def test_default_generation_length_is_not_capped_at_the_window():
+    model = tiny_model()  # window of 16 tokens
+    with torch.no_grad():
+        out = model.generate(torch.randint(3, 61, (1, 40)), do_sample=False)
+    assert out.shape == (1, 60)  # 20 new tokens, as for any transformers model
