@@ -140,3 +140,33 @@ class KnnMemory:
 
     def reset(self) -> None:
         self.store.reset()
+
+
+def crossbatch_sources(batch_size: int, extra_contexts: int, device=None) -> torch.Tensor:
+    """FoT cross-batch: `[B, extra_contexts]` indices of the rows each row attends to (b-1, ..., b-extra_contexts),
+    -1 where that row does not exist."""
+    rows = torch.arange(batch_size, device=device)[:, None]
+    sources = rows - torch.arange(1, extra_contexts + 1, device=device)[None, :]
+    return sources.masked_fill(sources < 0, -1)
+
+
+class CrossBatchMemory:
+    """FoT training memory: the un-rotated keys/values of earlier rows of the same batch, with gradients.
+
+    Row b sees rows b-1 .. b-extra_contexts: earlier chunks of its own stream (positives) and, across a stream
+    boundary, chunks of other streams (negatives). Built per memory layer from that layer's keys and values.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, extra_contexts: int):
+        bsz, heads, length, dim = keys.shape
+        sources = crossbatch_sources(bsz, extra_contexts, keys.device)  # [B, E]
+        safe = sources.clamp(min=0)
+        # [B, E, H, T, d] -> [B, H, E*T, d]
+        self.keys = keys[safe].permute(0, 2, 1, 3, 4).reshape(bsz, heads, extra_contexts * length, dim)
+        self.values = values[safe].permute(0, 2, 1, 3, 4).reshape(bsz, heads, extra_contexts * length, dim)
+        valid = mask.bool()[safe] & (sources >= 0)[:, :, None]  # [B, E, T]
+        self.valid = valid.reshape(bsz, 1, 1, extra_contexts * length)
+
+    def lookup(self, queries: torch.Tensor, h0: int, h1: int) -> MemoryLookup:
+        keys = self.keys[:, h0:h1].to(queries.dtype)
+        return MemoryLookup(scores=queries @ keys.transpose(-1, -2), valid=self.valid, values=self.values[:, h0:h1])

@@ -18,7 +18,7 @@ from transformers.generation.stopping_criteria import MaxLengthCriteria
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_longllama import LongLlamaConfig, check_last_context_length
-from .memory import DenseMemory, KnnMemory
+from .memory import CrossBatchMemory, DenseMemory, KnnMemory
 
 
 def split_windows(num_tokens: int, window: int, last_context_length: int) -> list[tuple[int, int]]:
@@ -100,6 +100,8 @@ class WindowContext:
     rope: tuple[torch.Tensor, torch.Tensor]
     allowed: torch.Tensor
     past: list | None
+    mask: torch.Tensor | None = None  # `[B, T_keys]` padding mask, needed for FoT cross-batch training
+    crossbatch_contexts: int = 0  # FoT training: memory layers attend to the previous rows of the batch
 
 
 class LongLlamaAttention(nn.Module):
@@ -129,6 +131,8 @@ class LongLlamaAttention(nn.Module):
             past_k, past_v = window.past[self.layer_idx]
             k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
         local_kv = (k, v)
+        if self.is_memory_layer and window.crossbatch_contexts > 0:
+            memory = CrossBatchMemory(k, v, window.mask, window.crossbatch_contexts)
 
         if not self.is_memory_layer or self.config.mem_positionals:
             cos, sin = window.rope
@@ -338,12 +342,16 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         keep_last: int = 0,
+        crossbatch_contexts: int = 0,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """Run N new tokens through the model, window by window (spec: long inputs, cache and generation).
 
         keep_last: if > 0, only the hidden states of the last `keep_last` tokens are returned (saves memory on
         very long inputs).
+        crossbatch_contexts: FoT training (spec section 5). If > 0, the input is one window per row and each
+        memory layer attends, with gradients, to the un-rotated keys/values of the previous `crossbatch_contexts`
+        rows of the batch instead of a memory.
         """
         if "past_key_values" in kwargs:
             cache = kwargs.pop("past_key_values") if cache is None else cache
@@ -383,8 +391,15 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         elif position_ids.shape != (bsz, num_tokens):
             raise ValueError(f"`position_ids` must have shape {(bsz, num_tokens)}, got {tuple(position_ids.shape)}.")
 
+        if crossbatch_contexts:
+            if cache is not None or use_cache or num_tokens > lctx:
+                raise ValueError(
+                    f"`crossbatch_contexts` (FoT training) needs one window per row (at most {lctx} tokens, got "
+                    f"{num_tokens}) and no cache (`use_cache=False`)."
+                )
+            last_context_length = num_tokens
         memories = cache.memories if cache is not None else {}
-        for idx in config.mem_layers:
+        for idx in config.mem_layers if not crossbatch_contexts else ():
             if idx not in memories:
                 memories[idx] = self.new_memory(bsz, device, inputs_embeds.dtype)
 
@@ -395,7 +410,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             keep_local = use_cache and (is_last or cache.local_length > 0)
             hidden, layer_states = self._run_window(
                 inputs_embeds[:, beg:end], position_ids[:, beg:end], token_mask[:, beg:end],
-                cache if keep_local else None, memories, lctx, output_hidden_states,
+                cache if keep_local else None, memories, lctx, output_hidden_states, crossbatch_contexts,
             )
             if output_hidden_states:
                 all_hidden.append(layer_states)
@@ -425,7 +440,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             )
         return attention_mask[:, -num_tokens:].to(device=device, dtype=torch.bool)
 
-    def _run_window(self, embeds, positions, mask, cache, memories, lctx, output_hidden_states):
+    def _run_window(self, embeds, positions, mask, cache, memories, lctx, output_hidden_states, crossbatch_contexts=0):
         """One window through every layer.
 
         cache is None: the window attends to itself (+ memory) and is then appended to memory.
@@ -450,7 +465,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         columns = torch.arange(num_keys, device=embeds.device)
         causal = columns[None, :] <= columns[num_keys - num_new :, None]
         allowed = (causal[None] & mask[:, None, :])[:, None]
-        window = WindowContext(rope=rope, allowed=allowed, past=past)
+        window = WindowContext(rope=rope, allowed=allowed, past=past, mask=mask, crossbatch_contexts=crossbatch_contexts)
 
         hidden = embeds
         layer_states = [hidden]
@@ -528,11 +543,13 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         last_context_length: int | None = None,
         logits_to_keep: int = 0,
+        crossbatch_contexts: int = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits for all input tokens (or the last `logits_to_keep`); `labels` give the full-sequence loss.
 
         last_context_length: trailing tokens kept in the local cache instead of memory (default: the config's).
+        crossbatch_contexts: FoT cross-batch training, see `LongLlamaModel.forward`.
         """
         if labels is not None and logits_to_keep:
             raise ValueError("`labels` need the logits of every token; do not combine them with `logits_to_keep`.")
@@ -546,6 +563,7 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
             last_context_length=last_context_length,
             output_hidden_states=output_hidden_states,
             keep_last=logits_to_keep,
+            crossbatch_contexts=crossbatch_contexts,
         )
         logits = self.lm_head(outputs.last_hidden_state)
         loss = None
