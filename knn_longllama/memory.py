@@ -105,6 +105,16 @@ class DenseMemory:
     def reset(self) -> None:
         self.__init__(self.dtype)
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if len(self) == 0:
+            return {}
+        return {"keys": self.keys.view(), "values": self.values.view(), "mask": self.mask.view()[:, 0]}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.reset()
+        if state:
+            self.add(state["keys"], state["values"], state["mask"])
+
 
 class KnnMemory:
     """Top-k memory: per (row, KV head) kNN search, exact re-scoring of the retrieved keys, one joint softmax.
@@ -170,3 +180,41 @@ class CrossBatchMemory:
     def lookup(self, queries: torch.Tensor, h0: int, h1: int) -> MemoryLookup:
         keys = self.keys[:, h0:h1].to(queries.dtype)
         return MemoryLookup(scores=queries @ keys.transpose(-1, -2), valid=self.valid, values=self.values[:, h0:h1])
+
+
+class OverlayMemory:
+    """A read-only base memory plus a private overlay that receives every `add`.
+
+    Used to ask questions about a document without changing its memory: the windows and evictions of one question
+    go to the overlay, which is dropped afterwards. Lookups see base and overlay together; for a kNN base the merged
+    candidates are cut back to the base's k by exact score, so the result is the top-k of base ∪ overlay.
+    """
+
+    def __init__(self, base):
+        self.base = base
+        self.overlay = DenseMemory(getattr(base, "dtype", None) or base.store.dtype)
+
+    def add(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
+        self.overlay.add(keys, values, mask)
+
+    def lookup(self, queries: torch.Tensor, h0: int, h1: int) -> MemoryLookup | None:
+        base = self.base.lookup(queries, h0, h1)
+        extra = self.overlay.lookup(queries, h0, h1)
+        if base is None or extra is None:
+            return base if extra is None else extra
+        if base.values.dim() == 4:  # dense base: plain concatenation
+            valid = torch.cat([base.valid, extra.valid], dim=-1)  # both [B, 1, 1, n]
+            return MemoryLookup(torch.cat([base.scores, extra.scores], -1), valid, torch.cat([base.values, extra.values], 2))
+        q = queries.shape[2]
+        extra_values = extra.values[:, :, None].expand(-1, -1, q, -1, -1)
+        scores = torch.cat([base.scores, extra.scores], dim=-1)
+        valid = torch.cat([base.valid.expand_as(base.scores), extra.valid.expand_as(extra.scores)], dim=-1)
+        values = torch.cat([base.values.to(extra_values.dtype), extra_values], dim=3)
+        k = min(self.base.k, scores.shape[-1])
+        top = scores.masked_fill(~valid, float("-inf")).topk(k, dim=-1).indices
+        gather = lambda t: t.gather(-1, top)  # noqa: E731
+        values = values.gather(3, top[..., None].expand(-1, -1, -1, -1, values.shape[-1]))
+        return MemoryLookup(gather(scores), gather(valid), values)
+
+    def __len__(self) -> int:
+        return len(self.base) + len(self.overlay)

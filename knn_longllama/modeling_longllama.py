@@ -426,6 +426,18 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             all_hidden_states = tuple(torch.cat(per_layer, dim=1) for per_layer in zip(*all_hidden))
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states)
 
+    @torch.no_grad()
+    def write_memory(self, input_ids: torch.LongTensor, memories: dict) -> None:
+        """Feed `input_ids` `[B, N]` into `memories` (memory layer -> memory object) in windows of
+        `max_position_embeddings` tokens, as prefix windows are fed: each window attends to itself and the memory,
+        then is appended to it. No local cache, no logits."""
+        lctx = self.config.max_position_embeddings
+        for beg in range(0, input_ids.shape[1], lctx):
+            ids = input_ids[:, beg : beg + lctx]
+            positions = torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
+            mask = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+            self._run_window(self.embed_tokens(ids), positions, mask, None, memories, lctx, False)
+
     @staticmethod
     def _token_mask(attention_mask, bsz: int, num_tokens: int, cache, device) -> torch.Tensor:
         """The bool padding mask `[B, N]` of the new tokens (True = real token)."""
@@ -508,6 +520,13 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
         if self.generation_config is not None and self.generation_config.max_new_tokens is None:
             # Without it, transformers caps the default length at max_position_embeddings (our window length).
             self.generation_config.max_new_tokens = 20
+
+    def read(self, source, tokenizer=None, **kwargs):
+        """Read a long document (path, text, token ids or iterable of text) into memory once; returns a
+        `Document` to `ask` many questions, `save` and `Document.load` again. See `knn_longllama.document`."""
+        from .document import Document
+
+        return Document.read(self, source, tokenizer, **kwargs)
 
     def _get_stopping_criteria(self, *args, **kwargs):
         # transformers warns when generation passes `max_position_embeddings`; for LongLLaMA that is the window
