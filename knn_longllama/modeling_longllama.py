@@ -322,6 +322,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
     def new_memory(self, batch_size: int, device, dtype: torch.dtype):
         """An empty memory for one memory layer, as configured (`mem_backend`, `mem_dtype`, `mem_knn_k`, ...)."""
         config = self.config
+        config.validate_longllama()  # memory settings may have been changed on the loaded model
         mem_dtype = getattr(torch, config.mem_dtype)
         if config.mem_backend == "dense":
             return DenseMemory(mem_dtype)

@@ -1,0 +1,189 @@
+"""Passkey retrieval, the headline LongLLaMA evaluation (spec section 4), for any model and tokenizer.
+
+The prompt is five parts joined by newlines: the task description, a filler prefix, the line with the pass key, a
+filler suffix and the question. The filler sentence is repeated (joined by spaces) and cut *by characters*; the prefix
+length is uniform in [0, n_garbage] and the suffix takes the rest; the key is uniform in [1, 50000). The model
+greedily generates as many tokens as the answer has, and a trial is correct iff the generated ids equal the answer's
+ids (the key tokenized on its own, without special tokens).
+
+    python -m knn_longllama.passkey --lengths 512 2048 8192 --trials 20            # the demo model
+    python -m knn_longllama.passkey --model path/to/checkpoint --lengths 16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+import torch
+
+TASK_DESCRIPTION = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+    "I will quiz you about the important information there."
+)
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+INFO_TEMPLATE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "What is the pass key? The pass key is"
+KEY_LOW, KEY_HIGH = 1, 50000  # the key is uniform in [KEY_LOW, KEY_HIGH)
+
+
+def repeated_filler(n_chars: int, filler: str = FILLER) -> str:
+    """The filler sentence repeated (joined by single spaces) and cut to exactly `n_chars` characters."""
+    if n_chars <= 0:
+        return ""
+    copies = n_chars // (len(filler) + 1) + 1
+    return " ".join([filler] * copies)[:n_chars]
+
+
+def make_passkey_prompt(n_garbage: int, rng: random.Random, *, filler: str = FILLER, key: int | None = None,
+                        task: str = TASK_DESCRIPTION, info_template: str = INFO_TEMPLATE,
+                        question: str = QUESTION) -> tuple[str, int]:
+    """One passkey prompt with `n_garbage` filler characters around the key line; returns (prompt, key).
+
+    Draws, in this order, the prefix length (uniform in [0, n_garbage]) and the key (uniform in [1, 50000)) from
+    `rng`, unless `key` is given. The keyword arguments allow other fillers and wordings (for training data)."""
+    n_prefix = rng.randint(0, n_garbage)
+    if key is None:
+        key = rng.randrange(KEY_LOW, KEY_HIGH)
+    parts = [
+        task,
+        repeated_filler(n_prefix, filler),
+        info_template.format(key=key),
+        repeated_filler(n_garbage - n_prefix, filler),
+        question,
+    ]
+    return "\n".join(parts), key
+
+
+def answer_ids(tokenizer, key: int) -> list[int]:
+    """The ids the model must generate: the key tokenized on its own, without special tokens."""
+    return list(tokenizer(str(key), add_special_tokens=False).input_ids)
+
+
+def chars_per_token(tokenizer, filler: str = FILLER, n_chars: int = 20000) -> float:
+    """Characters per token of the repeated filler under `tokenizer`."""
+    text = repeated_filler(n_chars, filler)
+    return len(text) / len(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def n_garbage_for_tokens(tokenizer, target_tokens: int, filler: str = FILLER) -> int:
+    """Filler characters that make a prompt of about `target_tokens` tokens: the tokens left after the fixed parts
+    (prompt with no filler, plus a typical 5-digit key) times the filler's characters per token."""
+    fixed, _ = make_passkey_prompt(0, random.Random(0), key=12345)
+    fixed_tokens = len(tokenizer(fixed).input_ids)
+    return max(0, int((target_tokens - fixed_tokens) * chars_per_token(tokenizer, filler)))
+
+
+@torch.no_grad()
+def passkey_trial(model, tokenizer, prompt: str, key: int, **generate_kwargs) -> dict:
+    """Greedy-generate as many tokens as the answer has; correct iff the generated ids equal the answer's ids."""
+    device = next(model.parameters()).device
+    encoded = tokenizer(prompt, return_tensors="pt")
+    input_ids = encoded.input_ids.to(device)
+    target = answer_ids(tokenizer, key)
+    kwargs = dict(max_new_tokens=len(target), do_sample=False, num_beams=1)
+    if tokenizer.pad_token_id is not None:
+        kwargs["pad_token_id"] = tokenizer.pad_token_id
+    kwargs.update(generate_kwargs)
+    output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+    generated = output[0, input_ids.shape[1]:].tolist()
+    return dict(correct=generated == target, key=key, generated=generated, answer=target,
+                prompt_tokens=input_ids.shape[1], generated_text=tokenizer.decode(generated))
+
+
+def passkey_accuracy(model, tokenizer, target_tokens: int, trials: int = 20, seed: int = 0,
+                     n_garbage: int | None = None, **generate_kwargs) -> dict:
+    """Accuracy over `trials` seeded passkey prompts of about `target_tokens` tokens (or exactly `n_garbage` filler
+    characters). The trials of one (seed, length) pair are the same for every model and tokenizer."""
+    if n_garbage is None:
+        n_garbage = n_garbage_for_tokens(tokenizer, target_tokens)
+    rng = random.Random(f"passkey-{seed}-{n_garbage}")
+    was_training = model.training
+    model.eval()
+    results, started = [], time.time()
+    try:
+        for _ in range(trials):
+            prompt, key = make_passkey_prompt(n_garbage, rng)
+            results.append(passkey_trial(model, tokenizer, prompt, key, **generate_kwargs))
+    finally:
+        model.train(was_training)
+    correct = sum(r["correct"] for r in results)
+    return dict(
+        target_tokens=target_tokens, n_garbage=n_garbage, trials=trials, correct=correct,
+        accuracy=correct / max(trials, 1),
+        mean_prompt_tokens=sum(r["prompt_tokens"] for r in results) / max(trials, 1),
+        seconds=time.time() - started, results=results,
+    )
+
+
+def passkey_curve(model, tokenizer, lengths, trials: int = 20, seed: int = 0, verbose: bool = True,
+                  **generate_kwargs) -> list[dict]:
+    """`passkey_accuracy` for each target token length (without the per-trial details)."""
+    rows = []
+    for length in lengths:
+        row = passkey_accuracy(model, tokenizer, length, trials=trials, seed=seed, **generate_kwargs)
+        row.pop("results")
+        rows.append(row)
+        if verbose:
+            print(f"{length:>8} tokens (mean {row['mean_prompt_tokens']:.0f}): accuracy {row['accuracy']:.2f} "
+                  f"({row['correct']}/{row['trials']}) in {row['seconds']:.1f}s", flush=True)
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Passkey retrieval accuracy per prompt length (spec section 4).")
+    parser.add_argument("--model", default=None, help="checkpoint folder (default: the demo model in the package)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096, 8192])
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mem-layers", type=int, nargs="*", default=None, help="override mem_layers ([] = none)")
+    parser.add_argument("--mem-backend", default=None, help="dense, faiss or torch_topk")
+    parser.add_argument("--mem-knn-k", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", default=None, help="write the rows to this file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = {}
+    if args.mem_layers is not None:
+        overrides["mem_layers"] = args.mem_layers
+    if args.mem_backend is not None:
+        overrides["mem_backend"] = args.mem_backend
+    if args.mem_knn_k is not None:
+        overrides["mem_knn_k"] = args.mem_knn_k
+    if args.model is None:
+        from .demo import load_demo
+
+        model, tokenizer = load_demo(**overrides)
+    else:
+        from transformers import AutoTokenizer
+
+        from .modeling_longllama import LongLlamaForCausalLM
+
+        model = LongLlamaForCausalLM.from_pretrained(args.model, **overrides).eval()
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    rows = passkey_curve(model, tokenizer, args.lengths, trials=args.trials, seed=args.seed)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(overrides=overrides, rows=rows), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = [
+    "FILLER",
+    "INFO_TEMPLATE",
+    "QUESTION",
+    "TASK_DESCRIPTION",
+    "answer_ids",
+    "chars_per_token",
+    "make_passkey_prompt",
+    "n_garbage_for_tokens",
+    "passkey_accuracy",
+    "passkey_curve",
+    "passkey_trial",
+]

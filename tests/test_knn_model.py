@@ -1,0 +1,96 @@
+"""kNN memory inside the model: equal to dense when k covers the memory, exact top-k semantics otherwise."""
+
+import math
+
+import pytest
+import torch
+
+from knn_longllama.memory import DenseMemory, KnnMemory
+
+from conftest import tiny_model
+
+KNN_BACKENDS = [dict(mem_backend="faiss", mem_index="Flat"), dict(mem_backend="torch_topk")]
+
+
+def padded_batch(n, pad, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 61, (2, n), generator=g)
+    mask = torch.ones(2, n, dtype=torch.long)
+    mask[1, :pad], ids[1, :pad] = 0, 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("backend", KNN_BACKENDS, ids=lambda b: b["mem_backend"])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_knn_with_k_covering_memory_equals_dense(backend, kv_heads):
+    ids, mask = padded_batch(90, pad=7)  # 5 windows of 16 into memory, last 8 local
+    dense = tiny_model(mem_layers=[1], num_key_value_heads=kv_heads)
+    knn = tiny_model(mem_layers=[1], num_key_value_heads=kv_heads, mem_knn_k=200, **backend)
+    with torch.no_grad():
+        a = dense(ids, attention_mask=mask).logits
+        b = knn(ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert (a[real] - b[real]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("backend", KNN_BACKENDS, ids=lambda b: b["mem_backend"])
+def test_memory_can_be_switched_on_a_loaded_model(backend):
+    ids, mask = padded_batch(60, pad=3)
+    model = tiny_model(mem_layers=[1])
+    with torch.no_grad():
+        dense = model(ids, attention_mask=mask).logits
+        for key, value in dict(backend, mem_knn_k=4).items():
+            setattr(model.config, key, value)
+        small_k = model(ids, attention_mask=mask).logits
+        model.config.mem_knn_k = 1000
+        big_k = model(ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert (dense[real] - big_k[real]).abs().max() <= 1e-5
+    assert (dense[real] - small_k[real]).abs().max() > 1e-4  # k=4 of up to 48 entries: really top-k
+    model.config.mem_backend = "bogus"
+    with pytest.raises(ValueError, match="`mem_backend` must be one of"):
+        model(ids)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch_topk"])
+def test_memory_layer_keeps_exactly_the_top_k_entries_in_one_joint_softmax(backend):
+    """Attention of one memory layer with k < memory size against a brute-force top-k in the test."""
+    torch.manual_seed(0)
+    model = tiny_model(mem_layers=[1], num_key_value_heads=2)
+    attn = model.model.layers[1].self_attn
+    bsz, kv_heads, d, groups, n_mem, n_local, k = 2, 2, 8, 2, 40, 5, 6
+    mem_k, mem_v = torch.randn(bsz, kv_heads, n_mem, d), torch.randn(bsz, kv_heads, n_mem, d)
+    mem_mask = torch.ones(bsz, n_mem, dtype=torch.bool)
+    mem_mask[1, :9] = False  # row 1 has padding in memory
+    knn = KnnMemory(bsz, kv_heads, d, k=k, backend=backend, index="Flat", index_params=None,
+                    dtype=torch.float32, device="cpu")
+    knn.add(mem_k, mem_v, mem_mask)
+    q = torch.randn(bsz, kv_heads * groups, n_local, d)
+    local_k, local_v = torch.randn(bsz, kv_heads, n_local, d), torch.randn(bsz, kv_heads, n_local, d)
+    allowed = torch.tril(torch.ones(n_local, n_local, dtype=torch.bool))[None, None].expand(bsz, 1, -1, -1)
+    with torch.no_grad():
+        out = attn._attend_eager(q, local_k, local_v, allowed, knn)
+    for b in range(bsz):
+        for h in range(kv_heads * groups):
+            kvh = h // groups
+            for t in range(n_local):
+                local_scores = [float(q[b, h, t] @ local_k[b, kvh, j]) / math.sqrt(d) for j in range(t + 1)]
+                mem_scores = sorted(((float(q[b, h, t] @ mem_k[b, kvh, i]), i) for i in range(n_mem) if mem_mask[b, i]),
+                                    reverse=True)[:k]
+                scores = torch.tensor(local_scores + [s / math.sqrt(d) for s, _ in mem_scores], dtype=torch.float64)
+                probs = torch.softmax(scores, dim=0)
+                values = torch.cat([local_v[b, kvh, : t + 1], mem_v[b, kvh, [i for _, i in mem_scores]]]).double()
+                expected = probs @ values
+                assert torch.allclose(out[b, h, t].double(), expected, atol=1e-5), (b, h, t)
+
+
+def test_dense_and_knn_memories_offer_the_same_entries():
+    keys, values = torch.randn(1, 2, 30, 8), torch.randn(1, 2, 30, 8)
+    mask = torch.ones(1, 30, dtype=torch.bool)
+    dense = DenseMemory(torch.float32)
+    dense.add(keys, values, mask)
+    knn = KnnMemory(1, 2, 8, k=30, backend="faiss", index="Flat", index_params=None, dtype=torch.float32, device="cpu")
+    knn.add(keys, values, mask)
+    q = torch.randn(1, 2, 4, 8)
+    a, b = dense.lookup(q, 0, 2), knn.lookup(q, 0, 2)
+    assert torch.allclose(a.scores.sort(-1).values, b.scores.sort(-1).values, atol=1e-5)
