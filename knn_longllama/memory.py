@@ -151,6 +151,16 @@ class KnnMemory:
     def reset(self) -> None:
         self.store.reset()
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        from knn_index.state import store_state
+
+        return store_state(self.store)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        from knn_index.state import load_store_state
+
+        load_store_state(self.store, state)
+
 
 def crossbatch_sources(batch_size: int, extra_contexts: int, device=None) -> torch.Tensor:
     """FoT cross-batch: `[B, extra_contexts]` indices of the rows each row attends to (b-1, ..., b-extra_contexts),

@@ -1,0 +1,397 @@
+"""Scaling experiments on the demo model: accuracy, time, memory and retrieval quality against context length.
+
+    python experiments/run_experiments.py --scale small     # < 10 minutes on 2 CPU cores
+    python experiments/run_experiments.py --scale full      # up to 1M tokens (hours on 2 cores)
+    python experiments/run_experiments.py --scale small --only recall ingest
+
+Experiments (each writes experiments/results/<name>_<scale>.{csv,md,png}):
+  passkey   passkey accuracy vs context length: dense (up to `dense_max`) vs Faiss indices, k in {8, 32, 128},
+            plus a depth sweep (where the key sits in the prompt)
+  ingest    ingestion time and peak RAM vs context length, dense vs each index (a subprocess per point), with the
+            fitted scaling exponent of time in context length
+  decode    decode latency per generated token vs memory size
+  recall    recall@k of each index against exact top-k on real keys and queries taken from the model, and the share
+            of the dense memory attention mass the retrieved entries keep, vs nprobe / efSearch
+`experiments/results/environment_<scale>.json` records the machine, package versions and settings. The README's
+results section is regenerated from these files by `python experiments/update_readme.py`.
+"""
+
+import argparse
+import csv
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+@dataclass
+class Scale:
+    name: str
+    passkey_lengths: list
+    dense_max: int
+    trials: int
+    indices: dict  # label -> (factory string, search params)
+    ks: list
+    depth_length: int
+    depths: list
+    ingest_lengths: list
+    decode_sizes: list
+    recall_tokens: int
+    recall_sweep: dict = field(default_factory=dict)  # label -> (factory, param name, values)
+
+
+SCALES = {
+    "small": Scale(
+        name="small", passkey_lengths=[1024, 4096, 16384], dense_max=16384, trials=10,
+        indices={"Flat": ("Flat", {}), "IVF64,Flat": ("IVF64,Flat", {"nprobe": 8}), "HNSW32": ("HNSW32", {}),
+                 "IVF64,PQ8": ("IVF64,PQ8", {"nprobe": 8})},
+        ks=[8, 32, 128], depth_length=4096, depths=[0.0, 0.25, 0.5, 0.75, 1.0],
+        ingest_lengths=[4096, 16384, 65536], decode_sizes=[1024, 16384, 65536], recall_tokens=32768,
+        recall_sweep={"IVF64,Flat": ("IVF64,Flat", "nprobe", [1, 2, 4, 8, 16]),
+                      "HNSW32": ("HNSW32", "efSearch", [16, 32, 64, 128])},
+    ),
+    "full": Scale(
+        name="full", passkey_lengths=[4096, 16384, 65536, 262144, 1048576], dense_max=65536, trials=20,
+        indices={"Flat": ("Flat", {}), "IVF1024,Flat": ("IVF1024,Flat", {"nprobe": 32}),
+                 "HNSW32": ("HNSW32", {"efSearch": 64}), "IVF1024,PQ16": ("IVF1024,PQ16", {"nprobe": 32})},
+        ks=[8, 32, 128], depth_length=65536, depths=[0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0],
+        ingest_lengths=[4096, 16384, 65536, 262144, 1048576], decode_sizes=[1024, 16384, 131072, 1048576],
+        recall_tokens=262144,
+        recall_sweep={"IVF1024,Flat": ("IVF1024,Flat", "nprobe", [1, 4, 16, 32, 64, 128]),
+                      "HNSW32": ("HNSW32", "efSearch", [16, 32, 64, 128, 256])},
+    ),
+}
+
+
+# -- helpers -------------------------------------------------------------------------------------------------------
+def load(**overrides):
+    from knn_longllama.demo import load_demo
+
+    return load_demo(**overrides)
+
+
+def memory_settings(label: str, scale: Scale, k: int = 32) -> dict:
+    if label == "dense":
+        return dict(mem_backend="dense")
+    factory, params = scale.indices[label]
+    return dict(mem_backend="faiss", mem_index=factory, mem_index_params=params or None, mem_knn_k=k)
+
+
+def configure(model, settings: dict) -> None:
+    for key, value in settings.items():
+        setattr(model.config, key, value)
+    model.config.validate_longllama()
+
+
+def write_rows(rows: list[dict], stem: str, title: str) -> None:
+    if not rows:
+        return
+    columns = list(rows[0])
+    with open(stem + ".csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = [f"**{title}**", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(row[c]) for c in columns) + " |" for row in rows]
+    text = "\n".join(lines) + "\n"
+    with open(stem + ".md", "w") as f:
+        f.write(text)
+    print(text, flush=True)
+
+
+def plot(stem: str, series: dict, xlabel: str, ylabel: str, title: str, logx=True, logy=False) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, "o-", label=label)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    if logx:
+        ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(stem + ".png", dpi=100)
+    plt.close(fig)
+
+
+# -- 1. passkey ----------------------------------------------------------------------------------------------------
+def depth_prompt(n_garbage: int, depth: float, rng: random.Random) -> tuple[str, int]:
+    from knn_longllama import passkey
+
+    n_prefix = round(depth * n_garbage)
+    key = rng.randrange(passkey.KEY_LOW, passkey.KEY_HIGH)
+    parts = [passkey.TASK_DESCRIPTION, passkey.repeated_filler(n_prefix), passkey.INFO_TEMPLATE.format(key=key),
+             passkey.repeated_filler(n_garbage - n_prefix), passkey.QUESTION]
+    return "\n".join(parts), key
+
+
+def exp_passkey(scale: Scale) -> None:
+    from knn_longllama.passkey import n_garbage_for_tokens, passkey_accuracy, passkey_trial
+
+    model, tokenizer = load()
+    rows = []
+    configs = [("dense", None)] + [(label, k) for label in scale.indices for k in (scale.ks if label == "Flat" else [32])]
+    for label, k in configs:
+        configure(model, memory_settings(label, scale, k or 32))
+        for length in scale.passkey_lengths:
+            if label == "dense" and length > scale.dense_max:
+                continue
+            result = passkey_accuracy(model, tokenizer, length, trials=scale.trials, seed=0)
+            rows.append({"index": label, "k": k or "-", "tokens": length,
+                         "prompt_tokens": round(result["mean_prompt_tokens"]), "accuracy": result["accuracy"],
+                         "trials": scale.trials, "seconds": round(result["seconds"], 1)})
+            print(rows[-1], flush=True)
+    stem = os.path.join(RESULTS, f"passkey_{scale.name}")
+    write_rows(rows, stem, f"Passkey accuracy vs context length ({scale.name}, {scale.trials} trials per point)")
+    series = {}
+    for row in rows:
+        name = row["index"] if row["k"] == "-" else f"{row['index']} k={row['k']}"
+        series.setdefault(name, ([], []))
+        series[name][0].append(row["tokens"])
+        series[name][1].append(row["accuracy"])
+    plot(stem, series, "context tokens", "passkey accuracy", "Passkey retrieval, demo model")
+
+    depth_rows = []
+    n_garbage = n_garbage_for_tokens(tokenizer, scale.depth_length)
+    for label in ("dense", "Flat"):
+        configure(model, memory_settings(label, scale, 32))
+        for depth in scale.depths:
+            rng = random.Random(f"depth-{depth}")
+            correct = 0
+            for _ in range(scale.trials):
+                prompt, key = depth_prompt(n_garbage, depth, rng)
+                correct += passkey_trial(model, tokenizer, prompt, key)["correct"]
+            depth_rows.append({"index": label, "tokens": scale.depth_length, "depth": depth,
+                               "accuracy": correct / scale.trials, "trials": scale.trials})
+    write_rows(depth_rows, os.path.join(RESULTS, f"passkey_depth_{scale.name}"),
+               f"Passkey accuracy vs depth of the key ({scale.depth_length} tokens, k=32 for Flat)")
+
+
+# -- 2. ingestion ----------------------------------------------------------------------------------------------------
+def filler_ids(tokenizer, num_tokens: int) -> list[int]:
+    from knn_longllama.passkey import repeated_filler
+
+    piece = tokenizer(repeated_filler(20000), add_special_tokens=False)["input_ids"]
+    return (piece * (num_tokens // len(piece) + 1))[:num_tokens]
+
+
+def ingest_child(label: str, num_tokens: int, scale_name: str) -> dict:
+    import resource
+
+    scale = SCALES[scale_name]
+    model, tokenizer = load(**memory_settings(label, scale))
+    ids = filler_ids(tokenizer, num_tokens)
+    start = time.perf_counter()
+    doc = model.read(ids, progress=False)
+    seconds = time.perf_counter() - start
+    return {"index": label, "tokens": num_tokens, "seconds": round(seconds, 3),
+            "us_per_token": round(1e6 * seconds / num_tokens, 2),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "memory_mb": round(sum(m.nbytes() for m in doc.memories.values()) / 2**20, 1)}
+
+
+def run_child(args: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def exp_ingest(scale: Scale) -> None:
+    rows = []
+    for label in ["dense", *scale.indices]:
+        for n in scale.ingest_lengths:
+            if label == "dense" and n > max(scale.dense_max, 65536):
+                continue
+            rows.append(run_child(["--child", "ingest", label, str(n), scale.name]))
+            print(rows[-1], flush=True)
+    for label in {r["index"] for r in rows}:
+        points = [(r["tokens"], r["seconds"]) for r in rows if r["index"] == label]
+        if len(points) >= 2:
+            slope = np.polyfit(np.log([p[0] for p in points]), np.log([p[1] for p in points]), 1)[0]
+            for r in rows:
+                if r["index"] == label:
+                    r["time_exponent"] = round(float(slope), 2)
+    for r in rows:
+        r.setdefault("time_exponent", "-")
+    stem = os.path.join(RESULTS, f"ingest_{scale.name}")
+    write_rows(rows, stem, f"Ingestion time and peak RAM vs context length ({scale.name}); time ~ tokens^exponent")
+    series = {label: ([r["tokens"] for r in rows if r["index"] == label], [r["seconds"] for r in rows if r["index"] == label])
+              for label in dict.fromkeys(r["index"] for r in rows)}
+    plot(stem, series, "context tokens", "ingestion time (s)", "Reading into memory", logy=True)
+
+
+# -- 3. decode latency ------------------------------------------------------------------------------------------------
+def decode_child(label: str, size: int, scale_name: str) -> dict:
+    scale = SCALES[scale_name]
+    model, tokenizer = load(**memory_settings(label, scale))
+    doc = model.read(filler_ids(tokenizer, size), progress=False)
+    cache = doc.new_cache()
+    ids = torch.tensor([doc.pending + tokenizer(" What is the pass key?", add_special_tokens=False)["input_ids"]])
+    times = []
+    with torch.no_grad():
+        out = model(ids, cache=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        for _ in range(24):
+            start = time.perf_counter()
+            out = model(token, cache=cache, use_cache=True)
+            times.append(time.perf_counter() - start)
+            token = out.logits[:, -1:].argmax(-1)
+    return {"index": label, "memory_tokens": size, "ms_per_token": round(1000 * statistics.median(times[4:]), 2)}
+
+
+def exp_decode(scale: Scale) -> None:
+    rows = []
+    for label in ["dense", *scale.indices]:
+        for size in scale.decode_sizes:
+            if label == "dense" and size > max(scale.dense_max, 65536):
+                continue
+            rows.append(run_child(["--child", "decode", label, str(size), scale.name]))
+            print(rows[-1], flush=True)
+    for label in dict.fromkeys(r["index"] for r in rows):
+        base = next(r["ms_per_token"] for r in rows if r["index"] == label)
+        for r in rows:
+            if r["index"] == label:
+                r["vs_smallest"] = round(r["ms_per_token"] / base, 2)
+    stem = os.path.join(RESULTS, f"decode_{scale.name}")
+    write_rows(rows, stem, f"Decode latency per generated token vs memory size ({scale.name}, median of 20)")
+    series = {label: ([r["memory_tokens"] for r in rows if r["index"] == label],
+                      [r["ms_per_token"] for r in rows if r["index"] == label])
+              for label in dict.fromkeys(r["index"] for r in rows)}
+    plot(stem, series, "memory tokens", "ms per generated token", "Decode latency")
+
+
+# -- 4. retrieval quality ----------------------------------------------------------------------------------------------
+class RecordingMemory:
+    """A dense memory that also records the queries the attention layer looks up (real queries, not keys)."""
+
+    def __init__(self, inner):
+        self.inner, self.queries = inner, []
+
+    def add(self, *args):
+        self.inner.add(*args)
+
+    def lookup(self, queries, h0, h1):
+        self.queries.append(queries.detach().clone())
+        return self.inner.lookup(queries, h0, h1)
+
+    def __len__(self):
+        return len(self.inner)
+
+
+def exp_recall(scale: Scale) -> None:
+    import knn_index
+
+    model, tokenizer = load(mem_backend="dense", mem_dtype="float32")
+    text_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "austen_pride_and_prejudice_excerpt.txt")
+    ids = tokenizer(open(text_path, encoding="utf-8").read())["input_ids"]
+    ids = (ids * (scale.recall_tokens // len(ids) + 1))[: scale.recall_tokens]
+    layer = model.config.mem_layers[0]
+    memories = {idx: model.model.new_memory(1, "cpu", model.dtype) for idx in model.config.mem_layers}
+    model.model.write_memory(torch.tensor([ids[:-256]]), memories)  # real keys of a real text
+    recorder = RecordingMemory(memories[layer])
+    memories[layer] = recorder
+    model.model.write_memory(torch.tensor([ids[-256:]]), memories)  # one more window: its real queries
+    keys = recorder.inner.keys.view().float()  # [1, H, M, d]
+    queries = recorder.queries[0].float()  # [1, H, Q, d]
+    heads, dim = keys.shape[1], keys.shape[-1]
+    exact = knn_index.KnnStore(1, heads, dim, index="Flat", dtype=torch.float32)
+    exact.add(keys, keys)
+    scores_all = (queries @ keys.transpose(-1, -2)) / dim**0.5
+    attention = torch.softmax(scores_all, dim=-1)  # dense memory attention (memory part)
+    rows = []
+    sweeps = [(label, factory, "-", [None]) for label, (factory, _) in scale.indices.items()]
+    sweeps += [(label + " sweep", factory, name, values) for label, (factory, name, values) in scale.recall_sweep.items()]
+    for k in scale.ks:
+        truth = exact.search(queries, k).ids
+        for label, factory, param, values in sweeps:
+            for value in values:
+                params = {param: value} if value is not None else dict(scale.indices.get(label, (None, {}))[1])
+                store = knn_index.KnnStore(1, heads, dim, index=factory, index_params=params or None,
+                                           dtype=torch.float32)
+                store.add(keys, keys)
+                start = time.perf_counter()
+                found = store.search(queries, k).ids
+                search_ms = 1000 * (time.perf_counter() - start)
+                hits = (found[..., :, None] == truth[..., None, :]).any(-1).float().mean().item()
+                kept = attention.gather(-1, found.clamp(min=0)).masked_fill(found < 0, 0).sum(-1).mean().item()
+                rows.append({"index": factory, "param": param if value is not None else json.dumps(params),
+                             "value": value if value is not None else "-", "k": k, "recall_at_k": round(hits, 4),
+                             "attention_mass_kept": round(kept, 4), "search_ms": round(search_ms, 1)})
+    exact_mass = {k: round(attention.topk(k, dim=-1).values.sum(-1).mean().item(), 4) for k in scale.ks}
+    for row in rows:
+        row["mass_of_exact_topk"] = exact_mass[row["k"]]
+    write_rows(rows, os.path.join(RESULTS, f"recall_{scale.name}"),
+               f"Retrieval quality on real keys/queries of memory layer {layer} ({keys.shape[2]} keys x {heads} heads, "
+               f"{queries.shape[2]} queries per head)")
+    stem = os.path.join(RESULTS, f"recall_{scale.name}")
+    series = {}
+    for row in rows:
+        if row["param"] in ("nprobe", "efSearch") and row["k"] == 32:
+            name = f"{row['index']} ({row['param']})"
+            series.setdefault(name, ([], []))
+            series[name][0].append(row["value"])
+            series[name][1].append(row["recall_at_k"])
+    if series:
+        plot(stem, series, "nprobe / efSearch", "recall@32", "Recall against exact top-32 (real queries)")
+
+
+# -- main --------------------------------------------------------------------------------------------------------------
+EXPERIMENTS = {"passkey": exp_passkey, "ingest": exp_ingest, "decode": exp_decode, "recall": exp_recall}
+
+
+def environment(scale: Scale, threads: int) -> dict:
+    import faiss
+    import transformers
+
+    return {"scale": asdict(scale), "threads": threads, "python": platform.python_version(),
+            "platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "faiss": faiss.__version__,
+            "numpy": np.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", choices=sorted(SCALES), default="small")
+    parser.add_argument("--only", nargs="+", choices=sorted(EXPERIMENTS), default=None)
+    parser.add_argument("--threads", type=int, default=2, help="torch + Faiss threads (one knob)")
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    import knn_index
+
+    knn_index.set_num_threads(args.threads)
+    if args.child:
+        kind, label, n, scale_name = args.child
+        fn = ingest_child if kind == "ingest" else decode_child
+        print(json.dumps(fn(label, int(n), scale_name)))
+        return
+    scale = SCALES[args.scale]
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, f"environment_{scale.name}.json"), "w") as f:
+        json.dump(environment(scale, args.threads), f, indent=2)
+    for name in args.only or list(EXPERIMENTS):
+        started = time.time()
+        print(f"== {name} ({scale.name})", flush=True)
+        EXPERIMENTS[name](scale)
+        print(f"== {name} done in {time.time() - started:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

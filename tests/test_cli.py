@@ -1,0 +1,49 @@
+"""Command-line smoke tests through subprocess, on the embedded demo model at small lengths."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+CLI = [sys.executable, "-m", "knn_longllama.cli"]
+
+
+def run(*args, check=True):
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def test_help_and_console_script():
+    out = run("--help").stdout
+    for command in ("passkey", "read", "ask", "generate"):
+        assert command in out
+    assert "--index" in run("passkey", "--help").stdout
+    assert shutil.which("knn-longllama") is not None  # installed by `pip install -e .`
+
+
+def test_passkey_json_on_the_demo_model():
+    rows = json.loads(run("passkey", "--lengths", "300", "--trials", "3", "--index", "dense", "Flat",
+                          "--k", "8", "--json", "--threads", "1").stdout)
+    assert [(r["index"], r["k"]) for r in rows] == [("dense", "-"), ("Flat", 8)]
+    assert all(r["trials"] == 3 and 0.0 <= r["accuracy"] <= 1.0 and r["mean_prompt_tokens"] > 200 for r in rows)
+
+
+def test_read_then_ask_and_a_mismatched_index_is_refused(tmp_path):
+    text = tmp_path / "doc.txt"
+    text.write_text("The grass is green. The sky is blue.\n" * 60 + "The pass key is 4242. Remember it.\n"
+                    + "The sun is yellow. Here we go.\n" * 60)
+    memory = tmp_path / "doc.memory"
+    out = run("read", str(text), "-o", str(memory), "--index", "Flat", "--k", "16", "--quiet").stdout
+    assert "tokens into" in out and memory.exists()
+    answer = run("ask", str(memory), "What is the pass key? The pass key is", "--index", "Flat", "--k", "16",
+                 "--max-new-tokens", "4").stdout
+    assert answer.strip() != ""
+    refused = run("ask", str(memory), "What is the pass key?", "--index", "dense", check=False)
+    assert refused.returncode == 2 and "another model or memory configuration" in refused.stderr
+
+
+def test_generate():
+    out = run("generate", "It is a truth universally acknowledged", "--max-new-tokens", "8").stdout
+    assert len(out.strip()) > 0
