@@ -1,0 +1,148 @@
+"""Faiss index creation, search parameters, training defaults and sizes.
+
+All indices use the inner-product metric. Functions take and return plain
+Faiss objects and numpy arrays; nothing here knows about torch storage.
+"""
+
+import faiss
+import numpy as np
+
+EXAMPLES = ("Flat", "IVF256,Flat", "HNSW32", "IVF256,PQ16", "SQ8")
+
+# Points per centroid used to size default training sets. Faiss warns below 39.
+POINTS_PER_CENTROID = 40
+# Default training-set size for trainable indices with no centroids to count
+# (e.g. scalar quantizers, which only learn per-dimension ranges).
+MIN_TRAIN_SIZE = 1024
+
+
+def make_index(spec: str, d: int) -> faiss.Index:
+    """Create an empty inner-product index from a Faiss ``index_factory`` string.
+
+    Raises ValueError naming the ``index`` argument if Faiss rejects ``spec``.
+    """
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"index must be a non-empty Faiss index_factory string, got {spec!r}; "
+                         f"examples: {', '.join(EXAMPLES)}")
+    try:
+        return faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise ValueError(f"index={spec!r} was rejected by faiss.index_factory for d={d}: {e}. "
+                         f"Accepted examples: {', '.join(repr(x) for x in EXAMPLES)} "
+                         "(or backend='torch' for exact search in torch)") from None
+
+
+def apply_params(index: faiss.Index, params: dict | None) -> None:
+    """Set search parameters such as {"nprobe": 16} or {"efSearch": 64}.
+
+    Uses faiss.ParameterSpace (GpuParameterSpace for GPU indices), which also
+    reaches through pre-transforms and ID maps. Raises ValueError naming
+    ``index_params`` for a parameter the index does not have.
+    """
+    if not params:
+        return
+    space = _parameter_space(index)
+    for name, value in params.items():
+        try:
+            space.set_index_parameter(index, str(name), float(value))
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise ValueError(f"index_params: cannot set {name}={value!r} on this index: {e}") from None
+
+
+def _parameter_space(index: faiss.Index):
+    if hasattr(faiss, "GpuParameterSpace") and "Gpu" in type(faiss.downcast_index(index)).__name__:
+        return faiss.GpuParameterSpace()
+    return faiss.ParameterSpace()
+
+
+def _parts(index: faiss.Index):
+    """Yield the index and the sub-indices it wraps (pre-transform, ID map, HNSW storage, refine)."""
+    index = faiss.downcast_index(index)
+    yield index
+    for attr in ("index", "storage", "base_index", "refine_index"):
+        inner = getattr(index, attr, None)
+        if isinstance(inner, faiss.Index):
+            yield from _parts(inner)
+
+
+def _codebooks(index: faiss.Index):
+    """Yield the number of centroids of every codebook that training learns (IVF, PQ, OPQ)."""
+    for part in _parts(index):
+        if hasattr(part, "nlist"):
+            yield part.nlist
+        pq = getattr(part, "pq", None)
+        if pq is not None:
+            yield pq.ksub
+        if isinstance(part, faiss.IndexPreTransform):
+            for i in range(part.chain.size()):
+                if isinstance(faiss.downcast_VectorTransform(part.chain.at(i)), faiss.OPQMatrix):
+                    yield 256  # OPQ trains its own 8-bit PQ
+
+
+def default_train_size(index: faiss.Index) -> int:
+    """Keys to buffer before training: 40 points per centroid of the largest codebook.
+
+    max(1024, 40 * nlist for IVF, 40 * 2**nbits for PQ/OPQ codebooks), e.g.
+    40960 for IVF1024, 10240 for 8-bit PQ, 1024 for SQ8 (which only learns
+    value ranges). Indices that need no training (Flat, HNSW): 0.
+    """
+    if index.is_trained:
+        return 0
+    return max([MIN_TRAIN_SIZE] + [POINTS_PER_CENTROID * c for c in _codebooks(index)])
+
+
+def min_train_size(index: faiss.Index) -> int:
+    """Fewest keys Faiss accepts for training: one per centroid of the largest codebook."""
+    return max([1] + list(_codebooks(index)))
+
+
+def prepare_training(index: faiss.Index, seed: int) -> None:
+    """Seed every k-means reachable from ``index`` (IVF coarse, PQ codebooks).
+
+    Also turns off polysemous training of IVF-PQ (a slow annealing the factory
+    enables by default), which only serves the Hamming pre-filter ("ht"
+    parameter) that this store does not use.
+    """
+    for part in _parts(index):
+        if getattr(part, "do_polysemous_training", False):
+            part.do_polysemous_training = False
+        cp = getattr(part, "cp", None)
+        if cp is not None:
+            cp.seed = seed
+        pq = getattr(part, "pq", None)
+        if pq is not None and getattr(pq, "cp", None) is not None:
+            pq.cp.seed = seed
+
+
+def uses_ids(index: faiss.Index) -> bool:
+    """True for ID-map indices, which need add_with_ids."""
+    return isinstance(faiss.downcast_index(index), (faiss.IndexIDMap, faiss.IndexIDMap2))
+
+
+def add_sequential(index: faiss.Index, x: np.ndarray, start: int) -> None:
+    """Add rows of ``x`` so that their ids are ``start, start + 1, ...``."""
+    if uses_ids(index):
+        index.add_with_ids(x, np.arange(start, start + len(x), dtype=np.int64))
+    else:
+        assert index.ntotal == start, "index and storage out of sync"
+        index.add(x)
+
+
+def index_nbytes(index: faiss.Index) -> int:
+    """Bytes held by ``index``, measured as its serialized size."""
+    if "Gpu" in type(faiss.downcast_index(index)).__name__:
+        index = faiss.index_gpu_to_cpu(index)
+    return int(faiss.serialize_index(index).nbytes)
+
+
+def gpu_available() -> bool:
+    """Whether this Faiss build has GPU support and sees a GPU."""
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def to_gpu(index: faiss.Index, resources, device_id: int) -> faiss.Index:
+    """Move ``index`` to GPU ``device_id``; return it unchanged if Faiss has no GPU version."""
+    try:
+        return faiss.index_cpu_to_gpu(resources, device_id, index)
+    except RuntimeError:
+        return index  # e.g. HNSW has no GPU implementation: stay on CPU
