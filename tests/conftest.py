@@ -1,7 +1,12 @@
 import pytest
 import torch
 
+import knn_index
 from knn_longllama import LongLlamaConfig, LongLlamaForCausalLM
+
+# Tiny models: one thread is fastest, and it keeps torch's and Faiss's OpenMP pools from spinning against each
+# other (and against anything else running on the machine).
+knn_index.set_num_threads(1)
 
 
 def tiny_config(**overrides) -> LongLlamaConfig:
