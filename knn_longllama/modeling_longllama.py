@@ -159,25 +159,28 @@ class LongLlamaAttention(nn.Module):
             heads_per_chunk, queries_per_chunk = max(1, max_heads // groups), max_queries
         floor = score_floor(q.dtype)
         scale = 1.0 / math.sqrt(d)
-        out = torch.empty_like(q)
+        blocked = ~allowed[:, :, None]  # [B, 1, 1, T_q, T_keys]
+        single_block = heads_per_chunk >= self.num_kv_heads and queries_per_chunk >= q_len
+        out = None if single_block else torch.empty_like(q)
         for h0 in range(0, self.num_kv_heads, heads_per_chunk):
             h1 = min(h0 + heads_per_chunk, self.num_kv_heads)
             for t0 in range(0, q_len, queries_per_chunk):
                 t1 = min(t0 + queries_per_chunk, q_len)
                 q_block = q[:, h0:h1, :, t0:t1].reshape(bsz, h1 - h0, groups * (t1 - t0), d)
-                local = (q_block @ k[:, h0:h1].transpose(-1, -2)) * scale
-                local = local.view(bsz, h1 - h0, groups, t1 - t0, -1)
-                local = local.masked_fill(~allowed[:, :, None, t0:t1], floor).flatten(2, 3)
+                local = (q_block @ k[:, h0:h1].transpose(-1, -2)).mul_(scale)
+                local.view(bsz, h1 - h0, groups, t1 - t0, -1).masked_fill_(blocked[..., t0:t1, :], floor)
                 found = memory.lookup(q_block, h0, h1) if memory is not None else None
                 if found is None:
-                    probs = torch.softmax(local.clamp(min=floor), dim=-1, dtype=torch.float32).to(q.dtype)
+                    probs = torch.softmax(local.clamp_(min=floor), dim=-1, dtype=torch.float32).to(q.dtype)
                     block_out = probs @ v[:, h0:h1]
                 else:
-                    mem = (found.scores * scale).masked_fill(~found.valid, floor)
-                    scores = torch.cat([local, mem], dim=-1).clamp(min=floor)
+                    mem = (found.scores * scale).masked_fill_(~found.valid, floor)
+                    scores = torch.cat([local, mem], dim=-1).clamp_(min=floor)
                     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
                     n_local = local.shape[-1]
                     block_out = probs[..., :n_local] @ v[:, h0:h1] + found.mix(probs[..., n_local:])
+                if single_block:
+                    return block_out.view(bsz, self.num_heads, q_len, d)
                 out[:, h0:h1, :, t0:t1] = block_out.view(bsz, h1 - h0, groups, t1 - t0, d)
         return out.view(bsz, self.num_heads, q_len, d)
 

@@ -94,3 +94,20 @@ def test_dense_and_knn_memories_offer_the_same_entries():
     q = torch.randn(1, 2, 4, 8)
     a, b = dense.lookup(q, 0, 2), knn.lookup(q, 0, 2)
     assert torch.allclose(a.scores.sort(-1).values, b.scores.sort(-1).values, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", KNN_BACKENDS, ids=lambda b: b["mem_backend"])
+def test_a_window_never_retrieves_itself(backend, monkeypatch):
+    """Window w (of 16 tokens) searches a memory holding exactly the windows before it."""
+    model = tiny_model(mem_layers=[1], mem_knn_k=1000, **backend)
+    sizes = []
+    original = KnnMemory.lookup
+
+    def recording_lookup(self, queries, h0, h1):
+        sizes.append(self.store.sizes())
+        return original(self, queries, h0, h1)
+
+    monkeypatch.setattr(KnnMemory, "lookup", recording_lookup)
+    with torch.no_grad():
+        model(torch.randint(3, 61, (2, 64)), use_cache=False, last_context_length=16)
+    assert sizes == [[0, 0], [16, 16], [32, 32], [48, 48]]
