@@ -52,7 +52,7 @@ def median_seconds(fn, repeats: int) -> float:
 
 def write_table(rows, path_stem, columns):
     with open(path_stem + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

@@ -52,11 +52,11 @@ class Scale:
 
 SCALES = {
     "small": Scale(
-        name="small", passkey_lengths=[1024, 4096, 16384], dense_max=16384, trials=10,
+        name="small", passkey_lengths=[512, 2048, 8192], dense_max=8192, trials=10,
         indices={"Flat": ("Flat", {}), "IVF64,Flat": ("IVF64,Flat", {"nprobe": 8}), "HNSW32": ("HNSW32", {}),
                  "IVF64,PQ8": ("IVF64,PQ8", {"nprobe": 8})},
-        ks=[8, 32, 128], depth_length=4096, depths=[0.0, 0.25, 0.5, 0.75, 1.0],
-        ingest_lengths=[4096, 16384, 65536], decode_sizes=[1024, 16384, 65536], recall_tokens=32768,
+        ks=[8, 32, 128], depth_length=2048, depths=[0.0, 0.25, 0.5, 0.75, 1.0],
+        ingest_lengths=[2048, 8192, 32768], decode_sizes=[1024, 8192, 32768], recall_tokens=12288,
         recall_sweep={"IVF64,Flat": ("IVF64,Flat", "nprobe", [1, 2, 4, 8, 16]),
                       "HNSW32": ("HNSW32", "efSearch", [16, 32, 64, 128])},
     ),
@@ -207,8 +207,11 @@ def ingest_child(label: str, num_tokens: int, scale_name: str) -> dict:
             "memory_mb": round(sum(m.nbytes() for m in doc.memories.values()) / 2**20, 1)}
 
 
+THREADS = 2  # set from --threads in main(); passed on to the subprocesses
+
+
 def run_child(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, __file__, *args, "--threads", str(THREADS)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-2000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -218,7 +221,7 @@ def exp_ingest(scale: Scale) -> None:
     rows = []
     for label in ["dense", *scale.indices]:
         for n in scale.ingest_lengths:
-            if label == "dense" and n > max(scale.dense_max, 65536):
+            if label == "dense" and n > scale.dense_max:
                 continue
             rows.append(run_child(["--child", "ingest", label, str(n), scale.name]))
             print(rows[-1], flush=True)
@@ -261,7 +264,7 @@ def exp_decode(scale: Scale) -> None:
     rows = []
     for label in ["dense", *scale.indices]:
         for size in scale.decode_sizes:
-            if label == "dense" and size > max(scale.dense_max, 65536):
+            if label == "dense" and size > scale.dense_max:
                 continue
             rows.append(run_child(["--child", "decode", label, str(size), scale.name]))
             print(rows[-1], flush=True)
@@ -376,6 +379,8 @@ def main() -> None:
     args = parser.parse_args()
     import knn_index
 
+    global THREADS
+    THREADS = args.threads
     knn_index.set_num_threads(args.threads)
     if args.child:
         kind, label, n, scale_name = args.child

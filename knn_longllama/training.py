@@ -167,9 +167,10 @@ class TrainingConfig:
     num_threads: int | None = None
     log_every: int = 10
     save_every: int = 0  # 0: only at the end (when output_dir is set)
+    max_seconds: float | None = None  # stop early after this much wall time (the lr schedule still uses max_steps)
     output_dir: str | None = None
     progress: bool = True
-    extra: dict = field(default_factory=dict)  # free-form, saved with the history
+    extra: dict = field(default_factory=dict)  # free-form notes about the run (not used by `train`)
 
     def contexts_at(self, step: int) -> int:
         k = self.chunks_per_stream
@@ -292,6 +293,9 @@ def train(model, batches: Iterable[dict[str, torch.Tensor]], config: TrainingCon
                     callback(step, record)
             if config.output_dir and config.save_every and (step + 1) % config.save_every == 0:
                 save_checkpoint(model, config.output_dir, tokenizer)
+            if config.max_seconds is not None and time.time() - started > config.max_seconds:
+                logger.info("Stopping after %d steps: the time budget of %.0fs is spent.", step + 1, config.max_seconds)
+                break
     finally:
         if progress is not None:
             progress.close()

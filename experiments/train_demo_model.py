@@ -1,0 +1,532 @@
+"""Train the small demo LongLLaMA that ships inside the package (`knn_longllama/demo/`), from scratch, on CPU.
+
+    python experiments/train_demo_model.py                       # tokenizer + training + evaluation + model card
+    python experiments/train_demo_model.py --steps 60 --out /tmp/demo_quick --no-card   # a quick smoke run
+
+Steps:
+1. A sentencepiece unigram tokenizer (vocab 1024, split digits, byte fallback) trained on the shipped Austen excerpt
+   plus the synthetic task text, exported as a `tokenizers` tokenizer (tokenizer.json) loadable offline by
+   `transformers.AutoTokenizer`; the sentencepiece `tokenizer.model` is shipped beside it.
+2. Training data: streams of `chunks_per_stream * window` tokens, cut into FoT cross-batch batches by
+   `knn_longllama.training.pack_crossbatch`:
+   - passkey prompts in the official format (spec section 4), plus variants with other fillers and wordings; the
+     prompt sits at the end of a stream (after natural text), so the key is usually some chunks back;
+   - key-value lookups: "The value of key 4821 is 7302." lines, queried at the end of the stream;
+   - natural text (the Jane Austen excerpt in experiments/data/).
+   Answer tokens get a larger loss weight.
+3. FoT training with `knn_longllama.training.train` (E rises from k-1 to 2k-1 extra contexts).
+4. Passkey evaluation (`knn_longllama.passkey`) with dense memory and without memory layers, written to the card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import random
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from knn_longllama import LongLlamaConfig, LongLlamaForCausalLM  # noqa: E402
+from knn_longllama.passkey import (  # noqa: E402
+    FILLER, INFO_TEMPLATE, QUESTION, TASK_DESCRIPTION, chars_per_token, make_passkey_prompt, passkey_curve,
+)
+from knn_longllama.training import TrainingConfig, evaluate_loss, pack_crossbatch, train  # noqa: E402
+
+AUSTEN = os.path.join(ROOT, "experiments", "data", "austen_pride_and_prejudice_excerpt.txt")
+DEMO_DIR = os.path.join(ROOT, "knn_longllama", "demo")
+
+OTHER_FILLERS = [
+    "The river is wide. The hills are far away. Birds sing in the morning. The road goes on and on.",
+    "A cat sat on the mat. The door is open. It is a quiet day. Nothing happens here.",
+    "The water is cold. The trees are tall. We walk and walk. The end is not near.",
+]
+OTHER_WORDINGS = [  # (info line template, question)
+    ("The secret number is {key}. Keep it in mind. {key} is the secret number.",
+     "What is the secret number? The secret number is"),
+    ("The pass key is {key}. Remember it. {key} is the pass key.", "What is the pass key? The pass key is"),
+    ("Remember this pass key: {key}. The pass key is {key}.", "Tell me the pass key. The pass key is"),
+    ("The code is {key}. Do not forget it. {key} is the code.", "What is the code? The code is"),
+]
+
+
+# ------------------------------------------------------------------------------------------------------ tokenizer
+
+
+def build_tokenizer(texts: list[str], out_dir: str, vocab_size: int = 1024, seed: int = 0):
+    """Train a sentencepiece unigram model and wrap the same vocabulary as a `tokenizers` tokenizer (LLaMA style:
+    '▁' for spaces with a dummy prefix, byte fallback, BOS prepended). Saves tokenizer.model, tokenizer.json and
+    tokenizer_config.json in `out_dir` and returns the transformers tokenizer."""
+    import sentencepiece as spm
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    os.makedirs(out_dir, exist_ok=True)
+    corpus = os.path.join(out_dir, "_tokenizer_corpus.txt")
+    with open(corpus, "w", encoding="utf-8") as f:
+        f.write("\n".join(texts))
+    prefix = os.path.join(out_dir, "tokenizer")
+    spm.SentencePieceTrainer.train(
+        input=corpus, model_prefix=prefix, vocab_size=vocab_size, model_type="unigram", split_digits=True,
+        byte_fallback=True, character_coverage=1.0, num_threads=2, max_sentence_length=100000,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=True, seed_sentencepiece_size=200000, minloglevel=2,
+    )
+    os.remove(corpus)
+    os.remove(prefix + ".vocab")
+    sp = spm.SentencePieceProcessor(model_file=prefix + ".model")
+    vocab = []
+    for i in range(sp.get_piece_size()):
+        score = sp.get_score(i)
+        if sp.is_byte(i):
+            score = -1e6  # only as a fallback
+        elif sp.is_control(i) or sp.is_unknown(i):
+            score = 0.0
+        vocab.append((sp.id_to_piece(i), score))
+    backend = Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    backend.add_special_tokens([AddedToken(t, special=True) for t in ("<unk>", "<s>", "</s>")])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>",
+        model_max_length=1_000_000,
+    )
+    for text in texts[:3]:  # same segmentation as sentencepiece
+        sample = text[:5000]
+        assert tokenizer(sample, add_special_tokens=False).input_ids == sp.encode(sample), "tokenizer mismatch"
+    tokenizer.save_pretrained(out_dir)
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+
+
+class DemoData:
+    """Endless seeded streams of exactly `stream_len` tokens (dicts with input_ids and loss_weights)."""
+
+    def __init__(self, tokenizer, austen_ids: list[int], stream_len: int, chunk_len: int, seed: int,
+                 answer_weight: float = 5.0, short_passkeys: float = 0.0):
+        self.tok = tokenizer
+        self.austen = austen_ids
+        self.stream_len = stream_len
+        self.chunk_len = chunk_len
+        self.rng = random.Random(seed)
+        self.answer_weight = answer_weight
+        self.short_passkeys = short_passkeys
+        self.bos, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        self.cpt = {f: chars_per_token(tokenizer, f) for f in [FILLER] + OTHER_FILLERS}
+        sentences = [s.strip().replace("\n", " ") + "." for s in open(AUSTEN, encoding="utf-8").read().split(".")]
+        self.austen_sentences = [s for s in sentences if 30 <= len(s) <= 120]
+
+    def natural(self, n: int) -> list[int]:
+        if n <= 0:
+            return []
+        start = self.rng.randrange(0, len(self.austen) - n)
+        return self.austen[start : start + n]
+
+    def encode(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[float]]:
+        """Token ids of `text` (with BOS) and weights: `answer_weight` on tokens overlapping a char span."""
+        enc = self.tok(text, return_offsets_mapping=True)
+        weights = []
+        for tid, (a, b) in zip(enc.input_ids, enc.offset_mapping):
+            hit = tid != self.bos and any(a < e and b > s for s, e in spans)
+            weights.append(self.answer_weight if hit else 1.0)
+        return list(enc.input_ids), weights
+
+    def passkey_doc(self, max_tokens: int) -> tuple[str, list[tuple[int, int]]]:
+        rng = self.rng
+        kind = rng.random()
+        filler, info, question, task = FILLER, INFO_TEMPLATE, QUESTION, TASK_DESCRIPTION
+        if kind < 0.15:
+            filler = rng.choice(OTHER_FILLERS)
+        elif kind < 0.25:
+            filler = " ".join(rng.sample(self.austen_sentences, 3))
+        elif kind < 0.35:
+            info, question = rng.choice(OTHER_WORDINGS)
+        short = rng.random() < self.short_passkeys  # no task line, little filler: fits in one window (local copy)
+        if short or rng.random() < 0.1:
+            task = ""
+        cpt = self.cpt.get(filler) or chars_per_token(self.tok, filler)
+        target = rng.randint(24, self.chunk_len - 8) if short else rng.randint(min(48, max_tokens), max_tokens)
+        for _ in range(5):
+            fixed, _ = make_passkey_prompt(0, random.Random(0), key=12345, filler=filler, info_template=info,
+                                           question=question, task=task)
+            n_garbage = max(0, int((target - len(self.tok(fixed).input_ids) - 2) * cpt))
+            prompt, key = make_passkey_prompt(n_garbage, rng, filler=filler, info_template=info, question=question,
+                                              task=task)
+            text = f"{prompt} {key}"
+            if len(self.tok(text).input_ids) <= max_tokens:
+                return text, [(len(prompt), len(text))]
+            target = int(target * 0.9)
+        return text, [(len(prompt), len(text))]
+
+    def kv_doc(self, max_tokens: int) -> tuple[str, list[tuple[int, int]]]:
+        rng = self.rng
+        style = rng.random()
+        lines, pairs = [], {}
+        queries = rng.randint(2, 5)
+        budget = max_tokens - 20 * queries
+        while True:
+            key = rng.randrange(1000, 10000)
+            if key in pairs:
+                continue
+            value = rng.randrange(1, 10000)
+            line = f"The value of key {key} is {value}." if style < 0.7 else f"key {key} -> value {value}"
+            candidate = lines + [line]
+            if rng.random() < 0.2:
+                candidate.append(rng.choice(self.austen_sentences))
+            if len(self.tok("\n".join(candidate)).input_ids) > budget and lines:
+                break
+            lines, pairs[key] = candidate, value
+        text = "\n".join(lines)
+        spans = []
+        for key in rng.sample(list(pairs), min(queries, len(pairs))):
+            if style < 0.7:
+                text += f"\nWhat is the value of key {key}? The value of key {key} is"
+            else:
+                text += f"\nkey {key} -> value"
+            start = len(text)
+            text += f" {pairs[key]}"
+            spans.append((start, len(text)))
+            if style < 0.7:
+                text += "."
+        return text, spans
+
+    def copy_stream(self) -> dict:
+        """Dense copying (the induction skill that retrieval builds on): after some natural text, a random segment
+        (digit groups or random pieces) repeated until the end of the stream, so its repeats are both in the same
+        window and some windows later. Every repeated token is weighted."""
+        rng, n = self.rng, self.stream_len
+        length = rng.randint(6, 40)
+        if rng.random() < 0.5:
+            digits = [self.tok.convert_tokens_to_ids(d) for d in "0123456789"]
+            space = self.tok.convert_tokens_to_ids("\u2581")
+            segment = [space if rng.random() < 0.2 else rng.choice(digits) for _ in range(length)]
+        else:
+            segment = [rng.randrange(259, self.tok.vocab_size) for _ in range(length)]
+        head = rng.randint(0, self.chunk_len)
+        body = (segment * (n // length + 2))[: n - head]
+        ids = self.natural(head) + body
+        weights = [1.0] * (head + length) + [self.answer_weight / 2] * (n - head - length)
+        return dict(input_ids=ids, loss_weights=weights[:n])
+
+    def sparse_copy_stream(self) -> dict:
+        """Natural text with one random segment that occurs twice, the second time weighted (half of the repeats in
+        the same window, half some windows later). Used by the first stage of the shipped model."""
+        rng, n = self.rng, self.stream_len
+        ids = self.natural(n)
+        weights = [1.0] * n
+        length = rng.randint(4, 24)
+        segment = [rng.randrange(259, self.tok.vocab_size) for _ in range(length)]
+        if rng.random() < 0.5:
+            gap = rng.randint(0, self.chunk_len - 2 * length)
+        else:
+            gap = rng.randint(self.chunk_len, n - 2 * length - 1)
+        first = rng.randint(0, n - 2 * length - gap)
+        second = first + length + gap
+        ids[first : first + length] = segment
+        ids[second : second + length] = segment
+        for i in range(second + 1, second + length):
+            weights[i] = self.answer_weight
+        return dict(input_ids=ids, loss_weights=weights)
+
+    def stream(self, kind: str) -> dict:
+        """One stream of exactly `stream_len` tokens: natural text, then (for tasks) the task document ending
+        somewhere in the last chunk, then natural text again."""
+        n = self.stream_len
+        if kind == "copy":
+            return self.copy_stream()
+        if kind == "copy1":
+            return self.sparse_copy_stream()
+        if kind == "text":
+            ids = self.natural(n)
+            return dict(input_ids=ids, loss_weights=[1.0] * n)
+        tail = self.rng.randint(0, self.chunk_len // 2)
+        make = self.passkey_doc if kind == "passkey" else self.kv_doc
+        text, spans = make(n - tail - 1)
+        ids, weights = self.encode(text, spans)
+        ids, weights = ids + [self.eos], weights + [1.0]
+        ids, weights = ids[: n - tail], weights[: n - tail]
+        head = n - tail - len(ids)
+        pre, post = self.natural(head), self.natural(tail)
+        return dict(input_ids=pre + ids + post, loss_weights=[1.0] * head + weights + [1.0] * tail)
+
+    def streams(self, pattern: list[str]):
+        while True:
+            for kind in pattern:
+                yield self.stream(kind)
+
+
+# ------------------------------------------------------------------------------------------------------ model card
+
+
+def _table(rows: list[dict], window: int) -> str:
+    lines = ["| target tokens | x window | mean prompt tokens | accuracy | correct / trials |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['target_tokens']} | {r['target_tokens'] / window:g} | {r['mean_prompt_tokens']:.0f} | "
+                     f"{100 * r['accuracy']:.0f}% | {r['correct']} / {r['trials']} |")
+    return "\n".join(lines)
+
+
+def write_model_card(out_dir: str) -> None:
+    """MODEL_CARD.md from training_summary.json and passkey_results.json in `out_dir`."""
+    with open(os.path.join(out_dir, "training_summary.json")) as f:
+        summary = json.load(f)
+    with open(os.path.join(out_dir, "config.json")) as f:
+        config = json.load(f)
+    results = {}
+    if os.path.isfile(os.path.join(out_dir, "passkey_results.json")):
+        with open(os.path.join(out_dir, "passkey_results.json")) as f:
+            results = json.load(f)
+    a = summary["args"]
+    window = config["max_position_embeddings"]
+    defaults = vars(build_parser().parse_args([]))
+    cli = " ".join(f"--{key.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                   for key, v in a.items() if key in defaults and v != defaults[key] and not isinstance(v, bool))
+    sections = {
+        "dense": "Dense memory (as trained, `load_demo()`)",
+        "no_memory": "No memory layers (`load_demo(mem_layers=[])`): a plain LLaMA with the same weights",
+        "faiss": "Faiss kNN memory (`load_demo(mem_backend=\"faiss\", mem_knn_k=32)`)",
+    }
+    notes = ""
+    if os.path.isfile(os.path.join(out_dir, "training_notes.md")):
+        with open(os.path.join(out_dir, "training_notes.md")) as f:
+            notes = "\n" + f.read()
+    tables = "\n\n".join(f"**{sections.get(name, name)}**\n\n{_table(rows, window)}" for name, rows in results.items())
+    text = f"""# knn_longllama demo model
+
+A tiny LongLLaMA (Focused Transformer) trained from scratch on CPU with FoT cross-batch training and shipped inside
+the package, so that the package has a real checkpoint with memory layers that loads offline in a second. It is a
+toy: read the passkey results below before relying on it for anything.
+
+```python
+from knn_longllama.demo import load_demo
+model, tokenizer = load_demo()                  # dense memory
+model, tokenizer = load_demo(mem_layers=[])     # ablation: no memory layers
+```
+
+## Model
+
+LLaMA architecture (`model_type: longllama`), {summary['parameters'] / 1e6:.2f}M parameters: hidden {config['hidden_size']},
+{config['num_hidden_layers']} layers, {config['num_attention_heads']} heads (head dim {config['hidden_size'] // config['num_attention_heads']}), SwiGLU {config['intermediate_size']}, vocab {config['vocab_size']},
+untied embeddings. Window (`max_position_embeddings`) **{window}** tokens, `last_context_length` {config['last_context_length']},
+memory layer(s) `mem_layers={config['mem_layers']}`, `mem_dtype` {config['mem_dtype']}, RoPE theta {config['rope_theta']:g}. Weights in fp32
+(`model.safetensors`).
+
+Tokenizer: sentencepiece unigram, vocab {config['vocab_size']} (`split_digits`, `byte_fallback`, identity normalisation, dummy
+prefix), trained on the training text; shipped as `tokenizer.model` and as an equivalent `tokenizers` file
+(`tokenizer.json`, loaded with `transformers.AutoTokenizer`). BOS is prepended; pad = unk = 0, bos 1, eos 2.
+
+## Training
+
+Command (from the repository root):
+
+```
+python experiments/train_demo_model.py {cli}
+```
+
+- FoT cross-batch training (`knn_longllama.training`): batches of {a['streams_per_batch']} streams x {a['chunks']} consecutive chunks of
+  {window} tokens ({summary['tokens_per_step']} tokens a step); in the memory layer each row attends to its own chunk plus
+  the previous E rows of the batch with gradients. E rose from {a['chunks'] - 1} to {a['contexts_end'] if a['contexts_end'] is not None else 2 * a['chunks'] - 1} (linear over
+  {a['contexts_ramp'][0]:g}..{a['contexts_ramp'][1]:g} of the planned steps), so late in training the first chunks also see the previous stream
+  (negatives).
+- AdamW (0.9, 0.95), weight decay 0.01 on matrices, clip 1.0, lr {a['lr']:g} with {a['warmup']} warmup steps then
+  {a['lr_schedule']} (planned {a['steps']} steps), seed {a['seed']}, {a['threads']} CPU thread(s).
+- Streams, cycled `{a['pattern']}`:
+  - *passkey*: a prompt in the exact official format (spec section 4) in 65% of them, else with another filler
+    (other repeated sentences or Austen sentences) or another wording ("secret number", "code", ...); the document
+    (random length, up to the whole stream) ends in the last chunk, after Austen text, followed by EOS and more
+    Austen, so the key line is usually one to three windows back;
+  - *kv*: "The value of key 4821 is 7302." (or "key 4821 -> value 7302") lines with some Austen sentences between,
+    then 2-5 queries of earlier keys;
+  - *copy*: a random segment (digit groups or random pieces) repeated to the end of the stream after some Austen
+    text (*copy1*: one segment that occurs twice);
+  - *text*: natural text, a {os.path.getsize(AUSTEN) // 1000} KB public-domain excerpt of Jane Austen's *Pride and Prejudice*
+    (`experiments/data/`, first 95% for training).
+  - Natural text also fills every task stream before and after its document.
+  - Answer tokens (the key after the question, queried values) have loss weight {a['answer_weight']:g}, all others 1.
+- Time: **{summary['train_seconds'] / 60:.1f} min** for {summary['steps']} steps on a shared 2-core CPU (another job was running).
+- Final training loss (weighted, mean of the last logged steps): **{summary['final_loss']:.3f}**.
+- Held-out loss on fresh passkey + kv streams (weighted): {summary['task_loss_with_memory']:.3f} with cross-batch memory
+  of the stream's earlier chunks vs {summary['task_loss_without_memory']:.3f} without; Austen validation text (last 5% of the
+  excerpt): {summary['austen_valid_loss_with_memory']:.3f} vs {summary['austen_valid_loss_without_memory']:.3f} nats/token.
+
+## Passkey retrieval
+
+`knn_longllama.passkey` (spec section 4: official prompt, key uniform in [1, 50000), greedy generation of as many
+tokens as the answer has, exact id match), 20 trials per length, seed 0. Prompt length in tokens is set through the
+filler's characters per token; `x window` is the target length over the {window}-token training window.
+
+{tables}
+
+Reproduce: `python -m knn_longllama.passkey --lengths 1024 4096 --trials 20` (add `--mem-layers` with no value for the
+no-memory ablation).
+{notes}"""
+    with open(os.path.join(out_dir, "MODEL_CARD.md"), "w") as f:
+        f.write(text)
+
+
+# ------------------------------------------------------------------------------------------------------ main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=DEMO_DIR)
+    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--ffn", type=int, default=384)
+    parser.add_argument("--mem-layers", type=int, nargs="+", default=[2, 3])
+    parser.add_argument("--window", type=int, default=64)
+    parser.add_argument("--last-context", type=int, default=32)
+    parser.add_argument("--chunks", type=int, default=4, help="k: chunks (rows) per stream")
+    parser.add_argument("--pattern", default="passkey,copy,passkey,kv",
+                        help="stream kinds, cycled in this order")
+    parser.add_argument("--streams-per-batch", type=int, default=4)
+    parser.add_argument("--ckpt-dir", default=None, help="intermediate checkpoints (every --save-every steps)")
+    parser.add_argument("--save-every", type=int, default=0)
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop training after this wall time")
+    parser.add_argument("--lr-schedule", default="cosine")
+    parser.add_argument("--contexts-ramp", type=float, nargs=2, default=[0.1, 0.3])
+    parser.add_argument("--contexts-end", type=int, default=None)
+    parser.add_argument("--answer-weight", type=float, default=5.0)
+    parser.add_argument("--short-passkeys", type=float, default=0.25, help="share of passkey prompts within one window")
+    parser.add_argument("--eval-lengths", type=int, nargs="*", default=[64, 128, 256, 512, 1024, 2048, 4096, 8192])
+    parser.add_argument("--nomem-lengths", type=int, nargs="*", default=[64, 128, 256, 512, 1024])
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--eval-only", action="store_true")
+    parser.add_argument("--card-only", action="store_true")
+    parser.add_argument("--stop-after", type=int, default=None, help="stop after this many steps")
+    parser.add_argument("--init-from", default=None, help="continue training this checkpoint instead of from scratch")
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.card_only:
+        write_model_card(args.out)
+        return
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    started = time.time()
+    austen_text = open(AUSTEN, encoding="utf-8").read()
+    split = int(len(austen_text) * 0.95)
+    train_text, valid_text = austen_text[:split], austen_text[split:]
+
+    if not args.eval_only:
+        os.makedirs(args.out, exist_ok=True)
+        task_samples = []
+        sample_rng = random.Random(args.seed)
+        for i in range(300):
+            prompt, key = make_passkey_prompt(300, sample_rng)
+            task_samples.append(f"{prompt} {key}")
+            k, v = sample_rng.randrange(1000, 10000), sample_rng.randrange(1, 10000)
+            task_samples.append(f"The value of key {k} is {v}. What is the value of key {k}? key {k} -> value {v}")
+        for info, question in OTHER_WORDINGS:
+            task_samples += [info.format(key=123) + " " + question] * 20
+        task_samples += OTHER_FILLERS * 20
+        tokenizer = build_tokenizer([train_text, "\n".join(task_samples)], args.out, seed=args.seed)
+        austen_ids = tokenizer(train_text.replace("\n", " "), add_special_tokens=False).input_ids
+        print(f"tokenizer: {len(tokenizer)} tokens; Austen train excerpt {len(austen_ids)} tokens; filler "
+              f"{chars_per_token(tokenizer):.2f} chars/token", flush=True)
+
+        config = LongLlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.ffn,
+            num_hidden_layers=args.layers, num_attention_heads=args.heads, max_position_embeddings=args.window,
+            last_context_length=args.last_context, mem_layers=args.mem_layers, mem_dtype="float32",
+            rope_theta=10000.0, rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            tie_word_embeddings=False, initializer_range=0.02,
+        )
+        config.architectures = ["LongLlamaForCausalLM"]
+        if args.init_from:  # continued pretraining of an earlier checkpoint (same tokenizer)
+            model = LongLlamaForCausalLM.from_pretrained(args.init_from)
+            config = model.config
+        else:
+            model = LongLlamaForCausalLM(config)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"model: {n_params / 1e6:.2f}M parameters", flush=True)
+
+        k = args.chunks
+        data = DemoData(tokenizer, austen_ids, k * args.window, args.window, seed=args.seed,
+                        answer_weight=args.answer_weight, short_passkeys=args.short_passkeys)
+        pattern = args.pattern.split(",")
+        batches = pack_crossbatch(data.streams(pattern), args.window, k, args.streams_per_batch, pad_token_id=0)
+        if args.stop_after:  # stop early (the lr and E schedules still follow --steps)
+            batches = itertools.islice(batches, args.stop_after)
+        tconfig = TrainingConfig(
+            max_steps=args.steps, lr=args.lr, warmup_steps=args.warmup, lr_schedule=args.lr_schedule, min_lr_ratio=0.1,
+            contexts_ramp=tuple(args.contexts_ramp),
+            max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
+            weight_decay=0.01, chunks_per_stream=k, contexts_end=args.contexts_end, seed=args.seed,
+            num_threads=args.threads, log_every=20, output_dir=args.ckpt_dir, save_every=args.save_every, progress=False,
+        )
+        history = train(model, batches, tconfig, tokenizer=tokenizer)
+        train_seconds = time.time() - started
+        model.generation_config.pad_token_id = 0
+        model.save_pretrained(args.out)
+        tokenizer.save_pretrained(args.out)
+
+        # held-out losses: task batches with and without cross-batch memory, and Austen validation text
+        eval_data = DemoData(tokenizer, austen_ids, k * args.window, args.window, seed=args.seed + 1000,
+                             answer_weight=args.answer_weight)
+        task_batches = list(itertools.islice(pack_crossbatch(eval_data.streams(["passkey", "kv"]), args.window, k, 2), 8))
+        valid_ids = tokenizer(valid_text.replace("\n", " "), add_special_tokens=False).input_ids
+        valid_batches = list(pack_crossbatch([valid_ids], args.window, k, 1))
+        losses = {
+            "task_loss_with_memory": evaluate_loss(model, task_batches, contexts=k - 1),
+            "task_loss_without_memory": evaluate_loss(model, task_batches, contexts=0),
+            "austen_valid_loss_with_memory": evaluate_loss(model, valid_batches, contexts=k - 1),
+            "austen_valid_loss_without_memory": evaluate_loss(model, valid_batches, contexts=0),
+        }
+        summary = dict(
+            args=vars(args), parameters=n_params, train_seconds=train_seconds,
+            final_loss=sum(h["loss"] for h in history[-20:]) / max(len(history[-20:]), 1),
+            tokens_per_step=args.streams_per_batch * k * args.window, steps=len(history), **losses,
+            history=[{key: round(v, 5) if isinstance(v, float) else v for key, v in h.items()}
+                     for h in history[:: max(1, len(history) // 100)]],
+        )
+        with open(os.path.join(args.out, "training_summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        print(json.dumps({key: v for key, v in summary.items() if key != "history"}, indent=1), flush=True)
+
+    # passkey evaluation
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.out)
+    results = {}
+    for name, overrides, lengths in [("dense", {}, args.eval_lengths), ("no_memory", {"mem_layers": []},
+                                                                        args.nomem_lengths)]:
+        if not lengths:
+            continue
+        model = LongLlamaForCausalLM.from_pretrained(args.out, **overrides).eval()
+        print(f"passkey, {name}:", flush=True)
+        results[name] = passkey_curve(model, tokenizer, lengths, trials=args.trials, seed=0)
+    with open(os.path.join(args.out, "passkey_results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    write_model_card(args.out)
+    print(f"total {time.time() - started:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""The demo model shipped inside the package: loads offline with one call and retrieves a passkey across windows."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from knn_longllama.demo import DEMO_DIR, load_demo
+from knn_longllama.passkey import passkey_accuracy
+
+pytestmark = pytest.mark.skipif(
+    not os.path.isfile(os.path.join(DEMO_DIR, "model.safetensors")), reason="demo checkpoint not built"
+)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    torch.set_num_threads(1)
+    return load_demo()
+
+
+def test_demo_files_ship_in_the_package():
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                 "MODEL_CARD.md"):
+        assert os.path.isfile(os.path.join(DEMO_DIR, name)), name
+    assert os.path.getsize(os.path.join(DEMO_DIR, "model.safetensors")) <= 20 * 2**20
+    with open(os.path.join(DEMO_DIR, "config.json")) as f:
+        config = json.load(f)
+    assert config["model_type"] == "longllama" and config["mem_layers"]
+
+
+def test_loads_offline_with_one_call(demo, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, tokenizer = load_demo(mem_layers=[])
+    assert model.config.mem_layers == [] and not model.training
+    model, tokenizer = demo
+    assert model.config.mem_layers and model.config.max_position_embeddings <= 256
+    text = "It is a truth universally acknowledged, 12345 ☃"
+    ids = tokenizer(text).input_ids
+    assert ids[0] == tokenizer.bos_token_id == model.config.bos_token_id
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    # digits are split, so a key is one token per digit after the space piece
+    assert len(tokenizer("31415", add_special_tokens=False).input_ids) == 6
+
+
+def test_generates_across_windows_with_memory(demo):
+    model, tokenizer = demo
+    window = model.config.max_position_embeddings
+    from knn_longllama.passkey import make_passkey_prompt, n_garbage_for_tokens
+    import random
+
+    prompt, _ = make_passkey_prompt(n_garbage_for_tokens(tokenizer, 5 * window), random.Random(0))
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    assert ids.shape[1] > 4 * window
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6, return_dict_in_generate=True)
+    assert out.sequences.shape[1] == ids.shape[1] + 6
+    memory = out.past_key_values.memories[model.config.mem_layers[0]]
+    assert len(memory) == ids.shape[1] - model.config.last_context_length  # all but the last context went to memory
+    again = model.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    assert torch.equal(again, out.sequences)
+
+
+def test_without_memory_layers_it_cannot_answer(demo):
+    model, tokenizer = load_demo(mem_layers=[])
+    window = model.config.max_position_embeddings
+    result = passkey_accuracy(model, tokenizer, target_tokens=8 * window, trials=5, seed=0)
+    assert result["correct"] <= 1
