@@ -1,6 +1,6 @@
 """The `knn-longllama` command line: passkey runs, reading documents into memory, asking them, generating.
 
-    knn-longllama passkey                                 # demo model, dense vs Faiss Flat, 1k..16k tokens
+    knn-longllama passkey                                 # demo model, dense vs Faiss Flat, 512..8192 tokens
     knn-longllama passkey --lengths 4096 65536 --index dense Flat IVF256,Flat HNSW32 --k 8 32
     knn-longllama read book.txt -o book.memory --index Flat --k 32
     knn-longllama ask book.memory "What is the pass key?" --index Flat --k 32
@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("passkey", parents=[common], help="passkey retrieval accuracy (spec section 4) per length")
-    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384], help="prompt lengths in tokens")
+    p.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192], help="prompt lengths in tokens")
     p.add_argument("--index", nargs="+", default=["dense", "Flat"], help=INDEX_HELP + " (several allowed)")
     p.add_argument("--k", type=int, nargs="+", default=[32], help="top-k values for the kNN indices")
     p.add_argument("--trials", type=int, default=10, help="prompts per length (fixed seeds)")
