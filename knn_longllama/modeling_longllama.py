@@ -297,7 +297,10 @@ class LongLlamaPreTrainedModel(PreTrainedModel):
         config = LongLlamaConfig.from_llama_config(llama_model.config, **overrides)
         config.dtype = llama_model.dtype
         model = cls(config).to(dtype=llama_model.dtype, device=llama_model.device)
-        model.load_state_dict(llama_model.state_dict(), strict=False, assign=True)
+        missing, unexpected = model.load_state_dict(llama_model.state_dict(), strict=False, assign=True)
+        missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+        if missing or unexpected:
+            raise ValueError(f"`llama_model` does not have LLaMA weights: missing {missing}, unexpected {unexpected}.")
         model.tie_weights()
         return model.eval()
 
