@@ -438,12 +438,15 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         """Feed `input_ids` `[B, N]` into `memories` (memory layer -> memory object) in windows of
         `max_position_embeddings` tokens, as prefix windows are fed: each window attends to itself and the memory,
         then is appended to it. No local cache, no logits."""
+        if not memories:
+            return
         lctx = self.config.max_position_embeddings
+        num_layers = max(memories) + 1  # later layers cannot change what goes into memory
         for beg in range(0, input_ids.shape[1], lctx):
             ids = input_ids[:, beg : beg + lctx]
             positions = torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
             mask = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
-            self._run_window(self.embed_tokens(ids), positions, mask, None, memories, lctx, False)
+            self._run_window(self.embed_tokens(ids), positions, mask, None, memories, lctx, False, num_layers=num_layers)
 
     @staticmethod
     def _token_mask(attention_mask, bsz: int, num_tokens: int, cache, device) -> torch.Tensor:
@@ -459,8 +462,9 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             )
         return attention_mask[:, -num_tokens:].to(device=device, dtype=torch.bool)
 
-    def _run_window(self, embeds, positions, mask, cache, memories, lctx, output_hidden_states, crossbatch_contexts=0):
-        """One window through every layer.
+    def _run_window(self, embeds, positions, mask, cache, memories, lctx, output_hidden_states, crossbatch_contexts=0,
+                    num_layers=None):
+        """One window through every layer (or the first `num_layers`, without the final norm: memory writes only).
 
         cache is None: the window attends to itself (+ memory) and is then appended to memory.
         cache given: the window joins the local cache; if that would exceed `lctx`, the whole previous local cache
@@ -490,7 +494,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         layer_states = [hidden]
         local_kv = [None] * len(self.layers)
         non_memory_seen = 0
-        for idx, layer in enumerate(self.layers):
+        for idx, layer in enumerate(self.layers[:num_layers]):
             memory = memories.get(idx)
             checkpoint = False
             if self.gradient_checkpointing and self.training and idx not in self.config.mem_layers:
@@ -502,12 +506,13 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
                 hidden, local_kv[idx] = layer(hidden, window, memory)
             if output_hidden_states:
                 layer_states.append(hidden)
-        hidden = self.norm(hidden)
-        layer_states[-1] = hidden  # Hugging Face convention: the last entry is the normed output
+        if num_layers is None:
+            hidden = self.norm(hidden)
+            layer_states[-1] = hidden  # Hugging Face convention: the last entry is the normed output
 
         if cache is None:
             for idx, memory in memories.items():
-                memory.add(*local_kv[idx], mask)
+                memory.add(*local_kv[idx], mask)  # every memory layer ran: idx < num_layers
         else:
             cache.local_kv, cache.positions, cache.mask = local_kv, positions, mask
         return hidden, layer_states
