@@ -217,14 +217,20 @@ def run_child(args: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def exp_ingest(scale: Scale) -> None:
+def sweep_children(kind: str, sizes: list, scale: Scale) -> list[dict]:
+    """One subprocess per (memory backend, size); dense only up to `dense_max`."""
     rows = []
     for label in ["dense", *scale.indices]:
-        for n in scale.ingest_lengths:
+        for n in sizes:
             if label == "dense" and n > scale.dense_max:
                 continue
-            rows.append(run_child(["--child", "ingest", label, str(n), scale.name]))
+            rows.append(run_child(["--child", kind, label, str(n), scale.name]))
             print(rows[-1], flush=True)
+    return rows
+
+
+def exp_ingest(scale: Scale) -> None:
+    rows = sweep_children("ingest", scale.ingest_lengths, scale)
     for label in {r["index"] for r in rows}:
         points = [(r["tokens"], r["seconds"]) for r in rows if r["index"] == label]
         if len(points) >= 2:
@@ -261,13 +267,7 @@ def decode_child(label: str, size: int, scale_name: str) -> dict:
 
 
 def exp_decode(scale: Scale) -> None:
-    rows = []
-    for label in ["dense", *scale.indices]:
-        for size in scale.decode_sizes:
-            if label == "dense" and size > scale.dense_max:
-                continue
-            rows.append(run_child(["--child", "decode", label, str(size), scale.name]))
-            print(rows[-1], flush=True)
+    rows = sweep_children("decode", scale.decode_sizes, scale)
     for label in dict.fromkeys(r["index"] for r in rows):
         base = next(r["ms_per_token"] for r in rows if r["index"] == label)
         for r in rows:
