@@ -60,6 +60,16 @@ SCALES = {
         recall_sweep={"IVF64,Flat": ("IVF64,Flat", "nprobe", [1, 2, 4, 8, 16]),
                       "HNSW32": ("HNSW32", "efSearch", [16, 32, 64, 128])},
     ),
+    # One GPU, a few minutes: `python experiments/run_experiments.py --scale gpu --device cuda --only passkey ingest
+    # decode`. "torch" is exact top-k on the GPU (no faiss-gpu needed); Faiss indices run on the GPU with faiss-gpu,
+    # otherwise on the CPU with the model on the GPU.
+    "gpu": Scale(
+        name="gpu", passkey_lengths=[4096, 16384, 65536], dense_max=16384, trials=5,
+        indices={"torch": ("torch", {}), "IVF1024,Flat": ("IVF1024,Flat", {"nprobe": 32})},
+        ks=[32], depth_length=16384, depths=[0.0, 0.5, 1.0],
+        ingest_lengths=[4096, 16384, 65536, 262144], decode_sizes=[1024, 16384, 262144], recall_tokens=65536,
+        recall_sweep={"IVF1024,Flat": ("IVF1024,Flat", "nprobe", [1, 8, 32, 128])},
+    ),
     "full": Scale(
         name="full", passkey_lengths=[4096, 16384, 65536, 262144, 1048576], dense_max=65536, trials=20,
         indices={"Flat": ("Flat", {}), "IVF1024,Flat": ("IVF1024,Flat", {"nprobe": 32}),
@@ -74,17 +84,29 @@ SCALES = {
 
 
 # -- helpers -------------------------------------------------------------------------------------------------------
+DEVICE = "cpu"  # set from --device in main(); passed on to the subprocesses
+
+
 def load(**overrides):
     from knn_longllama.demo import load_demo
 
-    return load_demo(**overrides)
+    return load_demo(device=DEVICE, **overrides)
 
 
 def memory_settings(label: str, scale: Scale, k: int = 32) -> dict:
+    """Config overrides for a memory backend label: "dense", or a label of `scale.indices` (factory "torch" means
+    exact top-k in torch on the model's device)."""
     if label == "dense":
         return dict(mem_backend="dense")
     factory, params = scale.indices[label]
+    if factory == "torch":
+        return dict(mem_backend="torch_topk", mem_knn_k=k)
     return dict(mem_backend="faiss", mem_index=factory, mem_index_params=params or None, mem_knn_k=k)
+
+
+def synchronize() -> None:
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def configure(model, settings: dict) -> None:
@@ -170,7 +192,8 @@ def exp_passkey(scale: Scale) -> None:
 
     depth_rows = []
     n_garbage = n_garbage_for_tokens(tokenizer, scale.depth_length)
-    for label in ("dense", "Flat"):
+    knn_label = "Flat" if "Flat" in scale.indices else next(iter(scale.indices))
+    for label in ("dense", knn_label):
         configure(model, memory_settings(label, scale, 32))
         for depth in scale.depths:
             rng = random.Random(f"depth-{depth}")
@@ -181,7 +204,7 @@ def exp_passkey(scale: Scale) -> None:
             depth_rows.append({"index": label, "tokens": scale.depth_length, "depth": depth,
                                "accuracy": correct / scale.trials, "trials": scale.trials})
     write_rows(depth_rows, os.path.join(RESULTS, f"passkey_depth_{scale.name}"),
-               f"Passkey accuracy vs depth of the key ({scale.depth_length} tokens, k=32 for Flat)")
+               f"Passkey accuracy vs depth of the key ({scale.depth_length} tokens, k=32 for {knn_label})")
 
 
 # -- 2. ingestion ----------------------------------------------------------------------------------------------------
@@ -198,20 +221,26 @@ def ingest_child(label: str, num_tokens: int, scale_name: str) -> dict:
     scale = SCALES[scale_name]
     model, tokenizer = load(**memory_settings(label, scale))
     ids = filler_ids(tokenizer, num_tokens)
+    synchronize()
     start = time.perf_counter()
     doc = model.read(ids, progress=False)
+    synchronize()
     seconds = time.perf_counter() - start
-    return {"index": label, "tokens": num_tokens, "seconds": round(seconds, 3),
-            "us_per_token": round(1e6 * seconds / num_tokens, 2),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "memory_mb": round(sum(m.nbytes() for m in doc.memories.values()) / 2**20, 1)}
+    row = {"index": label, "tokens": num_tokens, "seconds": round(seconds, 3),
+           "us_per_token": round(1e6 * seconds / num_tokens, 2),
+           "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+           "memory_mb": round(sum(m.nbytes() for m in doc.memories.values()) / 2**20, 1)}
+    if DEVICE.startswith("cuda"):
+        row["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return row
 
 
 THREADS = 2  # set from --threads in main(); passed on to the subprocesses
 
 
 def run_child(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args, "--threads", str(THREADS)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, __file__, *args, "--threads", str(THREADS), "--device", DEVICE],
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-2000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -253,14 +282,17 @@ def decode_child(label: str, size: int, scale_name: str) -> dict:
     model, tokenizer = load(**memory_settings(label, scale))
     doc = model.read(filler_ids(tokenizer, size), progress=False)
     cache = doc.new_cache()
-    ids = torch.tensor([doc.pending + tokenizer(" What is the pass key?", add_special_tokens=False)["input_ids"]])
+    ids = torch.tensor([doc.pending + tokenizer(" What is the pass key?", add_special_tokens=False)["input_ids"]],
+                       device=model.device)
     times = []
     with torch.no_grad():
         out = model(ids, cache=cache, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
         for _ in range(24):
+            synchronize()
             start = time.perf_counter()
             out = model(token, cache=cache, use_cache=True)
+            synchronize()
             times.append(time.perf_counter() - start)
             token = out.logits[:, -1:].argmax(-1)
     return {"index": label, "memory_tokens": size, "ms_per_token": round(1000 * statistics.median(times[4:]), 2)}
@@ -307,20 +339,20 @@ def exp_recall(scale: Scale) -> None:
     ids = tokenizer(open(text_path, encoding="utf-8").read())["input_ids"]
     ids = (ids * (scale.recall_tokens // len(ids) + 1))[: scale.recall_tokens]
     layer = model.config.mem_layers[0]
-    memories = {idx: model.model.new_memory(1, "cpu", model.dtype) for idx in model.config.mem_layers}
-    model.model.write_memory(torch.tensor([ids[:-256]]), memories)  # real keys of a real text
+    memories = {idx: model.model.new_memory(1, model.device, model.dtype) for idx in model.config.mem_layers}
+    model.model.write_memory(torch.tensor([ids[:-256]], device=model.device), memories)  # real keys of a real text
     recorder = RecordingMemory(memories[layer])
     memories[layer] = recorder
-    model.model.write_memory(torch.tensor([ids[-256:]]), memories)  # one more window: its real queries
-    keys = recorder.inner.keys.view().float()  # [1, H, M, d]
-    queries = recorder.queries[0].float()  # [1, H, Q, d]
+    model.model.write_memory(torch.tensor([ids[-256:]], device=model.device), memories)  # one more window: its queries
+    keys = recorder.inner.keys.view().float().cpu()  # [1, H, M, d]
+    queries = recorder.queries[0].float().cpu()  # [1, H, Q, d]
     heads, dim = keys.shape[1], keys.shape[-1]
     exact = knn_index.KnnStore(1, heads, dim, index="Flat", dtype=torch.float32)
     exact.add(keys, keys)
     scores_all = (queries @ keys.transpose(-1, -2)) / dim**0.5
     attention = torch.softmax(scores_all, dim=-1)  # dense memory attention (memory part)
     rows = []
-    sweeps = [(label, factory, "-", [None]) for label, (factory, _) in scale.indices.items()]
+    sweeps = [(label, factory, "-", [None]) for label, (factory, _) in scale.indices.items() if factory != "torch"]
     sweeps += [(label + " sweep", factory, name, values) for label, (factory, name, values) in scale.recall_sweep.items()]
     for k in scale.ks:
         truth = exact.search(queries, k).ids
@@ -364,7 +396,8 @@ def environment(scale: Scale, threads: int) -> dict:
     import faiss
     import transformers
 
-    return {"scale": asdict(scale), "threads": threads, "python": platform.python_version(),
+    gpu = torch.cuda.get_device_name(0) if DEVICE.startswith("cuda") else None
+    return {"scale": asdict(scale), "threads": threads, "device": DEVICE, "gpu": gpu, "python": platform.python_version(),
             "platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "transformers": transformers.__version__, "faiss": faiss.__version__,
             "numpy": np.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -375,12 +408,15 @@ def main() -> None:
     parser.add_argument("--scale", choices=sorted(SCALES), default="small")
     parser.add_argument("--only", nargs="+", choices=sorted(EXPERIMENTS), default=None)
     parser.add_argument("--threads", type=int, default=2, help="torch + Faiss threads (one knob)")
+    parser.add_argument("--device", default="cpu", help="where the model (and exact top-k) runs: cpu, cuda, cuda:1")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     import knn_index
 
-    global THREADS
-    THREADS = args.threads
+    global THREADS, DEVICE
+    THREADS, DEVICE = args.threads, args.device
+    if DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {DEVICE}: torch sees no CUDA device here (use --device cpu)")
     knn_index.set_num_threads(args.threads)
     if args.child:
         kind, label, n, scale_name = args.child

@@ -415,6 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--card-only", action="store_true")
     parser.add_argument("--stop-after", type=int, default=None, help="stop after this many steps")
     parser.add_argument("--init-from", default=None, help="continue training this checkpoint instead of from scratch")
+    parser.add_argument("--copy-steps", type=int, default=2000,
+                        help="phase 1: steps of dense copying without cross-batch memory (forms induction heads)")
+    parser.add_argument("--copy-lr", type=float, default=1e-3, help="constant lr of phase 1")
+    parser.add_argument("--copy-pattern", default="copy", help="streams of phase 1")
+    parser.add_argument("--contexts-start", type=int, default=None, help="E at the start of phase 2 (default k-1)")
     return parser
 
 
@@ -468,6 +473,22 @@ def main(argv=None) -> None:
         print(f"model: {n_params / 1e6:.2f}M parameters", flush=True)
 
         k = args.chunks
+        history = []
+        if args.copy_steps and not args.init_from:
+            # Phase 1: the induction (copy) skill on its own, each row alone (E = 0); retrieval from memory uses
+            # the same heads, and mixed from-scratch training never formed them on 2 CPU cores.
+            copy_data = DemoData(tokenizer, austen_ids, k * args.window, args.window, seed=args.seed + 1,
+                                 answer_weight=args.answer_weight)
+            copy_batches = pack_crossbatch(copy_data.streams(args.copy_pattern.split(",")), args.window, k,
+                                           args.streams_per_batch, pad_token_id=0)
+            copy_config = TrainingConfig(
+                max_steps=args.copy_steps, lr=args.copy_lr, warmup_steps=args.warmup, lr_schedule="constant",
+                contexts_start=0, contexts_end=0, weight_decay=0.01, chunks_per_stream=k, seed=args.seed,
+                num_threads=args.threads, log_every=20, progress=False,
+            )
+            print(f"phase 1: {args.copy_steps} steps of {args.copy_pattern!r} streams without memory", flush=True)
+            history += [dict(h, phase=1) for h in train(model, copy_batches, copy_config)]
+        print("phase 2: FoT cross-batch training", flush=True)
         data = DemoData(tokenizer, austen_ids, k * args.window, args.window, seed=args.seed,
                         answer_weight=args.answer_weight, short_passkeys=args.short_passkeys)
         pattern = args.pattern.split(",")
@@ -476,12 +497,12 @@ def main(argv=None) -> None:
             batches = itertools.islice(batches, args.stop_after)
         tconfig = TrainingConfig(
             max_steps=args.steps, lr=args.lr, warmup_steps=args.warmup, lr_schedule=args.lr_schedule, min_lr_ratio=0.1,
-            contexts_ramp=tuple(args.contexts_ramp),
+            contexts_ramp=tuple(args.contexts_ramp), contexts_start=args.contexts_start,
             max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
             weight_decay=0.01, chunks_per_stream=k, contexts_end=args.contexts_end, seed=args.seed,
             num_threads=args.threads, log_every=20, output_dir=args.ckpt_dir, save_every=args.save_every, progress=False,
         )
-        history = train(model, batches, tconfig, tokenizer=tokenizer)
+        history += [dict(h, phase=2) for h in train(model, batches, tconfig, tokenizer=tokenizer)]
         train_seconds = time.time() - started
         model.generation_config.pad_token_id = 0
         model.save_pretrained(args.out)

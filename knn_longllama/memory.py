@@ -127,6 +127,8 @@ class KnnMemory:
         import knn_index  # the Faiss side is only needed by the kNN backends
 
         self.k = k
+        if backend == "torch_topk":  # exact: the Faiss index settings do not apply
+            index, index_params = "Flat", None
         self.store = knn_index.KnnStore(
             batch_size, num_kv_heads, head_dim,
             index=index, backend="torch" if backend == "torch_topk" else "faiss",

@@ -52,6 +52,17 @@ def test_memory_can_be_switched_on_a_loaded_model(backend):
         model(ids)
 
 
+def test_torch_topk_ignores_faiss_index_settings_left_on_the_config():
+    ids, mask = padded_batch(60, pad=3)
+    model = tiny_model(mem_layers=[1], mem_backend="faiss", mem_index="IVF4,Flat", mem_index_params={"nprobe": 2})
+    with torch.no_grad():
+        dense = tiny_model(mem_layers=[1])(ids, attention_mask=mask).logits
+        model.config.mem_backend, model.config.mem_knn_k = "torch_topk", 1000
+        exact = model(ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert (dense[real] - exact[real]).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("backend", ["faiss", "torch_topk"])
 def test_memory_layer_keeps_exactly_the_top_k_entries_in_one_joint_softmax(backend):
     """Attention of one memory layer with k < memory size against a brute-force top-k in the test."""

@@ -1,0 +1,88 @@
+"""The experiment runner (experiments/run_experiments.py) end to end at a tiny scale on CPU, including the code
+paths of its GPU variant (`--device`, exact torch top-k), so the scripts behind the README's numbers do not rot."""
+
+import csv
+import importlib.util
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture()
+def runner(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("run_experiments", os.path.join(ROOT, "experiments", "run_experiments.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "RESULTS", str(tmp_path))
+    module.SCALES["tiny"] = module.Scale(
+        name="tiny", passkey_lengths=[200], dense_max=200, trials=2,
+        indices={"torch": ("torch", {}), "IVF4,Flat": ("IVF4,Flat", {"nprobe": 2})},
+        ks=[8], depth_length=200, depths=[0.0, 1.0], ingest_lengths=[300], decode_sizes=[300], recall_tokens=600,
+        recall_sweep={"IVF4,Flat": ("IVF4,Flat", "nprobe", [1, 4])},
+    )
+    return module
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_memory_settings(runner):
+    scale = runner.SCALES["tiny"]
+    assert runner.memory_settings("dense", scale) == {"mem_backend": "dense"}
+    assert runner.memory_settings("torch", scale, 8) == {"mem_backend": "torch_topk", "mem_knn_k": 8}
+    assert runner.memory_settings("IVF4,Flat", scale, 8) == {
+        "mem_backend": "faiss", "mem_index": "IVF4,Flat", "mem_index_params": {"nprobe": 2}, "mem_knn_k": 8}
+
+
+def test_children_on_cpu(runner):
+    dense = runner.ingest_child("dense", 300, "tiny")
+    knn = runner.ingest_child("IVF4,Flat", 300, "tiny")
+    for row in (dense, knn):
+        assert row["tokens"] == 300 and row["seconds"] > 0 and row["peak_rss_mb"] > 0
+    assert dense["memory_mb"] > 0 and knn["memory_mb"] > 0
+    decode = runner.decode_child("torch", 300, "tiny")
+    assert decode["index"] == "torch" and decode["ms_per_token"] > 0
+
+
+def test_passkey_and_recall_tables(runner, tmp_path):
+    scale = runner.SCALES["tiny"]
+    runner.exp_passkey(scale)
+    rows = _rows(tmp_path / "passkey_tiny.csv")
+    assert {(r["index"], r["k"]) for r in rows} == {("dense", "-"), ("torch", "32"), ("IVF4,Flat", "32")}
+    assert all(0.0 <= float(r["accuracy"]) <= 1.0 and r["trials"] == "2" for r in rows)
+    depth = _rows(tmp_path / "passkey_depth_tiny.csv")
+    assert [(r["index"], float(r["depth"])) for r in depth] == [("dense", 0.0), ("dense", 1.0), ("torch", 0.0),
+                                                                ("torch", 1.0)]
+    assert (tmp_path / "passkey_tiny.png").stat().st_size > 0
+
+    runner.exp_recall(scale)
+    recall = _rows(tmp_path / "recall_tiny.csv")
+    assert {r["index"] for r in recall} == {"IVF4,Flat"}  # exact torch top-k needs no recall row
+    for r in recall:
+        assert 0.0 <= float(r["recall_at_k"]) <= 1.0
+        assert float(r["attention_mass_kept"]) <= float(r["mass_of_exact_topk"]) + 1e-4  # exact top-k keeps most
+    full_probe = [r for r in recall if r["param"] == "nprobe" and r["value"] == "4"]
+    assert full_probe and all(float(r["recall_at_k"]) == 1.0 for r in full_probe)  # nprobe = nlist is exact
+
+
+def test_cuda_device_refused_without_gpu(runner, monkeypatch, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    monkeypatch.setattr("sys.argv", ["run_experiments.py", "--device", "cuda", "--scale", "small"])
+    with pytest.raises(SystemExit) as exit_info:
+        runner.main()
+    assert exit_info.value.code == 2
+    assert "--device cuda" in capsys.readouterr().err
+
+
+def test_environment_records_device(runner):
+    env = runner.environment(runner.SCALES["tiny"], threads=1)
+    assert env["device"] == "cpu" and env["gpu"] is None and env["threads"] == 1
+    json.dumps(env)
