@@ -218,7 +218,7 @@ def filler_ids(tokenizer, num_tokens: int) -> list[int]:
 def ingest_child(label: str, num_tokens: int, scale_name: str) -> dict:
     import resource
 
-    scale = SCALES[scale_name]
+    scale = SCALES[scale_name.split("_")[0]]  # a tagged run ("full_1m") uses its base scale's indices
     model, tokenizer = load(**memory_settings(label, scale))
     ids = filler_ids(tokenizer, num_tokens)
     synchronize()
@@ -278,7 +278,7 @@ def exp_ingest(scale: Scale) -> None:
 
 # -- 3. decode latency ------------------------------------------------------------------------------------------------
 def decode_child(label: str, size: int, scale_name: str) -> dict:
-    scale = SCALES[scale_name]
+    scale = SCALES[scale_name.split("_")[0]]  # a tagged run ("full_1m") uses its base scale's indices
     model, tokenizer = load(**memory_settings(label, scale))
     doc = model.read(filler_ids(tokenizer, size), progress=False)
     cache = doc.new_cache()
@@ -408,6 +408,12 @@ def main() -> None:
     parser.add_argument("--scale", choices=sorted(SCALES), default="small")
     parser.add_argument("--only", nargs="+", choices=sorted(EXPERIMENTS), default=None)
     parser.add_argument("--threads", type=int, default=2, help="torch + Faiss threads (one knob)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=None,
+                        help="override the scale's passkey / ingest / decode lengths (e.g. one 1M-token spot check)")
+    parser.add_argument("--trials", type=int, default=None, help="override the scale's passkey trials per point")
+    parser.add_argument("--indices", nargs="+", default=None,
+                        help="only these index labels of the scale (dense is always included where it fits)")
+    parser.add_argument("--tag", default=None, help="results are written as <experiment>_<scale>_<tag>.*")
     parser.add_argument("--device", default="cpu", help="where the model (and exact top-k) runs: cpu, cuda, cuda:1")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -424,6 +430,18 @@ def main() -> None:
         print(json.dumps(fn(label, int(n), scale_name)))
         return
     scale = SCALES[args.scale]
+    if args.indices:
+        unknown = sorted(set(args.indices) - set(scale.indices))
+        if unknown:
+            parser.error(f"--indices {' '.join(unknown)}: not an index of scale {scale.name!r}; accepted: "
+                         f"{', '.join(scale.indices)}")
+        scale.indices = {label: scale.indices[label] for label in args.indices}
+    if args.lengths:
+        scale.passkey_lengths = scale.ingest_lengths = scale.decode_sizes = sorted(args.lengths)
+    if args.trials:
+        scale.trials = args.trials
+    if args.tag:
+        scale.name = f"{scale.name}_{args.tag}"
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, f"environment_{scale.name}.json"), "w") as f:
         json.dump(environment(scale, args.threads), f, indent=2)

@@ -204,10 +204,19 @@ class DemoData:
                 text += "."
         return text, spans
 
-    def copy_stream(self) -> dict:
+    def random_copy_stream(self, alphabet: int = 100) -> dict:
+        """Pure copying: a random segment over a small alphabet repeated through the whole stream, no text."""
+        rng, n = self.rng, self.stream_len
+        length = rng.randint(6, 24)
+        segment = [rng.randrange(259, 259 + alphabet) for _ in range(length)]
+        ids = (segment * (n // length + 1))[:n]
+        return dict(input_ids=ids, loss_weights=[1.0] * length + [self.answer_weight / 2] * (n - length))
+
+    def copy_stream(self, alphabet: int | None = None) -> dict:
         """Dense copying (the induction skill that retrieval builds on): after some natural text, a random segment
         (digit groups or random pieces) repeated until the end of the stream, so its repeats are both in the same
-        window and some windows later. Every repeated token is weighted."""
+        window and some windows later. Every repeated token is weighted. `alphabet`: draw the random pieces from the
+        first `alphabet` non-byte tokens only (a small alphabet forms induction heads much sooner)."""
         rng, n = self.rng, self.stream_len
         length = rng.randint(6, 40)
         if rng.random() < 0.5:
@@ -215,7 +224,8 @@ class DemoData:
             space = self.tok.convert_tokens_to_ids("\u2581")
             segment = [space if rng.random() < 0.2 else rng.choice(digits) for _ in range(length)]
         else:
-            segment = [rng.randrange(259, self.tok.vocab_size) for _ in range(length)]
+            top = self.tok.vocab_size if alphabet is None else min(259 + alphabet, self.tok.vocab_size)
+            segment = [rng.randrange(259, top) for _ in range(length)]
         head = rng.randint(0, self.chunk_len)
         body = (segment * (n // length + 2))[: n - head]
         ids = self.natural(head) + body
@@ -248,6 +258,10 @@ class DemoData:
         n = self.stream_len
         if kind == "copy":
             return self.copy_stream()
+        if kind == "rand100":
+            return self.random_copy_stream(100)
+        if kind == "copy100":
+            return self.copy_stream(alphabet=100)
         if kind == "copy1":
             return self.sparse_copy_stream()
         if kind == "text":
@@ -337,7 +351,10 @@ Command (from the repository root):
 python experiments/train_demo_model.py {cli}
 ```
 
-- FoT cross-batch training (`knn_longllama.training`): batches of {a['streams_per_batch']} streams x {a['chunks']} consecutive chunks of
+- Phase 1 ({a.get('copy_steps', 0)} steps, lr {a.get('copy_lr', 0):g} constant): copying only, without memory: rows of one
+  window, each a random segment (`{a.get('copy_pattern', '-')}`) repeated to the end of the row. This forms the induction
+  heads that retrieval from memory builds on (mixed training from scratch never formed them on 2 CPU cores).
+- Phase 2, FoT cross-batch training (`knn_longllama.training`): batches of {a['streams_per_batch']} streams x {a['chunks']} consecutive chunks of
   {window} tokens ({summary['tokens_per_step']} tokens a step); in the memory layer each row attends to its own chunk plus
   the previous E rows of the batch with gradients. E rose from {a['chunks'] - 1} to {a['contexts_end'] if a['contexts_end'] is not None else 2 * a['chunks'] - 1} (linear over
   {a['contexts_ramp'][0]:g}..{a['contexts_ramp'][1]:g} of the planned steps), so late in training the first chunks also see the previous stream
@@ -357,7 +374,7 @@ python experiments/train_demo_model.py {cli}
     (`experiments/data/`, first 95% for training).
   - Natural text also fills every task stream before and after its document.
   - Answer tokens (the key after the question, queried values) have loss weight {a['answer_weight']:g}, all others 1.
-- Time: **{summary['train_seconds'] / 60:.1f} min** for {summary['steps']} steps on a shared 2-core CPU (another job was running).
+- Time: **{summary['train_seconds'] / 60:.1f} min** for {summary['steps']} steps (both phases) with {a['threads']} CPU thread(s) (see the notes below for the machine).
 - Final training loss (weighted, mean of the last logged steps): **{summary['final_loss']:.3f}**.
 - Held-out loss on fresh passkey + kv streams (weighted): {summary['task_loss_with_memory']:.3f} with cross-batch memory
   of the stream's earlier chunks vs {summary['task_loss_without_memory']:.3f} without; Austen validation text (last 5% of the
@@ -477,17 +494,21 @@ def main(argv=None) -> None:
         if args.copy_steps and not args.init_from:
             # Phase 1: the induction (copy) skill on its own, each row alone (E = 0); retrieval from memory uses
             # the same heads, and mixed from-scratch training never formed them on 2 CPU cores.
-            copy_data = DemoData(tokenizer, austen_ids, k * args.window, args.window, seed=args.seed + 1,
+            # Streams of one window each (the same tokens a step), so every repeat is predictable within its row.
+            copy_data = DemoData(tokenizer, austen_ids, args.window, args.window, seed=args.seed + 1,
                                  answer_weight=args.answer_weight)
-            copy_batches = pack_crossbatch(copy_data.streams(args.copy_pattern.split(",")), args.window, k,
-                                           args.streams_per_batch, pad_token_id=0)
+            copy_batches = pack_crossbatch(copy_data.streams(args.copy_pattern.split(",")), args.window, 1,
+                                           k * args.streams_per_batch, pad_token_id=0)
             copy_config = TrainingConfig(
                 max_steps=args.copy_steps, lr=args.copy_lr, warmup_steps=args.warmup, lr_schedule="constant",
-                contexts_start=0, contexts_end=0, weight_decay=0.01, chunks_per_stream=k, seed=args.seed,
+                contexts_start=0, contexts_end=0, weight_decay=0.01, chunks_per_stream=1, seed=args.seed,
                 num_threads=args.threads, log_every=20, progress=False,
             )
             print(f"phase 1: {args.copy_steps} steps of {args.copy_pattern!r} streams without memory", flush=True)
             history += [dict(h, phase=1) for h in train(model, copy_batches, copy_config)]
+            if args.ckpt_dir:  # reusable with --init-from (skips phase 1)
+                model.save_pretrained(os.path.join(args.ckpt_dir, "phase1"))
+                tokenizer.save_pretrained(os.path.join(args.ckpt_dir, "phase1"))
         print("phase 2: FoT cross-batch training", flush=True)
         data = DemoData(tokenizer, austen_ids, k * args.window, args.window, seed=args.seed,
                         answer_weight=args.answer_weight, short_passkeys=args.short_passkeys)

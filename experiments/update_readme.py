@@ -5,6 +5,7 @@
 Replaces everything between the markers `<!-- results:begin -->` and `<!-- results:end -->`.
 """
 
+import csv
 import os
 import re
 
@@ -15,13 +16,79 @@ ORDER = ["passkey", "passkey_depth", "ingest", "decode", "recall"]
 BENCHES = ["bench_forward_plain", "bench_forward_ingest", "bench_memory_overhead", "bench_memory_scaling"]
 
 
+def _csv(name: str) -> list[dict]:
+    path = os.path.join(RESULTS, name + ".csv")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def goals(scale: str) -> str:
+    """The issue's goals against the measured numbers of one scale (a table computed from the CSV files)."""
+    rows = []
+    passkey = [r for r in _csv(f"passkey_{scale}") if r["index"] != "dense"]
+    dense = {int(r["tokens"]): float(r["accuracy"]) for r in _csv(f"passkey_{scale}") if r["index"] == "dense"}
+    if passkey:
+        longest = max(int(r["tokens"]) for r in passkey)
+        best = max((r for r in passkey if int(r["tokens"]) == longest), key=lambda r: float(r["accuracy"]))
+        rows.append(("passkey >= 95% at 1M tokens with a kNN index", f"{float(best['accuracy']):.0%} at {longest} tokens "
+                     f"({best['index']}, k={best['k']}, {best['trials']} trials)",
+                     None if longest < 2**20 else float(best["accuracy"]) >= 0.95))
+        worse = [(n, r["index"], r["k"]) for r in passkey for n in [int(r["tokens"])]
+                 if n in dense and float(r["accuracy"]) < dense[n]]
+        rows.append(("kNN accuracy >= dense wherever dense runs",
+                     "everywhere" if not worse else "below dense: " + ", ".join(f"{i} k={k} at {n}" for n, i, k in worse),
+                     not worse if dense else None))
+    ingest = _csv(f"ingest_{scale}")
+    if ingest:
+        seconds = {(r["index"], int(r["tokens"])): float(r["seconds"]) for r in ingest}
+        ivf = [r["index"] for r in ingest if r["index"].startswith("IVF") and "PQ" not in r["index"]]
+        common = sorted(n for (i, n) in seconds if i == "dense" and ivf and (ivf[0], n) in seconds)
+        if common:
+            n = common[-1]
+            ratio = seconds[("dense", n)] / seconds[(ivf[0], n)]
+            rows.append(("ingestion at 1M tokens >= 20x faster with IVF than dense",
+                         f"{ratio:.1f}x at {n} tokens (largest length dense ran)", None if n < 2**20 else ratio >= 20))
+        exps = {r["index"]: r["time_exponent"] for r in ingest if r["index"] != "dense" and r["time_exponent"] != "-"}
+        if exps:
+            sub = {i: float(e) for i, e in exps.items() if float(e) < 2}
+            rows.append(("per-token ingestion cost sub-linear in context length (time exponent < 2)",
+                         ", ".join(f"{i}: {float(e):.2f}" for i, e in exps.items()), len(sub) == len(exps)))
+    decode = [r for r in _csv(f"decode_{scale}") if r["index"] != "dense"]
+    if decode:
+        largest = max(int(r["memory_tokens"]) for r in decode)
+        ratios = {r["index"]: float(r["vs_smallest"]) for r in decode if int(r["memory_tokens"]) == largest}
+        smallest = min(int(r["memory_tokens"]) for r in decode)
+        rows.append(("decode latency with 1M tokens of memory <= 2x that with 1k",
+                     f"at {largest} vs {smallest} tokens: " + ", ".join(f"{i} {v:.2f}x" for i, v in ratios.items()),
+                     None if largest < 2**20 else min(ratios.values()) <= 2))
+    if not rows:
+        return ""
+    lines = [f"**Goals (`--scale {scale}`)**", "", "| goal | measured | met |", "|---|---|---|"]
+    verdict = {True: "yes", False: "no", None: "not measured at 1M at this scale"}
+    lines += [f"| {goal} | {measured} | {verdict[met]} |" for goal, measured, met in rows]
+    return "\n".join(lines) + "\n"
+
+
+def scales() -> list[str]:
+    """Scale names with results (from environment_<scale>.json): full first, then gpu, then small; tagged runs
+    ("full_1m") after their base scale."""
+    names = [f[len("environment_"):-len(".json")] for f in os.listdir(RESULTS)
+             if f.startswith("environment_") and f.endswith(".json")]
+    rank = {"full": 0, "gpu": 1, "small": 2}
+    return sorted(names, key=lambda n: (rank.get(n.split("_")[0], 3), n))
+
+
 def section() -> str:
     parts = []
-    for scale in ("full", "small"):
+    for scale in scales():
         found = [name for name in ORDER if os.path.exists(os.path.join(RESULTS, f"{name}_{scale}.md"))]
         if not found:
             continue
         parts.append(f"### Scaling experiments (`--scale {scale}`)\n")
+        if goals(scale):
+            parts.append(goals(scale))
         for name in found:
             with open(os.path.join(RESULTS, f"{name}_{scale}.md")) as f:
                 parts.append(f.read().strip() + "\n")

@@ -86,3 +86,22 @@ def test_environment_records_device(runner):
     env = runner.environment(runner.SCALES["tiny"], threads=1)
     assert env["device"] == "cpu" and env["gpu"] is None and env["threads"] == 1
     json.dumps(env)
+
+
+def test_unknown_index_label_is_refused(runner, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["run_experiments.py", "--scale", "small", "--indices", "IVF9,Bogus"])
+    with pytest.raises(SystemExit) as exit_info:
+        runner.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--indices IVF9,Bogus" in err and "HNSW32" in err
+
+
+def test_tagged_run_uses_its_base_scale(runner, tmp_path, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["run_experiments.py", "--scale", "tiny", "--only", "ingest", "--indices", "torch",
+                                     "--lengths", "200", "--tag", "spot", "--threads", "1"])
+    monkeypatch.setattr(runner, "run_child", lambda args: runner.ingest_child(args[2], int(args[3]), args[4]))  # in-process children
+    runner.main()
+    rows = _rows(tmp_path / "ingest_tiny_spot.csv")
+    assert [(r["index"], r["tokens"]) for r in rows] == [("dense", "200"), ("torch", "200")]
+    assert json.load(open(tmp_path / "environment_tiny_spot.json"))["scale"]["ingest_lengths"] == [200]
