@@ -73,6 +73,7 @@ SCALES = {
     "full": Scale(
         name="full", passkey_lengths=[4096, 16384, 65536, 262144, 1048576], dense_max=65536, trials=20,
         indices={"Flat": ("Flat", {}), "IVF1024,Flat": ("IVF1024,Flat", {"nprobe": 32}),
+                 "IVF1024,Flat nprobe8": ("IVF1024,Flat", {"nprobe": 8}),
                  "HNSW32": ("HNSW32", {"efSearch": 64}), "IVF1024,PQ16": ("IVF1024,PQ16", {"nprobe": 32})},
         ks=[8, 32, 128], depth_length=65536, depths=[0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0],
         ingest_lengths=[4096, 16384, 65536, 262144, 1048576], decode_sizes=[1024, 16384, 131072, 1048576],
@@ -164,6 +165,18 @@ def depth_prompt(n_garbage: int, depth: float, rng: random.Random) -> tuple[str,
     return "\n".join(parts), key
 
 
+def write_passkey(rows: list[dict], scale: Scale) -> None:
+    stem = os.path.join(RESULTS, f"passkey_{scale.name}")
+    write_rows(rows, stem, f"Passkey accuracy vs context length ({scale.name}, {scale.trials} trials per point)")
+    series = {}
+    for row in rows:
+        name = row["index"] if row["k"] == "-" else f"{row['index']} k={row['k']}"
+        series.setdefault(name, ([], []))
+        series[name][0].append(row["tokens"])
+        series[name][1].append(row["accuracy"])
+    plot(stem, series, "context tokens", "passkey accuracy", "Passkey retrieval, demo model")
+
+
 def exp_passkey(scale: Scale) -> None:
     from knn_longllama.passkey import n_garbage_for_tokens, passkey_accuracy, passkey_trial
 
@@ -180,16 +193,10 @@ def exp_passkey(scale: Scale) -> None:
                          "prompt_tokens": round(result["mean_prompt_tokens"]), "accuracy": result["accuracy"],
                          "trials": scale.trials, "seconds": round(result["seconds"], 1)})
             print(rows[-1], flush=True)
-    stem = os.path.join(RESULTS, f"passkey_{scale.name}")
-    write_rows(rows, stem, f"Passkey accuracy vs context length ({scale.name}, {scale.trials} trials per point)")
-    series = {}
-    for row in rows:
-        name = row["index"] if row["k"] == "-" else f"{row['index']} k={row['k']}"
-        series.setdefault(name, ([], []))
-        series[name][0].append(row["tokens"])
-        series[name][1].append(row["accuracy"])
-    plot(stem, series, "context tokens", "passkey accuracy", "Passkey retrieval, demo model")
+            write_passkey(rows, scale)  # after every point: an interrupted run keeps what it measured
 
+    if not scale.depths:
+        return
     depth_rows = []
     n_garbage = n_garbage_for_tokens(tokenizer, scale.depth_length)
     knn_label = "Flat" if "Flat" in scale.indices else next(iter(scale.indices))
@@ -246,8 +253,9 @@ def run_child(args: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def sweep_children(kind: str, sizes: list, scale: Scale) -> list[dict]:
-    """One subprocess per (memory backend, size); dense only up to `dense_max`."""
+def sweep_children(kind: str, sizes: list, scale: Scale, write) -> list[dict]:
+    """One subprocess per (memory backend, size); dense only up to `dense_max`. `write(rows)` after every point, so
+    an interrupted sweep keeps what it measured."""
     rows = []
     for label in ["dense", *scale.indices]:
         for n in sizes:
@@ -255,11 +263,15 @@ def sweep_children(kind: str, sizes: list, scale: Scale) -> list[dict]:
                 continue
             rows.append(run_child(["--child", kind, label, str(n), scale.name]))
             print(rows[-1], flush=True)
+            write([dict(r) for r in rows])
     return rows
 
 
 def exp_ingest(scale: Scale) -> None:
-    rows = sweep_children("ingest", scale.ingest_lengths, scale)
+    sweep_children("ingest", scale.ingest_lengths, scale, lambda rows: write_ingest(rows, scale))
+
+
+def write_ingest(rows: list[dict], scale: Scale) -> None:
     for label in {r["index"] for r in rows}:
         points = [(r["tokens"], r["seconds"]) for r in rows if r["index"] == label]
         if len(points) >= 2:
@@ -299,7 +311,10 @@ def decode_child(label: str, size: int, scale_name: str) -> dict:
 
 
 def exp_decode(scale: Scale) -> None:
-    rows = sweep_children("decode", scale.decode_sizes, scale)
+    sweep_children("decode", scale.decode_sizes, scale, lambda rows: write_decode(rows, scale))
+
+
+def write_decode(rows: list[dict], scale: Scale) -> None:
     for label in dict.fromkeys(r["index"] for r in rows):
         base = next(r["ms_per_token"] for r in rows if r["index"] == label)
         for r in rows:
@@ -413,6 +428,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=None, help="override the scale's passkey trials per point")
     parser.add_argument("--indices", nargs="+", default=None,
                         help="only these index labels of the scale (dense is always included where it fits)")
+    parser.add_argument("--depths", type=float, nargs="*", default=None,
+                        help="override the depth sweep's key depths (no value: skip the depth sweep)")
     parser.add_argument("--tag", default=None, help="results are written as <experiment>_<scale>_<tag>.*")
     parser.add_argument("--device", default="cpu", help="where the model (and exact top-k) runs: cpu, cuda, cuda:1")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
@@ -440,6 +457,8 @@ def main() -> None:
         scale.passkey_lengths = scale.ingest_lengths = scale.decode_sizes = sorted(args.lengths)
     if args.trials:
         scale.trials = args.trials
+    if args.depths is not None:
+        scale.depths = args.depths
     if args.tag:
         scale.name = f"{scale.name}_{args.tag}"
     os.makedirs(RESULTS, exist_ok=True)

@@ -557,8 +557,9 @@ def main(argv=None) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.out)
     results = {}
-    for name, overrides, lengths in [("dense", {}, args.eval_lengths), ("no_memory", {"mem_layers": []},
-                                                                        args.nomem_lengths)]:
+    knn = {"mem_backend": "faiss", "mem_index": "Flat", "mem_knn_k": 32}
+    for name, overrides, lengths in [("dense", {}, args.eval_lengths), ("faiss", knn, args.eval_lengths),
+                                     ("no_memory", {"mem_layers": []}, args.nomem_lengths)]:
         if not lengths:
             continue
         model = LongLlamaForCausalLM.from_pretrained(args.out, **overrides).eval()

@@ -61,6 +61,16 @@ def test_generates_across_windows_with_memory(demo):
     assert torch.equal(again, out.sequences)
 
 
+@pytest.mark.parametrize("memory", [{}, {"mem_backend": "faiss", "mem_index": "Flat", "mem_knn_k": 32}],
+                         ids=["dense", "faiss-flat-k32"])
+def test_retrieves_a_passkey_from_memory_windows_back(memory):
+    model, tokenizer = load_demo(**memory)
+    window = model.config.max_position_embeddings
+    result = passkey_accuracy(model, tokenizer, target_tokens=16 * window, trials=5, seed=123)
+    assert result["mean_prompt_tokens"] > 15 * window  # the key line is more than a dozen windows back, in memory
+    assert result["correct"] >= 4, result
+
+
 def test_without_memory_layers_it_cannot_answer(demo):
     model, tokenizer = load_demo(mem_layers=[])
     window = model.config.max_position_embeddings
