@@ -26,7 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -48,6 +48,7 @@ class Scale:
     decode_sizes: list
     recall_tokens: int
     recall_sweep: dict = field(default_factory=dict)  # label -> (factory, param name, values)
+    dense: bool = True  # include dense memory (up to dense_max)
 
 
 SCALES = {
@@ -182,7 +183,7 @@ def exp_passkey(scale: Scale) -> None:
 
     model, tokenizer = load()
     rows = []
-    configs = [("dense", None)] + [(label, k) for label in scale.indices for k in (scale.ks if label == "Flat" else [32])]
+    configs = [("dense", None)] * scale.dense + [(label, k) for label in scale.indices for k in (scale.ks if label == "Flat" else [32])]
     for label, k in configs:
         configure(model, memory_settings(label, scale, k or 32))
         for length in scale.passkey_lengths:
@@ -200,7 +201,7 @@ def exp_passkey(scale: Scale) -> None:
     depth_rows = []
     n_garbage = n_garbage_for_tokens(tokenizer, scale.depth_length)
     knn_label = "Flat" if "Flat" in scale.indices else next(iter(scale.indices))
-    for label in ("dense", knn_label):
+    for label in ["dense"] * scale.dense + [knn_label]:
         configure(model, memory_settings(label, scale, 32))
         for depth in scale.depths:
             rng = random.Random(f"depth-{depth}")
@@ -253,14 +254,30 @@ def run_child(args: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+APPEND = False  # --append: add to the rows already in the results file of the same experiment and scale
+
+
+def previous_rows(kind: str, scale: Scale) -> list[dict]:
+    """Rows of an earlier run of this sweep (numbers parsed back), without its derived columns."""
+    path = os.path.join(RESULTS, f"{kind}_{scale.name}.csv")
+    if not os.path.exists(path):
+        return []
+    number = lambda v: float(v) if "." in v else int(v)  # noqa: E731
+    with open(path) as f:
+        rows = [{key: (v if key == "index" else number(v)) for key, v in r.items()
+                 if key not in ("time_exponent", "vs_smallest")} for r in csv.DictReader(f)]
+    return rows
+
+
 def sweep_children(kind: str, sizes: list, scale: Scale, write) -> list[dict]:
     """One subprocess per (memory backend, size); dense only up to `dense_max`. `write(rows)` after every point, so
     an interrupted sweep keeps what it measured."""
-    rows = []
-    for label in ["dense", *scale.indices]:
+    rows = previous_rows(kind, scale) if APPEND else []
+    for label in (["dense"] if scale.dense else []) + list(scale.indices):
         for n in sizes:
             if label == "dense" and n > scale.dense_max:
                 continue
+            rows = [r for r in rows if (r["index"], int(r.get("tokens", r.get("memory_tokens")))) != (label, n)]
             rows.append(run_child(["--child", kind, label, str(n), scale.name]))
             print(rows[-1], flush=True)
             write([dict(r) for r in rows])
@@ -291,8 +308,14 @@ def write_ingest(rows: list[dict], scale: Scale) -> None:
 # -- 3. decode latency ------------------------------------------------------------------------------------------------
 def decode_child(label: str, size: int, scale_name: str) -> dict:
     scale = SCALES[scale_name.split("_")[0]]  # a tagged run ("full_1m") uses its base scale's indices
+    import resource
+
     model, tokenizer = load(**memory_settings(label, scale))
+    synchronize()
+    start = time.perf_counter()
     doc = model.read(filler_ids(tokenizer, size), progress=False)
+    synchronize()
+    read_seconds = time.perf_counter() - start
     cache = doc.new_cache()
     ids = torch.tensor([doc.pending + tokenizer(" What is the pass key?", add_special_tokens=False)["input_ids"]],
                        device=model.device)
@@ -307,7 +330,9 @@ def decode_child(label: str, size: int, scale_name: str) -> dict:
             synchronize()
             times.append(time.perf_counter() - start)
             token = out.logits[:, -1:].argmax(-1)
-    return {"index": label, "memory_tokens": size, "ms_per_token": round(1000 * statistics.median(times[4:]), 2)}
+    return {"index": label, "memory_tokens": size, "ms_per_token": round(1000 * statistics.median(times[4:]), 2),
+            "read_seconds": round(read_seconds, 2),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
 def exp_decode(scale: Scale) -> None:
@@ -321,7 +346,7 @@ def write_decode(rows: list[dict], scale: Scale) -> None:
             if r["index"] == label:
                 r["vs_smallest"] = round(r["ms_per_token"] / base, 2)
     stem = os.path.join(RESULTS, f"decode_{scale.name}")
-    write_rows(rows, stem, f"Decode latency per generated token vs memory size ({scale.name}, median of 20)")
+    write_rows(rows, stem, f"Decode latency per generated token vs memory size ({scale.name}, median of 20 steps; read_seconds: reading the memory first)")
     series = {label: ([r["memory_tokens"] for r in rows if r["index"] == label],
                       [r["ms_per_token"] for r in rows if r["index"] == label])
               for label in dict.fromkeys(r["index"] for r in rows)}
@@ -427,7 +452,9 @@ def main() -> None:
                         help="override the scale's passkey / ingest / decode lengths (e.g. one 1M-token spot check)")
     parser.add_argument("--trials", type=int, default=None, help="override the scale's passkey trials per point")
     parser.add_argument("--indices", nargs="+", default=None,
-                        help="only these index labels of the scale (dense is always included where it fits)")
+                        help="only these memory labels of the scale ('dense' for dense memory, up to dense_max)")
+    parser.add_argument("--append", action="store_true",
+                        help="ingest/decode: add to (or replace points of) the rows already in the results file")
     parser.add_argument("--depths", type=float, nargs="*", default=None,
                         help="override the depth sweep's key depths (no value: skip the depth sweep)")
     parser.add_argument("--tag", default=None, help="results are written as <experiment>_<scale>_<tag>.*")
@@ -436,8 +463,8 @@ def main() -> None:
     args = parser.parse_args()
     import knn_index
 
-    global THREADS, DEVICE
-    THREADS, DEVICE = args.threads, args.device
+    global THREADS, DEVICE, APPEND
+    THREADS, DEVICE, APPEND = args.threads, args.device, args.append
     if DEVICE.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {DEVICE}: torch sees no CUDA device here (use --device cpu)")
     knn_index.set_num_threads(args.threads)
@@ -446,13 +473,14 @@ def main() -> None:
         fn = ingest_child if kind == "ingest" else decode_child
         print(json.dumps(fn(label, int(n), scale_name)))
         return
-    scale = SCALES[args.scale]
+    scale = replace(SCALES[args.scale], indices=dict(SCALES[args.scale].indices))  # overrides below stay local
     if args.indices:
-        unknown = sorted(set(args.indices) - set(scale.indices))
+        scale.dense = "dense" in args.indices
+        unknown = sorted(set(args.indices) - set(scale.indices) - {"dense"})
         if unknown:
             parser.error(f"--indices {' '.join(unknown)}: not an index of scale {scale.name!r}; accepted: "
-                         f"{', '.join(scale.indices)}")
-        scale.indices = {label: scale.indices[label] for label in args.indices}
+                         f"dense, {', '.join(scale.indices)}")
+        scale.indices = {label: scale.indices[label] for label in args.indices if label != "dense"}
     if args.lengths:
         scale.passkey_lengths = scale.ingest_lengths = scale.decode_sizes = sorted(args.lengths)
     if args.trials:

@@ -98,10 +98,15 @@ def test_unknown_index_label_is_refused(runner, monkeypatch, capsys):
 
 
 def test_tagged_run_uses_its_base_scale(runner, tmp_path, monkeypatch):
-    monkeypatch.setattr("sys.argv", ["run_experiments.py", "--scale", "tiny", "--only", "ingest", "--indices", "torch",
-                                     "--lengths", "200", "--tag", "spot", "--threads", "1"])
+    argv = ["run_experiments.py", "--scale", "tiny", "--only", "ingest", "--tag", "spot", "--threads", "1"]
     monkeypatch.setattr(runner, "run_child", lambda args: runner.ingest_child(args[2], int(args[3]), args[4]))  # in-process children
+    monkeypatch.setattr("sys.argv", argv + ["--indices", "dense", "torch", "--lengths", "200"])
     runner.main()
     rows = _rows(tmp_path / "ingest_tiny_spot.csv")
     assert [(r["index"], r["tokens"]) for r in rows] == [("dense", "200"), ("torch", "200")]
     assert json.load(open(tmp_path / "environment_tiny_spot.json"))["scale"]["ingest_lengths"] == [200]
+    # --append adds a point to the same file without re-running dense; without 'dense' in --indices it is skipped
+    monkeypatch.setattr("sys.argv", argv + ["--indices", "IVF4,Flat", "--lengths", "300", "--append"])
+    runner.main()
+    rows = _rows(tmp_path / "ingest_tiny_spot.csv")
+    assert [(r["index"], r["tokens"]) for r in rows] == [("dense", "200"), ("torch", "200"), ("IVF4,Flat", "300")]
