@@ -1,21 +1,23 @@
 """Train the small demo LongLLaMA that ships inside the package (`knn_longllama/demo/`), from scratch, on CPU.
 
-    python experiments/train_demo_model.py                       # tokenizer + training + evaluation + model card
-    python experiments/train_demo_model.py --steps 60 --out /tmp/demo_quick --no-card   # a quick smoke run
+    python experiments/train_demo_model.py        # tokenizer + 2 training phases + evaluation + model card (~1 h)
+    python experiments/train_demo_model.py --copy-steps 50 --steps 60 --out /tmp/demo_quick   # a quick smoke run
 
 Steps:
 1. A sentencepiece unigram tokenizer (vocab 1024, split digits, byte fallback) trained on the shipped Austen excerpt
    plus the synthetic task text, exported as a `tokenizers` tokenizer (tokenizer.json) loadable offline by
    `transformers.AutoTokenizer`; the sentencepiece `tokenizer.model` is shipped beside it.
-2. Training data: streams of `chunks_per_stream * window` tokens, cut into FoT cross-batch batches by
-   `knn_longllama.training.pack_crossbatch`:
+2. Phase 1 (`--copy-steps`): copying without memory, rows of one window each holding a random segment repeated to
+   the end of the row. This forms the induction heads that retrieval builds on.
+3. Phase 2 (`--steps`): FoT cross-batch training (`knn_longllama.training.train`, E rising from k-1 to 2k-1 extra
+   contexts) on streams of `chunks_per_stream * window` tokens (`pack_crossbatch`):
    - passkey prompts in the official format (spec section 4), plus variants with other fillers and wordings; the
      prompt sits at the end of a stream (after natural text), so the key is usually some chunks back;
    - key-value lookups: "The value of key 4821 is 7302." lines, queried at the end of the stream;
-   - natural text (the Jane Austen excerpt in experiments/data/).
-   Answer tokens get a larger loss weight.
-3. FoT training with `knn_longllama.training.train` (E rises from k-1 to 2k-1 extra contexts).
-4. Passkey evaluation (`knn_longllama.passkey`) with dense memory and without memory layers, written to the card.
+   - copying of digit groups and random pieces across chunks; natural text (the Jane Austen excerpt in
+     experiments/data/). Answer tokens get a larger loss weight.
+4. Passkey evaluation (`knn_longllama.passkey`) with dense memory, Faiss Flat k=32 and without memory layers, written
+   to the model card.
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ def build_tokenizer(texts: list[str], out_dir: str, vocab_size: int = 1024, seed
     backend.add_special_tokens([AddedToken(t, special=True) for t in ("<unk>", "<s>", "</s>")])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>",
-        model_max_length=1_000_000,
+        model_max_length=int(1e30),  # no length limit: documents of millions of tokens
     )
     for text in texts[:3]:  # same segmentation as sentencepiece
         sample = text[:5000]
@@ -307,8 +309,10 @@ def write_model_card(out_dir: str) -> None:
     a = summary["args"]
     window = config["max_position_embeddings"]
     defaults = vars(build_parser().parse_args([]))
+    no_effect = {"out", "ckpt_dir", "save_every", "eval_lengths", "nomem_lengths", "trials"}  # weights unchanged
     cli = " ".join(f"--{key.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                   for key, v in a.items() if key in defaults and v != defaults[key] and not isinstance(v, bool))
+                   for key, v in a.items()
+                   if key in defaults and v != defaults[key] and not isinstance(v, bool) and key not in no_effect)
     sections = {
         "dense": "Dense memory (as trained, `load_demo()`)",
         "no_memory": "No memory layers (`load_demo(mem_layers=[])`): a plain LLaMA with the same weights",
@@ -401,8 +405,8 @@ no-memory ablation).
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=DEMO_DIR)
-    parser.add_argument("--steps", type=int, default=5000)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--steps", type=int, default=8000, help="phase 2 steps")
+    parser.add_argument("--lr", type=float, default=1e-3, help="phase 2 peak lr (cosine)")
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -432,10 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--card-only", action="store_true")
     parser.add_argument("--stop-after", type=int, default=None, help="stop after this many steps")
     parser.add_argument("--init-from", default=None, help="continue training this checkpoint instead of from scratch")
-    parser.add_argument("--copy-steps", type=int, default=2000,
+    parser.add_argument("--copy-steps", type=int, default=2500,
                         help="phase 1: steps of dense copying without cross-batch memory (forms induction heads)")
     parser.add_argument("--copy-lr", type=float, default=1e-3, help="constant lr of phase 1")
-    parser.add_argument("--copy-pattern", default="copy", help="streams of phase 1")
+    parser.add_argument("--copy-pattern", default="rand100", help="streams of phase 1")
     parser.add_argument("--contexts-start", type=int, default=None, help="E at the start of phase 2 (default k-1)")
     return parser
 
@@ -523,7 +527,8 @@ def main(argv=None) -> None:
             weight_decay=0.01, chunks_per_stream=k, contexts_end=args.contexts_end, seed=args.seed,
             num_threads=args.threads, log_every=20, output_dir=args.ckpt_dir, save_every=args.save_every, progress=False,
         )
-        history += [dict(h, phase=2) for h in train(model, batches, tconfig, tokenizer=tokenizer)]
+        if args.steps > 0:
+            history += [dict(h, phase=2) for h in train(model, batches, tconfig, tokenizer=tokenizer)]
         train_seconds = time.time() - started
         model.generation_config.pad_token_id = 0
         model.save_pretrained(args.out)

@@ -110,3 +110,17 @@ def test_tagged_run_uses_its_base_scale(runner, tmp_path, monkeypatch):
     runner.main()
     rows = _rows(tmp_path / "ingest_tiny_spot.csv")
     assert [(r["index"], r["tokens"]) for r in rows] == [("dense", "200"), ("torch", "200"), ("IVF4,Flat", "300")]
+
+
+def test_passkey_failure_analysis_window_rule():
+    spec = importlib.util.spec_from_file_location("passkey_failures",
+                                                  os.path.join(ROOT, "experiments", "passkey_failures.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    whole = module.copy_is_whole  # (start, length, num_tokens, window, last_context)
+    assert whole(10, 5, 1000, 64, 32)  # tokens 9..14 in window 0
+    assert not whole(60, 5, 1000, 64, 32)  # tokens 59..64 cross into window 1
+    assert not whole(64, 5, 1000, 64, 32)  # the token before the key is in the previous window
+    assert whole(65, 5, 1000, 64, 32)
+    assert whole(980, 5, 1000, 64, 32)  # inside the final local context (tokens 968..999)
+    assert not whole(966, 5, 1000, 64, 32)  # 965..970: prefix window / local context boundary at 968
