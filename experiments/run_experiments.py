@@ -490,8 +490,17 @@ def main() -> None:
     if args.tag:
         scale.name = f"{scale.name}_{args.tag}"
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, f"environment_{scale.name}.json"), "w") as f:
-        json.dump(environment(scale, args.threads), f, indent=2)
+    env_path = os.path.join(RESULTS, f"environment_{scale.name}.json")
+    recorded = {}
+    if os.path.exists(env_path):
+        with open(env_path) as f:
+            recorded = json.load(f)
+        if "scale" in recorded:  # an older file: one record for the whole scale
+            recorded = {}
+    for name in args.only or list(EXPERIMENTS):  # one record per experiment: runs of a scale may differ in settings
+        recorded[name] = environment(scale, args.threads)
+    with open(env_path, "w") as f:
+        json.dump(recorded, f, indent=2)
     for name in args.only or list(EXPERIMENTS):
         started = time.time()
         print(f"== {name} ({scale.name})", flush=True)

@@ -104,7 +104,7 @@ def test_tagged_run_uses_its_base_scale(runner, tmp_path, monkeypatch):
     runner.main()
     rows = _rows(tmp_path / "ingest_tiny_spot.csv")
     assert [(r["index"], r["tokens"]) for r in rows] == [("dense", "200"), ("torch", "200")]
-    assert json.load(open(tmp_path / "environment_tiny_spot.json"))["scale"]["ingest_lengths"] == [200]
+    assert json.load(open(tmp_path / "environment_tiny_spot.json"))["ingest"]["scale"]["ingest_lengths"] == [200]
     # --append adds a point to the same file without re-running dense; without 'dense' in --indices it is skipped
     monkeypatch.setattr("sys.argv", argv + ["--indices", "IVF4,Flat", "--lengths", "300", "--append"])
     runner.main()
