@@ -94,6 +94,10 @@ def section() -> str:
                 parts.append(f.read().strip() + "\n")
             if os.path.exists(os.path.join(RESULTS, f"{name}_{scale}.png")):
                 parts.append(f"![{name}](experiments/results/{name}_{scale}.png)\n")
+    if os.path.exists(os.path.join(RESULTS, "passkey_failures.md")):
+        with open(os.path.join(RESULTS, "passkey_failures.md")) as f:
+            parts.append("### Where the demo model's passkey failures come from (`experiments/passkey_failures.py`)\n\n"
+                         + f.read().strip() + "\n")
     bench = [name for name in BENCHES if os.path.exists(os.path.join(RESULTS, f"{name}.md"))]
     if bench:
         parts.append("### Benchmarks\n")
