@@ -214,11 +214,10 @@ class DemoData:
         ids = (segment * (n // length + 1))[:n]
         return dict(input_ids=ids, loss_weights=[1.0] * length + [self.answer_weight / 2] * (n - length))
 
-    def copy_stream(self, alphabet: int | None = None) -> dict:
+    def copy_stream(self) -> dict:
         """Dense copying (the induction skill that retrieval builds on): after some natural text, a random segment
         (digit groups or random pieces) repeated until the end of the stream, so its repeats are both in the same
-        window and some windows later. Every repeated token is weighted. `alphabet`: draw the random pieces from the
-        first `alphabet` non-byte tokens only (a small alphabet forms induction heads much sooner)."""
+        window and some windows later. Every repeated token is weighted."""
         rng, n = self.rng, self.stream_len
         length = rng.randint(6, 40)
         if rng.random() < 0.5:
@@ -226,8 +225,7 @@ class DemoData:
             space = self.tok.convert_tokens_to_ids("\u2581")
             segment = [space if rng.random() < 0.2 else rng.choice(digits) for _ in range(length)]
         else:
-            top = self.tok.vocab_size if alphabet is None else min(259 + alphabet, self.tok.vocab_size)
-            segment = [rng.randrange(259, top) for _ in range(length)]
+            segment = [rng.randrange(259, self.tok.vocab_size) for _ in range(length)]
         head = rng.randint(0, self.chunk_len)
         body = (segment * (n // length + 2))[: n - head]
         ids = self.natural(head) + body
@@ -262,8 +260,6 @@ class DemoData:
             return self.copy_stream()
         if kind == "rand100":
             return self.random_copy_stream(100)
-        if kind == "copy100":
-            return self.copy_stream(alphabet=100)
         if kind == "copy1":
             return self.sparse_copy_stream()
         if kind == "text":
