@@ -17,11 +17,16 @@ BENCHES = ["bench_forward_plain", "bench_forward_ingest", "bench_memory_overhead
 
 
 def _csv(name: str) -> list[dict]:
-    path = os.path.join(RESULTS, name + ".csv")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return list(csv.DictReader(f))
+    """Rows of results/<name>.csv plus those of its tagged runs (<name>_<tag>.csv, e.g. a 1M-token spot check)."""
+    paths = [os.path.join(RESULTS, name + ".csv")]
+    paths += sorted(os.path.join(RESULTS, f) for f in os.listdir(RESULTS) if f.startswith(name + "_") and
+                    f.endswith(".csv") and f[len(name) + 1:-4].isalnum())
+    rows = []
+    for path in paths:
+        if os.path.exists(path):
+            with open(path) as f:
+                rows += list(csv.DictReader(f))
+    return rows
 
 
 def goals(scale: str) -> str:
@@ -87,7 +92,7 @@ def section() -> str:
         if not found:
             continue
         parts.append(f"### Scaling experiments (`--scale {scale}`)\n")
-        if goals(scale):
+        if "_" not in scale and goals(scale):  # goals per base scale, over its tagged runs too
             parts.append(goals(scale))
         for name in found:
             with open(os.path.join(RESULTS, f"{name}_{scale}.md")) as f:
