@@ -234,7 +234,7 @@ class DemoData:
 
     def sparse_copy_stream(self) -> dict:
         """Natural text with one random segment that occurs twice, the second time weighted (half of the repeats in
-        the same window, half some windows later). Used by the first stage of the shipped model."""
+        the same window, half some windows later). Stream kind `copy1`; not used by the shipped model."""
         rng, n = self.rng, self.stream_len
         ids = self.natural(n)
         weights = [1.0] * n
