@@ -432,6 +432,19 @@ def exp_recall(scale: Scale) -> None:
 EXPERIMENTS = {"passkey": exp_passkey, "ingest": exp_ingest, "decode": exp_decode, "recall": exp_recall}
 
 
+def model_identity() -> dict:
+    """Which demo checkpoint made the numbers: sha256 of its weights (first 16 hex digits) and its window."""
+    import hashlib
+
+    from knn_longllama.demo import demo_path
+
+    with open(os.path.join(demo_path(), "model.safetensors"), "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    with open(os.path.join(demo_path(), "config.json")) as f:
+        config = json.load(f)
+    return {"weights_sha256": digest, "window": config["max_position_embeddings"], "mem_layers": config["mem_layers"]}
+
+
 def environment(scale: Scale, threads: int) -> dict:
     import faiss
     import transformers
@@ -440,7 +453,7 @@ def environment(scale: Scale, threads: int) -> dict:
     return {"scale": asdict(scale), "threads": threads, "device": DEVICE, "gpu": gpu, "python": platform.python_version(),
             "platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "transformers": transformers.__version__, "faiss": faiss.__version__,
-            "numpy": np.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "numpy": np.__version__, "model": model_identity(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def main() -> None:

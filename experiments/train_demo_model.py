@@ -411,8 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--ffn", type=int, default=384)
     parser.add_argument("--mem-layers", type=int, nargs="+", default=[2, 3])
-    parser.add_argument("--window", type=int, default=64)
-    parser.add_argument("--last-context", type=int, default=32)
+    parser.add_argument("--window", type=int, default=None,
+                        help="max_position_embeddings (default 64, or the --init-from checkpoint's)")
+    parser.add_argument("--last-context", type=int, default=None,
+                        help="last_context_length (default 32, or the --init-from checkpoint's)")
     parser.add_argument("--chunks", type=int, default=4, help="k: chunks (rows) per stream")
     parser.add_argument("--pattern", default="passkey,copy,passkey,kv",
                         help="stream kinds, cycled in this order")
@@ -473,18 +475,21 @@ def main(argv=None) -> None:
         print(f"tokenizer: {len(tokenizer)} tokens; Austen train excerpt {len(austen_ids)} tokens; filler "
               f"{chars_per_token(tokenizer):.2f} chars/token", flush=True)
 
-        config = LongLlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.ffn,
-            num_hidden_layers=args.layers, num_attention_heads=args.heads, max_position_embeddings=args.window,
-            last_context_length=args.last_context, mem_layers=args.mem_layers, mem_dtype="float32",
-            rope_theta=10000.0, rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-            tie_word_embeddings=False, initializer_range=0.02,
-        )
-        config.architectures = ["LongLlamaForCausalLM"]
-        if args.init_from:  # continued pretraining of an earlier checkpoint (same tokenizer)
+        if args.init_from:  # continued pretraining of an earlier checkpoint (same tokenizer), optionally re-windowed
             model = LongLlamaForCausalLM.from_pretrained(args.init_from)
             config = model.config
+            config.max_position_embeddings = args.window = args.window or config.max_position_embeddings
+            config.last_context_length = args.last_context = args.last_context or config.last_context_length
         else:
+            args.window, args.last_context = args.window or 64, args.last_context or 32
+            config = LongLlamaConfig(
+                vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.ffn,
+                num_hidden_layers=args.layers, num_attention_heads=args.heads, max_position_embeddings=args.window,
+                last_context_length=args.last_context, mem_layers=args.mem_layers, mem_dtype="float32",
+                rope_theta=10000.0, rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                tie_word_embeddings=False, initializer_range=0.02,
+            )
+            config.architectures = ["LongLlamaForCausalLM"]
             model = LongLlamaForCausalLM(config)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"model: {n_params / 1e6:.2f}M parameters", flush=True)

@@ -6,8 +6,10 @@ Replaces everything between the markers `<!-- results:begin -->` and `<!-- resul
 """
 
 import csv
+import json
 import os
 import re
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "experiments", "results")
@@ -77,6 +79,48 @@ def goals(scale: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def current_model() -> dict | None:
+    """Identity of the shipped demo checkpoint, as run_experiments records it."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    try:
+        from run_experiments import model_identity
+    finally:
+        sys.path.pop(0)
+    return model_identity()
+
+
+def model_line(scale: str, current: dict) -> str:
+    """Which demo checkpoint the scale's results were measured with, flagged when it is not the shipped one."""
+    path = os.path.join(RESULTS, f"environment_{scale}.json")
+    with open(path) as f:
+        records = json.load(f)
+    models = {json.dumps(r.get("model"), sort_keys=True) for r in records.values()}
+    if len(models) == 1 and json.loads(next(iter(models))) == current:
+        return f"Demo model: weights sha256 `{current['weights_sha256']}`, window {current['window']} (the shipped one).\n"
+    other = sorted({m for m in models if m != "null" and json.loads(m) != current})
+    if not other:  # older records without the field
+        return (f"Demo checkpoint not recorded for these runs (they predate the record); shipped: "
+                f"`{current['weights_sha256']}`, window {current['window']}.\n")
+    seen = ", ".join(f"`{json.loads(m)['weights_sha256']}` (window {json.loads(m)['window']})" for m in other)
+    return (f"**Measured with another demo checkpoint than the shipped one** (weights {seen}; shipped: "
+            f"`{current['weights_sha256']}`); rerun to refresh.\n")
+
+
+def archives() -> str:
+    """Links to archived result sets (experiments/results/archive/<name>/README.md, first line as the title)."""
+    root = os.path.join(RESULTS, "archive")
+    if not os.path.isdir(root):
+        return ""
+    lines = []
+    for name in sorted(os.listdir(root)):
+        readme = os.path.join(root, name, "README.md")
+        if os.path.isfile(readme):
+            with open(readme) as f:
+                title = f.readline().strip().lstrip("# ")
+            lines.append(f"- [`experiments/results/archive/{name}/`](experiments/results/archive/{name}/README.md): {title}")
+    return "### Archived results\n\n" + "\n".join(lines) + "\n" if lines else ""
+
+
 def scales() -> list[str]:
     """Scale names with results (from environment_<scale>.json): full first, then gpu, then small; tagged runs
     ("full_1m") after their base scale."""
@@ -88,11 +132,13 @@ def scales() -> list[str]:
 
 def section() -> str:
     parts = []
+    current = current_model()
     for scale in scales():
         found = [name for name in ORDER if os.path.exists(os.path.join(RESULTS, f"{name}_{scale}.md"))]
         if not found:
             continue
         parts.append(f"### Scaling experiments (`--scale {scale}`)\n")
+        parts.append(model_line(scale, current))
         if "_" not in scale and goals(scale):  # goals per base scale, over its tagged runs too
             parts.append(goals(scale))
         for name in found:
@@ -104,6 +150,8 @@ def section() -> str:
         with open(os.path.join(RESULTS, "passkey_failures.md")) as f:
             parts.append("### Where the demo model's passkey failures come from (`experiments/passkey_failures.py`)\n\n"
                          + f.read().strip() + "\n")
+    if archives():
+        parts.append(archives())
     bench = [name for name in BENCHES if os.path.exists(os.path.join(RESULTS, f"{name}.md"))]
     if bench:
         parts.append("### Benchmarks\n")

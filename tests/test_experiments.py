@@ -86,6 +86,30 @@ def test_environment_records_device(runner):
     env = runner.environment(runner.SCALES["tiny"], threads=1)
     assert env["device"] == "cpu" and env["gpu"] is None and env["threads"] == 1
     json.dumps(env)
+    import hashlib
+
+    from knn_longllama.demo import demo_path
+
+    with open(os.path.join(demo_path(), "model.safetensors"), "rb") as f:
+        assert env["model"]["weights_sha256"] == hashlib.sha256(f.read()).hexdigest()[:16]
+    with open(os.path.join(demo_path(), "config.json")) as f:
+        assert env["model"]["window"] == json.load(f)["max_position_embeddings"]
+
+
+def test_readme_flags_results_of_another_checkpoint(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("update_readme", os.path.join(ROOT, "experiments", "update_readme.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "RESULTS", str(tmp_path))
+    current = {"weights_sha256": "aaaa", "window": 256, "mem_layers": [2, 3]}
+    old = dict(current, weights_sha256="bbbb", window=64)
+    for scale, models in {"a": [current, current], "b": [current, old], "c": [None, current]}.items():
+        records = {f"exp{i}": ({} if m is None else {"model": m}) for i, m in enumerate(models)}
+        (tmp_path / f"environment_{scale}.json").write_text(json.dumps(records))
+    assert "(the shipped one)" in module.model_line("a", current)
+    line = module.model_line("b", current)
+    assert "another demo checkpoint" in line and "`bbbb` (window 64)" in line
+    assert "not recorded" in module.model_line("c", current)
 
 
 def test_unknown_index_label_is_refused(runner, monkeypatch, capsys):
