@@ -3,6 +3,12 @@
     python experiments/train_demo_model.py        # tokenizer + 2 training phases + evaluation + model card (~1 h)
     python experiments/train_demo_model.py --copy-steps 50 --steps 60 --out /tmp/demo_quick   # a quick smoke run
 
+The shipped checkpoint is that run (window 64, written to --out) continued with a 256-token window (another hour):
+
+    python experiments/train_demo_model.py --out /tmp/demo_stage1
+    python experiments/train_demo_model.py --init-from /tmp/demo_stage1 --window 256 --last-context 128 \
+        --streams-per-batch 2 --steps 2400 --stop-after 1627
+
 Steps:
 1. A sentencepiece unigram tokenizer (vocab 1024, split digits, byte fallback) trained on the shipped Austen excerpt
    plus the synthetic task text, exported as a `tokenizers` tokenizer (tokenizer.json) loadable offline by
@@ -28,6 +34,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import sys
 import time
 
@@ -119,7 +126,7 @@ class DemoData:
     """Endless seeded streams of exactly `stream_len` tokens (dicts with input_ids and loss_weights)."""
 
     def __init__(self, tokenizer, austen_ids: list[int], stream_len: int, chunk_len: int, seed: int,
-                 answer_weight: float = 5.0, short_passkeys: float = 0.0):
+                 answer_weight: float = 5.0, short_passkeys: float = 0.0, straddle: float = 0.0):
         self.tok = tokenizer
         self.austen = austen_ids
         self.stream_len = stream_len
@@ -127,6 +134,7 @@ class DemoData:
         self.rng = random.Random(seed)
         self.answer_weight = answer_weight
         self.short_passkeys = short_passkeys
+        self.straddle = straddle
         self.bos, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
         self.cpt = {f: chars_per_token(tokenizer, f) for f in [FILLER] + OTHER_FILLERS}
         sentences = [s.strip().replace("\n", " ") + "." for s in open(AUSTEN, encoding="utf-8").read().split(".")]
@@ -272,8 +280,27 @@ class DemoData:
         ids, weights = ids + [self.eos], weights + [1.0]
         ids, weights = ids[: n - tail], weights[: n - tail]
         head = n - tail - len(ids)
+        if kind == "passkey" and self.rng.random() < self.straddle:
+            head, tail = self.straddled(ids, text, spans, head, tail)
         pre, post = self.natural(head), self.natural(tail)
         return dict(input_ids=pre + ids + post, loss_weights=[1.0] * head + weights + [1.0] * tail)
+
+    def straddled(self, ids: list[int], text: str, spans: list[tuple[int, int]], head: int, tail: int):
+        """(head, tail) that put the first copy of the key between 16 tokens before and 5 tokens after a chunk
+        boundary, so that the key line is cut by a window boundary (the demo's main failure at inference)."""
+        key = text[spans[0][0]:].strip()
+        enc = self.tok(text, return_offsets_mapping=True)
+        char = text.find(key)
+        first = next((i for i, (a, b) in enumerate(enc.offset_mapping) if b > char), None)
+        if first is None:
+            return head, tail
+        chunk, offset = self.chunk_len, self.rng.randint(-16, 5)
+        options = [b * chunk + offset - first for b in range(1, self.stream_len // chunk + 1)]
+        options = [h for h in options if 0 <= h <= head + tail]
+        if not options:
+            return head, tail
+        new_head = self.rng.choice(options)
+        return new_head, head + tail - new_head
 
     def streams(self, pattern: list[str]):
         while True:
@@ -305,10 +332,46 @@ def write_model_card(out_dir: str) -> None:
     a = summary["args"]
     window = config["max_position_embeddings"]
     defaults = vars(build_parser().parse_args([]))
-    no_effect = {"out", "ckpt_dir", "save_every", "eval_lengths", "nomem_lengths", "trials"}  # weights unchanged
-    cli = " ".join(f"--{key.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                   for key, v in a.items()
-                   if key in defaults and v != defaults[key] and not isinstance(v, bool) and key not in no_effect)
+    # a continuation (--init-from) keeps the summary of the run it started from as training_summary_base.json
+    base = None
+    if a.get("init_from") and os.path.isfile(os.path.join(out_dir, "training_summary_base.json")):
+        with open(os.path.join(out_dir, "training_summary_base.json")) as f:
+            base = json.load(f)
+
+    def command(args: dict, steps_run: int) -> str:
+        no_effect = {"out", "ckpt_dir", "save_every", "eval_lengths", "nomem_lengths", "trials"}  # weights unchanged
+        args = dict(args)
+        if args.get("max_minutes") is not None and steps_run < args["steps"]:  # stopped by time: same steps, anywhere
+            args["max_minutes"], args["stop_after"] = None, steps_run
+        if args.get("init_from"):
+            args["init_from"] = "/tmp/demo_stage1"
+        parts = [f"--{key.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                 for key, v in args.items()
+                 if key in defaults and v != defaults[key] and not isinstance(v, bool) and key not in no_effect]
+        return "python experiments/train_demo_model.py " + " ".join(parts)
+
+    first = base or summary  # the run that trained from scratch
+    b = first["args"]
+    b_window = b.get("window") or 64
+    if base:
+        commands = (command(b, base["steps"] - b.get("copy_steps", 0)) + " --out /tmp/demo_stage1\n"
+                    + command(a, summary["steps"]))
+        e_start = a["contexts_start"] if a.get("contexts_start") is not None else a["chunks"] - 1
+        e_end = a["contexts_end"] if a.get("contexts_end") is not None else 2 * a["chunks"] - 1
+        stage2 = f"""- Stage 2, the same checkpoint re-windowed: `max_position_embeddings` {b_window} -> **{window}**, `last_context_length`
+  {config['last_context_length']}, then {summary['steps']} more FoT steps on the same stream mix ({a['streams_per_batch']} streams x {a['chunks']} chunks of {window}
+  tokens = {summary['tokens_per_step']} tokens a step, E {e_start} -> {e_end}, lr {a['lr']:g} with {a['warmup']} warmup steps then {a['lr_schedule']} planned over
+  {a['steps']} steps; stopped at step {summary['steps']} by its time budget, reproduced with `--stop-after`), {summary['train_seconds'] / 60:.1f} min with
+  {a['threads']} CPU thread(s). A window of {b_window} tokens cut the key line in a large share of trials; see the notes below.
+"""
+        minutes = (base["train_seconds"] + summary["train_seconds"]) / 60
+        time_line = (f"**{minutes:.1f} min** in all ({base['train_seconds'] / 60:.1f} + {summary['train_seconds'] / 60:.1f}) with one CPU thread each "
+                     f"(see the notes below for the machine)")
+    else:
+        commands = command(a, summary["steps"])
+        stage2 = ""
+        time_line = (f"**{summary['train_seconds'] / 60:.1f} min** for {summary['steps']} steps (both phases) with {a['threads']} CPU thread(s) "
+                     f"(see the notes below for the machine)")
     sections = {
         "dense": "Dense memory (as trained, `load_demo()`)",
         "no_memory": "No memory layers (`load_demo(mem_layers=[])`): a plain LLaMA with the same weights",
@@ -345,23 +408,22 @@ prefix), trained on the training text; shipped as `tokenizer.model` and as an eq
 
 ## Training
 
-Command (from the repository root):
+Commands (from the repository root{"; stage 1, then stage 2" if base else ""}):
 
 ```
-python experiments/train_demo_model.py {cli}
+{commands}
 ```
 
-- Phase 1 ({a.get('copy_steps', 0)} steps, lr {a.get('copy_lr', 0):g} constant): copying only, without memory: rows of one
-  window, each a random segment (`{a.get('copy_pattern', '-')}`) repeated to the end of the row. This forms the induction
+- Phase 1 ({b.get('copy_steps', 0)} steps, lr {b.get('copy_lr', 0):g} constant): copying only, without memory: rows of one
+  window, each a random segment (`{b.get('copy_pattern', '-')}`) repeated to the end of the row. This forms the induction
   heads that retrieval from memory builds on (mixed training from scratch never formed them on 2 CPU cores).
-- Phase 2, FoT cross-batch training (`knn_longllama.training`): batches of {a['streams_per_batch']} streams x {a['chunks']} consecutive chunks of
-  {window} tokens ({summary['tokens_per_step']} tokens a step); in the memory layer each row attends to its own chunk plus
-  the previous E rows of the batch with gradients. E rose from {a['chunks'] - 1} to {a['contexts_end'] if a['contexts_end'] is not None else 2 * a['chunks'] - 1} (linear over
-  {a['contexts_ramp'][0]:g}..{a['contexts_ramp'][1]:g} of the planned steps), so late in training the first chunks also see the previous stream
-  (negatives).
-- AdamW (0.9, 0.95), weight decay 0.01 on matrices, clip 1.0, lr {a['lr']:g} with {a['warmup']} warmup steps then
-  {a['lr_schedule']} (planned {a['steps']} steps), seed {a['seed']}, {a['threads']} CPU thread(s).
-- Streams, cycled `{a['pattern']}`:
+- Phase 2, FoT cross-batch training (`knn_longllama.training`): batches of {b['streams_per_batch']} streams x {b['chunks']} consecutive chunks of
+  {b_window} tokens ({first['tokens_per_step']} tokens a step); in the memory layer each row attends to its own chunk plus
+  the previous E rows of the batch with gradients. E rose from {b['chunks'] - 1} to {b['contexts_end'] if b['contexts_end'] is not None else 2 * b['chunks'] - 1} (linear over
+  {b['contexts_ramp'][0]:g}..{b['contexts_ramp'][1]:g} of the planned steps), so late in training the first chunks also see the previous stream
+  (negatives); {b['steps']} steps, lr {b['lr']:g} with {b['warmup']} warmup steps then {b['lr_schedule']}.
+{stage2}- AdamW (0.9, 0.95), weight decay 0.01 on matrices, clip 1.0, seed {b['seed']}.
+- Streams, cycled `{b['pattern']}`:
   - *passkey*: a prompt in the exact official format (spec section 4) in 65% of them, else with another filler
     (other repeated sentences or Austen sentences) or another wording ("secret number", "code", ...); the document
     (random length, up to the whole stream) ends in the last chunk, after Austen text, followed by EOS and more
@@ -373,8 +435,8 @@ python experiments/train_demo_model.py {cli}
   - *text*: natural text, a {os.path.getsize(AUSTEN) // 1000} KB public-domain excerpt of Jane Austen's *Pride and Prejudice*
     (`experiments/data/`, first 95% for training).
   - Natural text also fills every task stream before and after its document.
-  - Answer tokens (the key after the question, queried values) have loss weight {a['answer_weight']:g}, all others 1.
-- Time: **{summary['train_seconds'] / 60:.1f} min** for {summary['steps']} steps (both phases) with {a['threads']} CPU thread(s) (see the notes below for the machine).
+  - Answer tokens (the key after the question, queried values) have loss weight {b['answer_weight']:g}, all others 1.
+- Time: {time_line}.
 - Final training loss (weighted, mean of the last logged steps): **{summary['final_loss']:.3f}**.
 - Held-out loss on fresh passkey + kv streams (weighted): {summary['task_loss_with_memory']:.3f} with cross-batch memory
   of the stream's earlier chunks vs {summary['task_loss_without_memory']:.3f} without; Austen validation text (last 5% of the
@@ -427,6 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--contexts-end", type=int, default=None)
     parser.add_argument("--answer-weight", type=float, default=5.0)
     parser.add_argument("--short-passkeys", type=float, default=0.25, help="share of passkey prompts within one window")
+    parser.add_argument("--straddle", type=float, default=0.0,
+                        help="share of passkey streams whose key line is placed across a chunk boundary")
     parser.add_argument("--eval-lengths", type=int, nargs="*", default=[64, 128, 256, 512, 1024, 2048, 4096, 8192])
     parser.add_argument("--nomem-lengths", type=int, nargs="*", default=[64, 128, 256, 512, 1024])
     parser.add_argument("--trials", type=int, default=20)
@@ -476,6 +540,9 @@ def main(argv=None) -> None:
               f"{chars_per_token(tokenizer):.2f} chars/token", flush=True)
 
         if args.init_from:  # continued pretraining of an earlier checkpoint (same tokenizer), optionally re-windowed
+            base_summary = os.path.join(args.init_from, "training_summary.json")
+            if os.path.isfile(base_summary):  # the model card describes both runs
+                shutil.copyfile(base_summary, os.path.join(args.out, "training_summary_base.json"))
             model = LongLlamaForCausalLM.from_pretrained(args.init_from)
             config = model.config
             config.max_position_embeddings = args.window = args.window or config.max_position_embeddings
@@ -516,7 +583,8 @@ def main(argv=None) -> None:
                 tokenizer.save_pretrained(os.path.join(args.ckpt_dir, "phase1"))
         print("phase 2: FoT cross-batch training", flush=True)
         data = DemoData(tokenizer, austen_ids, k * args.window, args.window, seed=args.seed,
-                        answer_weight=args.answer_weight, short_passkeys=args.short_passkeys)
+                        answer_weight=args.answer_weight, short_passkeys=args.short_passkeys,
+                        straddle=args.straddle)
         pattern = args.pattern.split(",")
         batches = pack_crossbatch(data.streams(pattern), args.window, k, args.streams_per_batch, pad_token_id=0)
         if args.stop_after:  # stop early (the lr and E schedules still follow --steps)
