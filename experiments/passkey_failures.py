@@ -4,7 +4,8 @@
 
 For every trial of the standard passkey evaluation (same seeds as `knn_longllama.passkey.passkey_accuracy`) it finds
 the two copies of the key in the prompt ("The pass key is K. Remember it. K is the pass key.") and asks whether each
-copy, with the token before it, lies inside one window (`max_position_embeddings`) or in the final local context.
+copy, with the token before it, and the whole key line lie inside one window (`max_position_embeddings`) or in the
+final local context.
 Non-memory layers only see their own window (spec section 3), so a copy cut by a window boundary loses the context
 its keys are matched on. Writes experiments/results/passkey_failures.{csv,md}.
 """
@@ -19,7 +20,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from knn_longllama.demo import load_demo  # noqa: E402
-from knn_longllama.passkey import answer_ids, make_passkey_prompt, n_garbage_for_tokens, passkey_trial  # noqa: E402
+from knn_longllama.passkey import (  # noqa: E402
+    INFO_TEMPLATE, answer_ids, make_passkey_prompt, n_garbage_for_tokens, passkey_trial,
+)
 
 RESULTS = os.path.join(ROOT, "experiments", "results")
 
@@ -27,7 +30,11 @@ RESULTS = os.path.join(ROOT, "experiments", "results")
 def copy_is_whole(start: int, length: int, num_tokens: int, window: int, last_context: int) -> bool:
     """True if tokens start-1 .. start+length-1 (the key with the token before it) share one window, where windows
     are those of a forward pass: consecutive `window`-token windows, then the final `last_context` tokens."""
-    first, last = start - 1, start + length - 1
+    return span_in_one_window(start - 1, start + length - 1, num_tokens, window, last_context)
+
+
+def span_in_one_window(first: int, last: int, num_tokens: int, window: int, last_context: int) -> bool:
+    """True if tokens first .. last share one window of a forward pass (as in `copy_is_whole`)."""
     local = max(num_tokens - last_context, 0)
     if first >= local:
         return True
@@ -41,11 +48,20 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--model", default=None, help="a checkpoint folder (default: the shipped demo model)")
     args = parser.parse_args()
     import knn_index
 
     knn_index.set_num_threads(args.threads)
-    model, tokenizer = load_demo()
+    if args.model:
+        from transformers import AutoTokenizer
+
+        from knn_longllama import LongLlamaForCausalLM
+
+        model = LongLlamaForCausalLM.from_pretrained(args.model).eval()
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    else:
+        model, tokenizer = load_demo()
     window, last_context = model.config.max_position_embeddings, model.config.last_context_length
     rows = []
     for length in args.lengths:
@@ -57,23 +73,32 @@ def main() -> None:
             digits = answer_ids(tokenizer, key)[1:]  # without the leading space piece
             starts = [i for i in range(len(ids)) if ids[i : i + len(digits)] == digits]
             whole = sum(copy_is_whole(s, len(digits), len(ids), window, last_context) for s in starts)
+            # the whole key line, "The pass key is K. Remember it. K is the pass key.", in tokens
+            offsets = tokenizer(prompt, return_offsets_mapping=True).offset_mapping
+            c0 = prompt.index(INFO_TEMPLATE.format(key=key))
+            c1 = c0 + len(INFO_TEMPLATE.format(key=key))
+            t0 = next(i for i, (a, b) in enumerate(offsets) if b > c0)
+            t1 = max(i for i, (a, b) in enumerate(offsets) if a < c1 and b > a)
+            line_whole = span_in_one_window(t0, t1, len(ids), window, last_context)
             result = passkey_trial(model, tokenizer, prompt, key)
             rows.append({"tokens": length, "trial": trial, "key": key, "correct": int(result["correct"]),
                          "generated": result["generated_text"], "copies": len(starts), "whole_copies": whole,
+                         "line_whole": int(line_whole),
                          "positions_in_window": " ".join(str(s % window) for s in starts)})
     with open(os.path.join(RESULTS, "passkey_failures.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["**Passkey accuracy of the demo model by whether both copies of the key lie inside one window** "
-             f"(window {window}, dense memory, {args.trials} trials per length)", "",
-             "| tokens | both copies whole | correct | a copy cut by a boundary | correct |", "|---|---|---|---|---|"]
+    lines = ["**Passkey accuracy of the demo model by where window boundaries fall** "
+             f"(window {window}, dense memory, {args.trials} trials per length; a copy of the key is whole when it "
+             "and the token before it share a window)", "",
+             "| tokens | key line in one window | correct | key line cut | correct | both copies whole | correct | "
+             "a copy cut | correct |", "|---|---|---|---|---|---|---|---|---|"]
     for length in args.lengths:
         sub = [r for r in rows if r["tokens"] == length]
-        whole = [r for r in sub if r["whole_copies"] == r["copies"]]
-        cut = [r for r in sub if r["whole_copies"] < r["copies"]]
-        lines.append(f"| {length} | {len(whole)} | {sum(r['correct'] for r in whole)} | {len(cut)} | "
-                     f"{sum(r['correct'] for r in cut)} |")
+        groups = [[r for r in sub if r["line_whole"]], [r for r in sub if not r["line_whole"]],
+                  [r for r in sub if r["whole_copies"] == r["copies"]], [r for r in sub if r["whole_copies"] < r["copies"]]]
+        lines.append(f"| {length} | " + " | ".join(f"{len(g)} | {sum(r['correct'] for r in g)}" for g in groups) + " |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(RESULTS, "passkey_failures.md"), "w") as f:
         f.write(text)

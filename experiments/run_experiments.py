@@ -223,9 +223,23 @@ def filler_ids(tokenizer, num_tokens: int) -> list[int]:
     return (piece * (num_tokens // len(piece) + 1))[:num_tokens]
 
 
-def ingest_child(label: str, num_tokens: int, scale_name: str) -> dict:
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB. On Linux from VmHWM (the high-water mark of this process's own
+    address space): getrusage's ru_maxrss survives fork + exec, so a child would report its parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
     import resource
 
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, 1)
+
+
+def ingest_child(label: str, num_tokens: int, scale_name: str) -> dict:
     scale = SCALES[scale_name.split("_")[0]]  # a tagged run ("full_1m") uses its base scale's indices
     model, tokenizer = load(**memory_settings(label, scale))
     ids = filler_ids(tokenizer, num_tokens)
@@ -236,7 +250,7 @@ def ingest_child(label: str, num_tokens: int, scale_name: str) -> dict:
     seconds = time.perf_counter() - start
     row = {"index": label, "tokens": num_tokens, "seconds": round(seconds, 3),
            "us_per_token": round(1e6 * seconds / num_tokens, 2),
-           "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+           "peak_rss_mb": peak_rss_mb(),
            "memory_mb": round(sum(m.nbytes() for m in doc.memories.values()) / 2**20, 1)}
     if DEVICE.startswith("cuda"):
         row["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -308,8 +322,6 @@ def write_ingest(rows: list[dict], scale: Scale) -> None:
 # -- 3. decode latency ------------------------------------------------------------------------------------------------
 def decode_child(label: str, size: int, scale_name: str) -> dict:
     scale = SCALES[scale_name.split("_")[0]]  # a tagged run ("full_1m") uses its base scale's indices
-    import resource
-
     model, tokenizer = load(**memory_settings(label, scale))
     synchronize()
     start = time.perf_counter()
@@ -332,7 +344,7 @@ def decode_child(label: str, size: int, scale_name: str) -> dict:
             token = out.logits[:, -1:].argmax(-1)
     return {"index": label, "memory_tokens": size, "ms_per_token": round(1000 * statistics.median(times[4:]), 2),
             "read_seconds": round(read_seconds, 2),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def exp_decode(scale: Scale) -> None:

@@ -148,3 +148,25 @@ def test_passkey_failure_analysis_window_rule():
     assert whole(65, 5, 1000, 64, 32)
     assert whole(980, 5, 1000, 64, 32)  # inside the final local context (tokens 968..999)
     assert not whole(966, 5, 1000, 64, 32)  # 965..970: prefix window / local context boundary at 968
+    span = module.span_in_one_window  # (first, last, num_tokens, window, last_context)
+    assert span(0, 63, 1000, 64, 32) and not span(0, 64, 1000, 64, 32)
+    assert span(968, 999, 1000, 64, 32) and not span(960, 970, 1000, 64, 32)
+
+
+def test_child_peak_rss_is_its_own(runner):
+    """A child reports its own peak memory, not its parent's (ru_maxrss survives fork + exec on Linux)."""
+    import subprocess
+    import sys
+
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("VmHWM needs Linux /proc")
+    ballast = bytearray(1 << 30)  # the parent holds 1 GiB, touched
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('r', sys.argv[1]); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); print(m.peak_rss_mb())")
+    out = subprocess.run([sys.executable, "-c", code, os.path.join(ROOT, "experiments", "run_experiments.py")],
+                         capture_output=True, text=True, check=True).stdout
+    assert 10 < float(out.strip().splitlines()[-1]) < 900
+    assert runner.peak_rss_mb() >= 1024  # this process: at least the ballast
+    del ballast
