@@ -69,14 +69,15 @@ def main() -> None:
         rng = random.Random(f"passkey-0-{n_garbage}")  # the trials of passkey_accuracy(seed=0)
         for trial in range(args.trials):
             prompt, key = make_passkey_prompt(n_garbage, rng)
-            ids = tokenizer(prompt).input_ids
+            encoded = tokenizer(prompt, return_offsets_mapping=True)
+            ids, offsets = encoded.input_ids, encoded.offset_mapping
             digits = answer_ids(tokenizer, key)[1:]  # without the leading space piece
             starts = [i for i in range(len(ids)) if ids[i : i + len(digits)] == digits]
             whole = sum(copy_is_whole(s, len(digits), len(ids), window, last_context) for s in starts)
             # the whole key line, "The pass key is K. Remember it. K is the pass key.", in tokens
-            offsets = tokenizer(prompt, return_offsets_mapping=True).offset_mapping
-            c0 = prompt.index(INFO_TEMPLATE.format(key=key))
-            c1 = c0 + len(INFO_TEMPLATE.format(key=key))
+            line = INFO_TEMPLATE.format(key=key)
+            c0 = prompt.index(line)
+            c1 = c0 + len(line)
             t0 = next(i for i, (a, b) in enumerate(offsets) if b > c0)
             t1 = max(i for i, (a, b) in enumerate(offsets) if a < c1 and b > a)
             line_whole = span_in_one_window(t0, t1, len(ids), window, last_context)

@@ -356,13 +356,14 @@ def write_model_card(out_dir: str) -> None:
     if base:
         commands = (command(b, base["steps"] - b.get("copy_steps", 0)) + " --out /tmp/demo_stage1\n"
                     + command(a, summary["steps"]))
+        stopped = (f"; stopped at step {summary['steps']} by its time budget, reproduced with `--stop-after`"
+                   if summary["steps"] < a["steps"] else "")
         e_start = a["contexts_start"] if a.get("contexts_start") is not None else a["chunks"] - 1
         e_end = a["contexts_end"] if a.get("contexts_end") is not None else 2 * a["chunks"] - 1
         stage2 = f"""- Stage 2, the same checkpoint re-windowed: `max_position_embeddings` {b_window} -> **{window}**, `last_context_length`
   {config['last_context_length']}, then {summary['steps']} more FoT steps on the same stream mix ({a['streams_per_batch']} streams x {a['chunks']} chunks of {window}
   tokens = {summary['tokens_per_step']} tokens a step, E {e_start} -> {e_end}, lr {a['lr']:g} with {a['warmup']} warmup steps then {a['lr_schedule']} planned over
-  {a['steps']} steps; stopped at step {summary['steps']} by its time budget, reproduced with `--stop-after`), {summary['train_seconds'] / 60:.1f} min with
-  {a['threads']} CPU thread(s). A window of {b_window} tokens cut the key line in a large share of trials; see the notes below.
+  {a['steps']} steps{stopped}), {summary['train_seconds'] / 60:.1f} min with {a['threads']} CPU thread(s).
 """
         minutes = (base["train_seconds"] + summary["train_seconds"]) / 60
         time_line = (f"**{minutes:.1f} min** in all ({base['train_seconds'] / 60:.1f} + {summary['train_seconds'] / 60:.1f}) with one CPU thread each "

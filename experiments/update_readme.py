@@ -79,7 +79,7 @@ def goals(scale: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def current_model() -> dict | None:
+def current_model() -> dict:
     """Identity of the shipped demo checkpoint, as run_experiments records it."""
     sys.path.insert(0, os.path.join(ROOT, "experiments"))
     try:
@@ -91,17 +91,15 @@ def current_model() -> dict | None:
 
 def model_line(scale: str, current: dict) -> str:
     """Which demo checkpoint the scale's results were measured with, flagged when it is not the shipped one."""
-    path = os.path.join(RESULTS, f"environment_{scale}.json")
-    with open(path) as f:
-        records = json.load(f)
-    models = {json.dumps(r.get("model"), sort_keys=True) for r in records.values()}
-    if len(models) == 1 and json.loads(next(iter(models))) == current:
+    with open(os.path.join(RESULTS, f"environment_{scale}.json")) as f:
+        models = [record.get("model") for record in json.load(f).values()]
+    if all(m == current for m in models):
         return f"Demo model: weights sha256 `{current['weights_sha256']}`, window {current['window']} (the shipped one).\n"
-    other = sorted({m for m in models if m != "null" and json.loads(m) != current})
+    other = {m["weights_sha256"]: m["window"] for m in models if m is not None and m != current}
     if not other:  # older records without the field
         return (f"Demo checkpoint not recorded for these runs (they predate the record); shipped: "
                 f"`{current['weights_sha256']}`, window {current['window']}.\n")
-    seen = ", ".join(f"`{json.loads(m)['weights_sha256']}` (window {json.loads(m)['window']})" for m in other)
+    seen = ", ".join(f"`{sha}` (window {window})" for sha, window in sorted(other.items()))
     return (f"**Measured with another demo checkpoint than the shipped one** (weights {seen}; shipped: "
             f"`{current['weights_sha256']}`); rerun to refresh.\n")
 
@@ -139,8 +137,9 @@ def section() -> str:
             continue
         parts.append(f"### Scaling experiments (`--scale {scale}`)\n")
         parts.append(model_line(scale, current))
-        if "_" not in scale and goals(scale):  # goals per base scale, over its tagged runs too
-            parts.append(goals(scale))
+        table = goals(scale) if "_" not in scale else ""  # goals per base scale, over its tagged runs too
+        if table:
+            parts.append(table)
         for name in found:
             with open(os.path.join(RESULTS, f"{name}_{scale}.md")) as f:
                 parts.append(f.read().strip() + "\n")
@@ -150,8 +149,9 @@ def section() -> str:
         with open(os.path.join(RESULTS, "passkey_failures.md")) as f:
             parts.append("### Where the demo model's passkey failures come from (`experiments/passkey_failures.py`)\n\n"
                          + f.read().strip() + "\n")
-    if archives():
-        parts.append(archives())
+    archived = archives()
+    if archived:
+        parts.append(archived)
     bench = [name for name in BENCHES if os.path.exists(os.path.join(RESULTS, f"{name}.md"))]
     if bench:
         parts.append("### Benchmarks\n")
