@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import random
-import shutil
 import sys
 import time
 
@@ -319,6 +318,18 @@ def _table(rows: list[dict], window: int) -> str:
     return "\n".join(lines)
 
 
+EARLIER_SUMMARIES = "training_summaries_earlier.json"  # the summaries of the runs a continuation started from
+
+
+def earlier_summaries(checkpoint_dir: str) -> list[dict]:
+    """Training summaries of the runs that `checkpoint_dir` continued (--init-from), oldest first."""
+    path = os.path.join(checkpoint_dir, EARLIER_SUMMARIES)
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return json.load(f)
+
+
 def write_model_card(out_dir: str) -> None:
     """MODEL_CARD.md from training_summary.json and passkey_results.json in `out_dir`."""
     with open(os.path.join(out_dir, "training_summary.json")) as f:
@@ -332,46 +343,49 @@ def write_model_card(out_dir: str) -> None:
     a = summary["args"]
     window = config["max_position_embeddings"]
     defaults = vars(build_parser().parse_args([]))
-    # a continuation (--init-from) keeps the summary of the run it started from as training_summary_base.json
-    base = None
-    if a.get("init_from") and os.path.isfile(os.path.join(out_dir, "training_summary_base.json")):
-        with open(os.path.join(out_dir, "training_summary_base.json")) as f:
-            base = json.load(f)
+    earlier = earlier_summaries(out_dir) if a.get("init_from") else []  # the runs this one continues, oldest first
+    stages = earlier + [summary]
 
-    def command(args: dict, steps_run: int) -> str:
+    def command(args: dict, steps_run: int, stage: int) -> str:
         no_effect = {"out", "ckpt_dir", "save_every", "eval_lengths", "nomem_lengths", "trials"}  # weights unchanged
         args = dict(args)
         if args.get("max_minutes") is not None and steps_run < args["steps"]:  # stopped by time: same steps, anywhere
             args["max_minutes"], args["stop_after"] = None, steps_run
         if args.get("init_from"):
-            args["init_from"] = "/tmp/demo_stage1"
+            args["init_from"] = f"/tmp/demo_stage{stage - 1}"
         parts = [f"--{key.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
                  for key, v in args.items()
                  if key in defaults and v != defaults[key] and not isinstance(v, bool) and key not in no_effect]
-        return "python experiments/train_demo_model.py " + " ".join(parts)
+        out = f" --out /tmp/demo_stage{stage}" if stage < len(stages) else ""
+        return "python experiments/train_demo_model.py " + " ".join(parts) + out
 
-    first = base or summary  # the run that trained from scratch
+    first = stages[0]  # the run that trained from scratch
     b = first["args"]
     b_window = b.get("window") or 64
-    if base:
-        commands = (command(b, base["steps"] - b.get("copy_steps", 0)) + " --out /tmp/demo_stage1\n"
-                    + command(a, summary["steps"]))
-        stopped = (f"; stopped at step {summary['steps']} by its time budget, reproduced with `--stop-after`"
-                   if summary["steps"] < a["steps"] else "")
-        e_start = a["contexts_start"] if a.get("contexts_start") is not None else a["chunks"] - 1
-        e_end = a["contexts_end"] if a.get("contexts_end") is not None else 2 * a["chunks"] - 1
-        stage2 = f"""- Stage 2, the same checkpoint re-windowed: `max_position_embeddings` {b_window} -> **{window}**, `last_context_length`
-  {config['last_context_length']}, then {summary['steps']} more FoT steps on the same stream mix ({a['streams_per_batch']} streams x {a['chunks']} chunks of {window}
-  tokens = {summary['tokens_per_step']} tokens a step, E {e_start} -> {e_end}, lr {a['lr']:g} with {a['warmup']} warmup steps then {a['lr_schedule']} planned over
-  {a['steps']} steps{stopped}), {summary['train_seconds'] / 60:.1f} min with {a['threads']} CPU thread(s).
+    commands = "\n".join(command(s["args"], s["steps"] - (0 if i else s["args"].get("copy_steps", 0)), i + 1)
+                         for i, s in enumerate(stages))
+    later_stages = ""
+    for i in range(1, len(stages)):
+        s, prev = stages[i], stages[i - 1]
+        sa = s["args"]
+        stopped = (f"; stopped at step {s['steps']} by its time budget, reproduced with `--stop-after`"
+                   if s["steps"] < sa["steps"] else "")
+        e_start = sa["contexts_start"] if sa.get("contexts_start") is not None else sa["chunks"] - 1
+        e_end = sa["contexts_end"] if sa.get("contexts_end") is not None else 2 * sa["chunks"] - 1
+        prev_window = prev["args"].get("window") or 64
+        later_stages += f"""- Stage {i + 1}, the stage {i} checkpoint re-windowed: `max_position_embeddings` {prev_window} -> **{sa['window']}**, `last_context_length`
+  {sa['last_context']}, then {s['steps']} more FoT steps on the same stream mix ({sa['streams_per_batch']} streams x {sa['chunks']} chunks of {sa['window']}
+  tokens = {s['tokens_per_step']} tokens a step, E {e_start} -> {e_end}, lr {sa['lr']:g} with {sa['warmup']} warmup steps then {sa['lr_schedule']} planned over
+  {sa['steps']} steps{stopped}), {s['train_seconds'] / 60:.1f} min with {sa['threads']} CPU thread(s).
 """
-        minutes = (base["train_seconds"] + summary["train_seconds"]) / 60
-        time_line = (f"**{minutes:.1f} min** in all ({base['train_seconds'] / 60:.1f} + {summary['train_seconds'] / 60:.1f}) with one CPU thread each "
-                     f"(see the notes below for the machine)")
+    minutes = sum(s["train_seconds"] for s in stages) / 60
+    if len(stages) > 1:
+        threads = sorted({s["args"]["threads"] for s in stages})
+        parts = " + ".join(f"{s['train_seconds'] / 60:.1f}" for s in stages)
+        time_line = (f"**{minutes:.1f} min** in all ({parts}) with "
+                     f"{'/'.join(map(str, threads))} CPU thread(s) (see the notes below for the machine)")
     else:
-        commands = command(a, summary["steps"])
-        stage2 = ""
-        time_line = (f"**{summary['train_seconds'] / 60:.1f} min** for {summary['steps']} steps (both phases) with {a['threads']} CPU thread(s) "
+        time_line = (f"**{minutes:.1f} min** for {summary['steps']} steps (both phases) with {a['threads']} CPU thread(s) "
                      f"(see the notes below for the machine)")
     sections = {
         "dense": "Dense memory (as trained, `load_demo()`)",
@@ -409,7 +423,7 @@ prefix), trained on the training text; shipped as `tokenizer.model` and as an eq
 
 ## Training
 
-Commands (from the repository root{"; stage 1, then stage 2" if base else ""}):
+Commands (from the repository root{"; one stage after the other" if len(stages) > 1 else ""}):
 
 ```
 {commands}
@@ -423,7 +437,7 @@ Commands (from the repository root{"; stage 1, then stage 2" if base else ""}):
   the previous E rows of the batch with gradients. E rose from {b['chunks'] - 1} to {b['contexts_end'] if b['contexts_end'] is not None else 2 * b['chunks'] - 1} (linear over
   {b['contexts_ramp'][0]:g}..{b['contexts_ramp'][1]:g} of the planned steps), so late in training the first chunks also see the previous stream
   (negatives); {b['steps']} steps, lr {b['lr']:g} with {b['warmup']} warmup steps then {b['lr_schedule']}.
-{stage2}- AdamW (0.9, 0.95), weight decay 0.01 on matrices, clip 1.0, seed {b['seed']}.
+{later_stages}- AdamW (0.9, 0.95), weight decay 0.01 on matrices, clip 1.0, seed {b['seed']}.
 - Streams, cycled `{b['pattern']}`:
   - *passkey*: a prompt in the exact official format (spec section 4) in 65% of them, else with another filler
     (other repeated sentences or Austen sentences) or another wording ("secret number", "code", ...); the document
@@ -542,8 +556,11 @@ def main(argv=None) -> None:
 
         if args.init_from:  # continued pretraining of an earlier checkpoint (same tokenizer), optionally re-windowed
             base_summary = os.path.join(args.init_from, "training_summary.json")
-            if os.path.isfile(base_summary):  # the model card describes both runs
-                shutil.copyfile(base_summary, os.path.join(args.out, "training_summary_base.json"))
+            if os.path.isfile(base_summary):  # the model card describes every stage
+                with open(base_summary) as f:
+                    chain = earlier_summaries(args.init_from) + [json.load(f)]
+                with open(os.path.join(args.out, EARLIER_SUMMARIES), "w") as f:
+                    json.dump(chain, f, indent=1)
             model = LongLlamaForCausalLM.from_pretrained(args.init_from)
             config = model.config
             config.max_position_embeddings = args.window = args.window or config.max_position_embeddings

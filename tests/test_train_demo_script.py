@@ -1,0 +1,39 @@
+"""experiments/train_demo_model.py end to end at a toy size: a run from scratch, then a re-windowed continuation of
+it, and the model card that must describe (and give the commands for) both stages."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "experiments", "train_demo_model.py")
+TOY = ["--hidden", "32", "--layers", "2", "--heads", "2", "--ffn", "64", "--mem-layers", "1", "--chunks", "2",
+       "--streams-per-batch", "1", "--warmup", "1", "--threads", "1", "--eval-lengths", "--trials", "1"]
+
+
+def _run(*args):
+    done = subprocess.run([sys.executable, SCRIPT, *TOY, *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_continuation_chain_and_model_card(tmp_path):
+    stage1, stage2 = str(tmp_path / "s1"), str(tmp_path / "s2")
+    _run("--out", stage1, "--window", "32", "--last-context", "16", "--copy-steps", "2", "--steps", "3")
+    _run("--out", stage2, "--init-from", stage1, "--window", "64", "--last-context", "32", "--steps", "2")
+
+    with open(os.path.join(stage2, "config.json")) as f:
+        config = json.load(f)
+    assert (config["max_position_embeddings"], config["last_context_length"]) == (64, 32)
+    with open(os.path.join(stage2, "training_summaries_earlier.json")) as f:
+        earlier = json.load(f)
+    with open(os.path.join(stage1, "training_summary.json")) as f:
+        assert earlier == [json.load(f)]  # the first stage's summary, as it wrote it
+
+    card = open(os.path.join(stage2, "MODEL_CARD.md")).read()
+    commands = card.split("```\n")[2].splitlines()  # the block after the usage example
+    assert len(commands) == 2
+    assert "--window 32" in commands[0] and commands[0].endswith("--out /tmp/demo_stage1")
+    assert "--init-from /tmp/demo_stage1" in commands[1] and "--window 64" in commands[1]
+    assert "--copy-steps 2" in commands[0] and "--steps 3" in commands[0] and "--steps 2" in commands[1]
+    assert "Stage 2, the stage 1 checkpoint re-windowed: `max_position_embeddings` 32 -> **64**" in card
