@@ -57,7 +57,7 @@ SCALES = {
         indices={"Flat": ("Flat", {}), "IVF64,Flat": ("IVF64,Flat", {"nprobe": 8}), "HNSW32": ("HNSW32", {}),
                  "HNSW32 efSearch128": ("HNSW32", {"efSearch": 128}), "IVF64,PQ8": ("IVF64,PQ8", {"nprobe": 8})},
         ks=[8, 32, 128], depth_length=2048, depths=[0.0, 0.25, 0.5, 0.75, 1.0],
-        ingest_lengths=[2048, 8192, 32768], decode_sizes=[1024, 8192, 32768], recall_tokens=12288,
+        ingest_lengths=[2048, 8192, 32768], decode_sizes=[2048, 8192, 32768], recall_tokens=12288,
         recall_sweep={"IVF64,Flat": ("IVF64,Flat", "nprobe", [1, 2, 4, 8, 16]),
                       "HNSW32": ("HNSW32", "efSearch", [16, 32, 64, 128])},
     ),
@@ -239,7 +239,9 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, 1)
 
 
-def ingest_child(label: str, num_tokens: int, scale_name: str) -> dict:
+def read_child(label: str, num_tokens: int, scale_name: str, decode: bool) -> dict:
+    """Read `num_tokens` filler tokens into memory (the ingestion row), then, if `decode`, time greedy decoding
+    against that memory (the decode row): one read serves both experiments."""
     scale = SCALES[scale_name.split("_")[0]]  # a tagged run ("full_1m") uses its base scale's indices
     model, tokenizer = load(**memory_settings(label, scale))
     ids = filler_ids(tokenizer, num_tokens)
@@ -248,13 +250,32 @@ def ingest_child(label: str, num_tokens: int, scale_name: str) -> dict:
     doc = model.read(ids, progress=False)
     synchronize()
     seconds = time.perf_counter() - start
-    row = {"index": label, "tokens": num_tokens, "seconds": round(seconds, 3),
-           "us_per_token": round(1e6 * seconds / num_tokens, 2),
-           "peak_rss_mb": peak_rss_mb(),
-           "memory_mb": round(sum(m.nbytes() for m in doc.memories.values()) / 2**20, 1)}
+    ingest = {"index": label, "tokens": num_tokens, "seconds": round(seconds, 3),
+              "us_per_token": round(1e6 * seconds / num_tokens, 2),
+              "peak_rss_mb": peak_rss_mb(),
+              "memory_mb": round(sum(m.nbytes() for m in doc.memories.values()) / 2**20, 1)}
     if DEVICE.startswith("cuda"):
-        row["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return row
+        ingest["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    if not decode:
+        return {"ingest": ingest}
+    cache = doc.new_cache()
+    prompt = torch.tensor([doc.pending + tokenizer(" What is the pass key?", add_special_tokens=False)["input_ids"]],
+                          device=model.device)
+    times = []
+    with torch.no_grad():
+        out = model(prompt, cache=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        for _ in range(24):
+            synchronize()
+            start = time.perf_counter()
+            out = model(token, cache=cache, use_cache=True)
+            synchronize()
+            times.append(time.perf_counter() - start)
+            token = out.logits[:, -1:].argmax(-1)
+    decode_row = {"index": label, "memory_tokens": num_tokens,
+                  "ms_per_token": round(1000 * statistics.median(times[4:]), 2),
+                  "read_seconds": round(seconds, 2), "peak_rss_mb": peak_rss_mb()}
+    return {"ingest": ingest, "decode": decode_row}
 
 
 THREADS = 2  # set from --threads in main(); passed on to the subprocesses
@@ -283,16 +304,27 @@ def previous_rows(kind: str, scale: Scale) -> list[dict]:
     return rows
 
 
+READS = {}  # (scale, label, tokens) -> a read child's rows, so ingest and decode of one run share each read
+
+
+def read_rows(label: str, n: int, scale: Scale) -> dict:
+    key = (scale.name, label, n)
+    if key not in READS:
+        decode = n in scale.decode_sizes
+        READS[key] = run_child(["--child", "read" if decode else "ingest", label, str(n), scale.name])
+    return READS[key]
+
+
 def sweep_children(kind: str, sizes: list, scale: Scale, write) -> list[dict]:
-    """One subprocess per (memory backend, size); dense only up to `dense_max`. `write(rows)` after every point, so
-    an interrupted sweep keeps what it measured."""
+    """One subprocess per (memory backend, size), shared by the ingest and decode sweeps; dense only up to
+    `dense_max`. `write(rows)` after every point, so an interrupted sweep keeps what it measured."""
     rows = previous_rows(kind, scale) if APPEND else []
     for label in (["dense"] if scale.dense else []) + list(scale.indices):
         for n in sizes:
             if label == "dense" and n > scale.dense_max:
                 continue
             rows = [r for r in rows if (r["index"], int(r.get("tokens", r.get("memory_tokens")))) != (label, n)]
-            rows.append(run_child(["--child", kind, label, str(n), scale.name]))
+            rows.append(read_rows(label, n, scale)[kind])
             print(rows[-1], flush=True)
             write([dict(r) for r in rows])
     return rows
@@ -320,33 +352,6 @@ def write_ingest(rows: list[dict], scale: Scale) -> None:
 
 
 # -- 3. decode latency ------------------------------------------------------------------------------------------------
-def decode_child(label: str, size: int, scale_name: str) -> dict:
-    scale = SCALES[scale_name.split("_")[0]]  # a tagged run ("full_1m") uses its base scale's indices
-    model, tokenizer = load(**memory_settings(label, scale))
-    synchronize()
-    start = time.perf_counter()
-    doc = model.read(filler_ids(tokenizer, size), progress=False)
-    synchronize()
-    read_seconds = time.perf_counter() - start
-    cache = doc.new_cache()
-    ids = torch.tensor([doc.pending + tokenizer(" What is the pass key?", add_special_tokens=False)["input_ids"]],
-                       device=model.device)
-    times = []
-    with torch.no_grad():
-        out = model(ids, cache=cache, use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
-        for _ in range(24):
-            synchronize()
-            start = time.perf_counter()
-            out = model(token, cache=cache, use_cache=True)
-            synchronize()
-            times.append(time.perf_counter() - start)
-            token = out.logits[:, -1:].argmax(-1)
-    return {"index": label, "memory_tokens": size, "ms_per_token": round(1000 * statistics.median(times[4:]), 2),
-            "read_seconds": round(read_seconds, 2),
-            "peak_rss_mb": peak_rss_mb()}
-
-
 def exp_decode(scale: Scale) -> None:
     sweep_children("decode", scale.decode_sizes, scale, lambda rows: write_decode(rows, scale))
 
@@ -494,9 +499,8 @@ def main() -> None:
         parser.error(f"--device {DEVICE}: torch sees no CUDA device here (use --device cpu)")
     knn_index.set_num_threads(args.threads)
     if args.child:
-        kind, label, n, scale_name = args.child
-        fn = ingest_child if kind == "ingest" else decode_child
-        print(json.dumps(fn(label, int(n), scale_name)))
+        kind, label, n, scale_name = args.child  # kind: "ingest" (read only) or "read" (read, then decode)
+        print(json.dumps(read_child(label, int(n), scale_name, decode=kind == "read")))
         return
     scale = replace(SCALES[args.scale], indices=dict(SCALES[args.scale].indices))  # overrides below stay local
     if args.indices:

@@ -20,7 +20,7 @@ def runner(tmp_path, monkeypatch):
     module.SCALES["tiny"] = module.Scale(
         name="tiny", passkey_lengths=[200], dense_max=200, trials=2,
         indices={"torch": ("torch", {}), "IVF4,Flat": ("IVF4,Flat", {"nprobe": 2})},
-        ks=[8], depth_length=200, depths=[0.0, 1.0], ingest_lengths=[300], decode_sizes=[300], recall_tokens=600,
+        ks=[8], depth_length=200, depths=[0.0, 1.0], ingest_lengths=[1000], decode_sizes=[1000], recall_tokens=600,
         recall_sweep={"IVF4,Flat": ("IVF4,Flat", "nprobe", [1, 4])},
     )
     return module
@@ -41,13 +41,33 @@ def test_memory_settings(runner):
 
 def test_children_on_cpu(runner):
     n = 1000  # > window (256) + last_context_length (128): whole windows go to memory
-    dense = runner.ingest_child("dense", n, "tiny")
-    knn = runner.ingest_child("IVF4,Flat", n, "tiny")
-    for row in (dense, knn):
-        assert row["tokens"] == n and row["seconds"] > 0 and row["peak_rss_mb"] > 0
-    assert dense["memory_mb"] > 0 and knn["memory_mb"] > 0
-    decode = runner.decode_child("torch", 300, "tiny")
-    assert decode["index"] == "torch" and decode["ms_per_token"] > 0
+    dense = runner.read_child("dense", n, "tiny", decode=False)
+    assert set(dense) == {"ingest"}
+    knn = runner.read_child("IVF4,Flat", n, "tiny", decode=True)
+    for row in (dense["ingest"], knn["ingest"]):
+        assert row["tokens"] == n and row["seconds"] > 0 and row["peak_rss_mb"] > 0 and row["memory_mb"] > 0
+    decode = knn["decode"]  # decoding against the memory that the same read filled
+    assert decode["index"] == "IVF4,Flat" and decode["memory_tokens"] == n and decode["ms_per_token"] > 0
+    assert abs(decode["read_seconds"] - knn["ingest"]["seconds"]) <= 0.0051  # the same read, rounded to 2 places
+
+
+def test_ingest_and_decode_share_each_read(runner, tmp_path, monkeypatch):
+    calls = []
+
+    def child(args):  # in-process children, counted
+        calls.append(args[:4])
+        return runner.read_child(args[2], int(args[3]), args[4], decode=args[1] == "read")
+
+    monkeypatch.setattr(runner, "run_child", child)
+    scale = runner.SCALES["tiny"]
+    runner.exp_ingest(scale)
+    runner.exp_decode(scale)
+    assert calls == [["--child", "read", "torch", "1000"], ["--child", "read", "IVF4,Flat", "1000"]]  # dense > dense_max
+    ingest, decode = _rows(tmp_path / "ingest_tiny.csv"), _rows(tmp_path / "decode_tiny.csv")
+    assert [(r["index"], r["tokens"]) for r in ingest] == [("torch", "1000"), ("IVF4,Flat", "1000")]
+    assert [(r["index"], r["memory_tokens"]) for r in decode] == [("torch", "1000"), ("IVF4,Flat", "1000")]
+    for i, d in zip(ingest, decode):
+        assert abs(float(d["read_seconds"]) - float(i["seconds"])) <= 0.0051
 
 
 def test_passkey_and_recall_tables(runner, tmp_path):
@@ -124,7 +144,7 @@ def test_unknown_index_label_is_refused(runner, monkeypatch, capsys):
 
 def test_tagged_run_uses_its_base_scale(runner, tmp_path, monkeypatch):
     argv = ["run_experiments.py", "--scale", "tiny", "--only", "ingest", "--tag", "spot", "--threads", "1"]
-    monkeypatch.setattr(runner, "run_child", lambda args: runner.ingest_child(args[2], int(args[3]), args[4]))  # in-process children
+    monkeypatch.setattr(runner, "run_child", lambda args: runner.read_child(args[2], int(args[3]), args[4], False))  # in-process
     monkeypatch.setattr("sys.argv", argv + ["--indices", "dense", "torch", "--lengths", "200"])
     runner.main()
     rows = _rows(tmp_path / "ingest_tiny_spot.csv")
