@@ -475,6 +475,20 @@ no-memory ablation).
 # ------------------------------------------------------------------------------------------------------ main
 
 
+def passkey_point(job: tuple) -> dict:
+    """Passkey accuracy of the checkpoint in `out_dir` with config overrides, at one length (one thread)."""
+    from transformers import AutoTokenizer
+
+    out_dir, overrides, length, trials = job
+    torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    model = LongLlamaForCausalLM.from_pretrained(out_dir, **overrides).eval()
+    row = passkey_curve(model, tokenizer, [length], trials=trials, seed=0, verbose=False)[0]
+    print(f"passkey {overrides or 'dense'}: {length:>7} tokens: {row['correct']}/{row['trials']} in {row['seconds']:.0f}s",
+          flush=True)
+    return row
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=DEMO_DIR)
@@ -509,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-lengths", type=int, nargs="*", default=[64, 128, 256, 512, 1024, 2048, 4096, 8192])
     parser.add_argument("--nomem-lengths", type=int, nargs="*", default=[64, 128, 256, 512, 1024])
     parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--eval-jobs", type=int, default=1, help="processes for the passkey evaluation (one thread each)")
     parser.add_argument("--eval-only", action="store_true")
     parser.add_argument("--card-only", action="store_true")
     parser.add_argument("--stop-after", type=int, default=None, help="stop after this many steps")
@@ -644,19 +659,24 @@ def main(argv=None) -> None:
             json.dump(summary, f, indent=1)
         print(json.dumps({key: v for key, v in summary.items() if key != "history"}, indent=1), flush=True)
 
-    # passkey evaluation
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(args.out)
-    results = {}
+    # passkey evaluation: one (memory setting, length) curve point per job, `--eval-jobs` processes of one thread
     knn = {"mem_backend": "faiss", "mem_index": "Flat", "mem_knn_k": 32}
-    for name, overrides, lengths in [("dense", {}, args.eval_lengths), ("faiss", knn, args.eval_lengths),
-                                     ("no_memory", {"mem_layers": []}, args.nomem_lengths)]:
-        if not lengths:
-            continue
-        model = LongLlamaForCausalLM.from_pretrained(args.out, **overrides).eval()
-        print(f"passkey, {name}:", flush=True)
-        results[name] = passkey_curve(model, tokenizer, lengths, trials=args.trials, seed=0)
+    settings = {"dense": {}, "faiss": knn, "no_memory": {"mem_layers": []}}
+    points = [(name, length) for name, lengths in [("dense", args.eval_lengths), ("faiss", args.eval_lengths),
+                                                    ("no_memory", args.nomem_lengths)] for length in lengths]
+    jobs = [(args.out, settings[name], length, args.trials) for name, length in points]
+    if args.eval_jobs > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(args.eval_jobs) as pool:
+            # longest first, so the pool does not end on one long job
+            order = sorted(range(len(jobs)), key=lambda i: -jobs[i][2])
+            rows = dict(zip(order, pool.map(passkey_point, [jobs[i] for i in order], chunksize=1)))
+    else:
+        rows = dict(enumerate(map(passkey_point, jobs)))
+    results = {}
+    for i, (name, length) in enumerate(points):
+        results.setdefault(name, []).append(rows[i])
     with open(os.path.join(args.out, "passkey_results.json"), "w") as f:
         json.dump(results, f, indent=1)
     write_model_card(args.out)

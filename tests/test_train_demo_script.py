@@ -1,5 +1,6 @@
 """experiments/train_demo_model.py end to end at a toy size: a run from scratch, then a re-windowed continuation of
-it, and the model card that must describe (and give the commands for) both stages."""
+it, and the model card that must describe (and give the commands for) both stages; the passkey evaluation runs
+in a process pool."""
 
 import json
 import os
@@ -20,7 +21,8 @@ def _run(*args):
 def test_continuation_chain_and_model_card(tmp_path):
     stage1, stage2 = str(tmp_path / "s1"), str(tmp_path / "s2")
     _run("--out", stage1, "--window", "32", "--last-context", "16", "--copy-steps", "2", "--steps", "3")
-    _run("--out", stage2, "--init-from", stage1, "--window", "64", "--last-context", "32", "--steps", "2")
+    _run("--out", stage2, "--init-from", stage1, "--window", "64", "--last-context", "32", "--steps", "2",
+         "--eval-lengths", "100", "200", "--nomem-lengths", "100", "--eval-jobs", "2")
 
     with open(os.path.join(stage2, "config.json")) as f:
         config = json.load(f)
@@ -36,4 +38,9 @@ def test_continuation_chain_and_model_card(tmp_path):
     assert "--window 32" in commands[0] and commands[0].endswith("--out /tmp/demo_stage1")
     assert "--init-from /tmp/demo_stage1" in commands[1] and "--window 64" in commands[1]
     assert "--copy-steps 2" in commands[0] and "--steps 3" in commands[0] and "--steps 2" in commands[1]
+    with open(os.path.join(stage2, "passkey_results.json")) as f:  # evaluated by a pool of 2 processes
+        results = json.load(f)
+    assert {name: [r["target_tokens"] for r in rows] for name, rows in results.items()} == {
+        "dense": [100, 200], "faiss": [100, 200], "no_memory": [100]}
+    assert all(r["trials"] == 1 and r["correct"] in (0, 1) for rows in results.values() for r in rows)
     assert "Stage 2, the stage 1 checkpoint re-windowed: `max_position_embeddings` 32 -> **64**" in card
