@@ -106,6 +106,24 @@ def memory_settings(label: str, scale: Scale, k: int = 32) -> dict:
     return dict(mem_backend="faiss", mem_index=factory, mem_index_params=params or None, mem_knn_k=k)
 
 
+def search_mode(label: str, scale: Scale, config, num_tokens: int) -> str:
+    """How memory is searched after reading `num_tokens`: "dense", "exact" (torch top-k, Flat, or a trainable index
+    that has not reached its training size: knn_index buffers keys and searches them exactly until then) or
+    "approximate" (a trained IVF/PQ index, or HNSW)."""
+    if label == "dense":
+        return "dense"
+    factory, _ = scale.indices[label]
+    if factory == "torch":
+        return "exact"
+    import knn_index
+
+    index = knn_index.make_index(factory, config.hidden_size // config.num_attention_heads)
+    keys_per_head = max(num_tokens - config.last_context_length, 0)  # the final window stays local
+    if index.is_trained:  # Flat is exact; HNSW is approximate from the first key
+        return "exact" if "Flat" == factory else "approximate"
+    return "exact" if keys_per_head < knn_index.default_train_size(index) else "approximate"
+
+
 def synchronize() -> None:
     if DEVICE.startswith("cuda"):
         torch.cuda.synchronize()
@@ -191,7 +209,9 @@ def exp_passkey(scale: Scale) -> None:
                 continue
             result = passkey_accuracy(model, tokenizer, length, trials=scale.trials, seed=0)
             rows.append({"index": label, "k": k or "-", "tokens": length,
-                         "prompt_tokens": round(result["mean_prompt_tokens"]), "accuracy": result["accuracy"],
+                         "prompt_tokens": round(result["mean_prompt_tokens"]),
+                         "search": search_mode(label, scale, model.config, round(result["mean_prompt_tokens"])),
+                         "accuracy": result["accuracy"],
                          "trials": scale.trials, "seconds": round(result["seconds"], 1)})
             print(rows[-1], flush=True)
             write_passkey(rows, scale)  # after every point: an interrupted run keeps what it measured
@@ -250,7 +270,8 @@ def read_child(label: str, num_tokens: int, scale_name: str, decode: bool) -> di
     doc = model.read(ids, progress=False)
     synchronize()
     seconds = time.perf_counter() - start
-    ingest = {"index": label, "tokens": num_tokens, "seconds": round(seconds, 3),
+    ingest = {"index": label, "tokens": num_tokens, "search": search_mode(label, scale, model.config, num_tokens),
+              "seconds": round(seconds, 3),
               "us_per_token": round(1e6 * seconds / num_tokens, 2),
               "peak_rss_mb": peak_rss_mb(),
               "memory_mb": round(sum(m.nbytes() for m in doc.memories.values()) / 2**20, 1)}
@@ -299,7 +320,7 @@ def previous_rows(kind: str, scale: Scale) -> list[dict]:
         return []
     number = lambda v: float(v) if "." in v else int(v)  # noqa: E731
     with open(path) as f:
-        rows = [{key: (v if key == "index" else number(v)) for key, v in r.items()
+        rows = [{key: (v if key in ("index", "search") else number(v)) for key, v in r.items()
                  if key not in ("time_exponent", "vs_smallest")} for r in csv.DictReader(f)]
     return rows
 

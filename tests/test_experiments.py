@@ -133,6 +133,36 @@ def test_readme_flags_results_of_another_checkpoint(tmp_path, monkeypatch):
     assert "not recorded" in module.model_line("c", current)
 
 
+def test_search_mode_follows_the_training_size(runner):
+    """Trainable indices search exactly until a store holds default_train_size keys (40 per centroid of the largest
+    codebook, at least 1024); the runner labels every point with the search that produced it."""
+    from types import SimpleNamespace
+
+    scale = runner.replace(runner.SCALES["tiny"], indices={
+        "torch": ("torch", {}), "Flat": ("Flat", {}), "HNSW8": ("HNSW8", {}), "IVF64,Flat": ("IVF64,Flat", {}),
+        "IVF16,PQ4": ("IVF16,PQ4", {})})
+    config = SimpleNamespace(hidden_size=128, num_attention_heads=4, last_context_length=128)
+    mode = lambda label, n: runner.search_mode(label, scale, config, n)  # noqa: E731
+    assert [mode(label, 10**6) for label in ("dense", "torch", "Flat", "HNSW8")] == ["dense", "exact", "exact",
+                                                                                     "approximate"]
+    assert mode("IVF64,Flat", 128 + 40 * 64 - 1) == "exact" and mode("IVF64,Flat", 128 + 40 * 64) == "approximate"
+    assert mode("IVF16,PQ4", 128 + 40 * 256 - 1) == "exact" and mode("IVF16,PQ4", 128 + 40 * 256) == "approximate"
+
+
+def test_goal_says_how_knn_points_were_searched(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("update_readme", os.path.join(ROOT, "experiments", "update_readme.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "RESULTS", str(tmp_path))
+    (tmp_path / "passkey_s.csv").write_text(
+        "index,k,tokens,prompt_tokens,search,accuracy,trials,seconds\n"
+        "dense,-,2048,2048,dense,1.0,10,1\ndense,-,8192,8192,dense,0.9,10,1\n"
+        "IVF64,Flat,32,2048,2048,exact,1.0,10,1\nIVF64,Flat,32,8192,8192,approximate,0.4,10,1\n".replace(
+            "IVF64,Flat", '"IVF64,Flat"'))
+    table = module.goals("s")
+    assert "below dense: IVF64,Flat k=32 at 8192 (1 of 2 kNN points there searched approximately" in table
+
+
 def test_unknown_index_label_is_refused(runner, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["run_experiments.py", "--scale", "small", "--indices", "IVF9,Bogus"])
     with pytest.raises(SystemExit) as exit_info:
