@@ -17,8 +17,8 @@ INDEX_HELP = ("memory backend: 'dense' (official, attends to all memory), 'torch
               "Faiss index_factory string such as 'Flat', 'IVF1024,Flat', 'HNSW32', 'IVF1024,PQ16', 'SQ8'")
 
 
-def memory_overrides(index: str, k: int | None, index_params: str | None) -> dict:
-    """Config fields for an --index / --k / --index-params choice."""
+def memory_overrides(index: str, k: int | None, index_params: str | None, k_factor: int | None = None) -> dict:
+    """Config fields for an --index / --k / --index-params / --k-factor choice."""
     overrides = {}
     if index == "dense":
         overrides["mem_backend"] = "dense"
@@ -36,6 +36,8 @@ def memory_overrides(index: str, k: int | None, index_params: str | None) -> dic
                 raise SystemExit(f"--index-params: expected name=value[,name=value], got {index_params!r}")
             params[name.strip()] = int(value) if value.strip().isdigit() else float(value)
         overrides["mem_index_params"] = params
+    if k_factor is not None:
+        overrides["mem_knn_k_factor"] = k_factor
     return overrides
 
 
@@ -69,7 +71,7 @@ def cmd_passkey(args) -> int:
     for index in args.index:
         ks = [None] if index == "dense" else args.k
         for k in ks:
-            apply_memory_settings(model, memory_overrides(index, k, args.index_params))
+            apply_memory_settings(model, memory_overrides(index, k, args.index_params, args.k_factor))
             for length in args.lengths:
                 result = passkey_accuracy(model, tokenizer, length, trials=args.trials, seed=args.seed)
                 row = {"index": index, "k": k if k is not None else "-", "tokens": length,
@@ -90,7 +92,7 @@ def cmd_passkey(args) -> int:
 
 
 def cmd_read(args) -> int:
-    model, tokenizer = load_model(args.model, args.device, **memory_overrides(args.index, args.k, args.index_params))
+    model, tokenizer = load_model(args.model, args.device, **memory_overrides(args.index, args.k, args.index_params, args.k_factor))
     doc = model.read(args.file, tokenizer, progress=not args.quiet)
     doc.save(args.output)
     print(f"read {doc.num_tokens} tokens into {args.output}")
@@ -100,7 +102,7 @@ def cmd_read(args) -> int:
 def cmd_ask(args) -> int:
     from .document import Document
 
-    model, tokenizer = load_model(args.model, args.device, **memory_overrides(args.index, args.k, args.index_params))
+    model, tokenizer = load_model(args.model, args.device, **memory_overrides(args.index, args.k, args.index_params, args.k_factor))
     doc = Document.load(args.memory, model, tokenizer)
     for question in args.questions:
         answer = doc.ask(question, max_new_tokens=args.max_new_tokens, do_sample=False)
@@ -109,7 +111,7 @@ def cmd_ask(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    model, tokenizer = load_model(args.model, args.device, **memory_overrides(args.index, args.k, args.index_params))
+    model, tokenizer = load_model(args.model, args.device, **memory_overrides(args.index, args.k, args.index_params, args.k_factor))
     prompt = open(args.file, encoding="utf-8").read() if args.file else args.prompt
     if prompt is None:
         raise SystemExit("generate: give a PROMPT or --file FILE")
@@ -137,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--threads", type=int, default=None,
                         help="threads for torch and Faiss together (default: their own defaults)")
     common.add_argument("--index-params", default=None, help="Faiss search parameters, e.g. nprobe=32 or efSearch=64")
+    common.add_argument("--k-factor", type=int, default=None,
+                        help="fetch k-factor x k candidates and keep the k best by exact score (for PQ/SQ indices)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("passkey", parents=[common], help="passkey retrieval accuracy (spec section 4) per length")

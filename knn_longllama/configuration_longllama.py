@@ -30,6 +30,9 @@ class LongLlamaConfig(PreTrainedConfig):
     - `mem_backend`: `"dense"` (official: attend to the whole memory), `"faiss"` (top-k search in per-head Faiss
       indices) or `"torch_topk"` (exact top-k in plain torch, any device).
     - `mem_knn_k`: number of memory entries retrieved per query and head by the kNN backends.
+    - `mem_knn_k_factor`: the Faiss backend fetches `mem_knn_k_factor * mem_knn_k` candidates and keeps the
+      `mem_knn_k` with the best exact scores (as `faiss.IndexRefine`); raises the recall of compressed indices
+      (PQ, SQ). 1 (default): keep the index's own top-k, still with exact scores.
     - `mem_index`: Faiss `index_factory` string (`"Flat"`, `"IVF1024,Flat"`, `"HNSW32"`, `"IVF1024,PQ16"`, `"SQ8"`...).
     - `mem_index_params`: Faiss search parameters, e.g. `{"nprobe": 32}` or `{"efSearch": 64}`.
     """
@@ -63,6 +66,7 @@ class LongLlamaConfig(PreTrainedConfig):
     gradient_checkpoint_every_ith: int = 1
     mem_backend: str = "dense"
     mem_knn_k: int = 32
+    mem_knn_k_factor: int = 1
     mem_index: str = "Flat"
     mem_index_params: dict | None = None
 
@@ -119,6 +123,8 @@ class LongLlamaConfig(PreTrainedConfig):
             raise ValueError(f"`mem_backend` must be one of {MEM_BACKENDS}, got {self.mem_backend!r}.")
         if not isinstance(self.mem_knn_k, int) or self.mem_knn_k <= 0:
             raise ValueError(f"`mem_knn_k` must be a positive int, got {self.mem_knn_k!r}.")
+        if not isinstance(self.mem_knn_k_factor, int) or isinstance(self.mem_knn_k_factor, bool) or self.mem_knn_k_factor <= 0:
+            raise ValueError(f"`mem_knn_k_factor` must be a positive int (1: no re-ranking), got {self.mem_knn_k_factor!r}.")
         if self.gradient_checkpoint_every_ith <= 0:
             raise ValueError(
                 f"`gradient_checkpoint_every_ith` must be a positive int, got {self.gradient_checkpoint_every_ith!r}."

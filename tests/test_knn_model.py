@@ -122,3 +122,37 @@ def test_a_window_never_retrieves_itself(backend, monkeypatch):
     with torch.no_grad():
         model(torch.randint(3, 61, (2, 64)), use_cache=False, last_context_length=16)
     assert sizes == [[0, 0], [16, 16], [32, 32], [48, 48]]
+
+
+def test_k_factor_reranks_candidates_of_a_compressed_index_by_exact_score():
+    """PQ ranks by compressed distances; fetching k_factor * k candidates and keeping the k best exact scores
+    recovers the brute-force top-k once the candidates cover the memory."""
+    torch.manual_seed(0)
+    n, d, k = 1100, 8, 6  # 1100 keys: over the 1024 that a 4-bit PQ trains on, so the index really compresses
+    keys, values = torch.randn(1, 1, n, d), torch.randn(1, 1, n, d)
+    mask = torch.ones(1, n, dtype=torch.bool)
+    q = torch.randn(1, 1, 16, d)
+    exact = (q[0, 0] @ keys[0, 0].T).topk(k, dim=-1)
+
+    def top_ids(k_factor):
+        mem = KnnMemory(1, 1, d, k=k, backend="faiss", index="PQ2x4", index_params=None, dtype=torch.float32,
+                        device="cpu", k_factor=k_factor)
+        mem.add(keys, values, mask)
+        found = mem.store.search(q, k)
+        return found.ids[0, 0], found.scores[0, 0]
+
+    ids, _ = top_ids(1)
+    assert any(set(ids[t].tolist()) != set(exact.indices[t].tolist()) for t in range(16))  # PQ alone is approximate
+    ids, scores = top_ids(n // k + 1)
+    for t in range(16):
+        assert set(ids[t].tolist()) == set(exact.indices[t].tolist())
+        assert torch.allclose(scores[t].sort(descending=True).values, exact.values[t], atol=1e-5)
+
+
+def test_k_factor_comes_from_the_config():
+    model = tiny_model(mem_layers=[1], mem_backend="faiss", mem_index="Flat", mem_knn_k_factor=4)
+    assert model.model.new_memory(1, "cpu", torch.float32).store.k_factor == 4
+    model.config.mem_backend = "torch_topk"  # exact: nothing to re-rank
+    assert model.model.new_memory(1, "cpu", torch.float32).store.k_factor == 1
+    with pytest.raises(ValueError, match="`mem_knn_k_factor` must be a positive int"):
+        tiny_model(mem_layers=[1], mem_knn_k_factor=0)
