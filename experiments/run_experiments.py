@@ -55,7 +55,7 @@ SCALES = {
     "small": Scale(
         name="small", passkey_lengths=[512, 2048, 8192], dense_max=8192, trials=10,
         indices={"Flat": ("Flat", {}), "IVF64,Flat": ("IVF64,Flat", {"nprobe": 8}), "HNSW32": ("HNSW32", {}),
-                 "HNSW32 efSearch128": ("HNSW32", {"efSearch": 128}), "IVF64,PQ8": ("IVF64,PQ8", {"nprobe": 8})},
+                 "HNSW32 efSearch128": ("HNSW32", {"efSearch": 128}), "IVF64,PQ8x4": ("IVF64,PQ8x4", {"nprobe": 8, "k_factor": 4})},
         ks=[8, 32, 128], depth_length=2048, depths=[0.0, 0.25, 0.5, 0.75, 1.0],
         ingest_lengths=[2048, 8192, 32768], decode_sizes=[2048, 8192, 32768], recall_tokens=12288,
         recall_sweep={"IVF64,Flat": ("IVF64,Flat", "nprobe", [1, 2, 4, 8, 16]),
@@ -75,7 +75,7 @@ SCALES = {
         name="full", passkey_lengths=[4096, 16384, 65536, 262144, 1048576], dense_max=65536, trials=20,
         indices={"Flat": ("Flat", {}), "IVF1024,Flat": ("IVF1024,Flat", {"nprobe": 32}),
                  "IVF1024,Flat nprobe8": ("IVF1024,Flat", {"nprobe": 8}),
-                 "HNSW32": ("HNSW32", {"efSearch": 64}), "IVF1024,PQ16": ("IVF1024,PQ16", {"nprobe": 32})},
+                 "HNSW32": ("HNSW32", {"efSearch": 64}), "IVF1024,PQ16": ("IVF1024,PQ16", {"nprobe": 32, "k_factor": 4})},
         ks=[8, 32, 128], depth_length=65536, depths=[0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0],
         ingest_lengths=[4096, 16384, 65536, 262144, 1048576], decode_sizes=[1024, 16384, 131072, 1048576],
         recall_tokens=262144,
@@ -103,7 +103,10 @@ def memory_settings(label: str, scale: Scale, k: int = 32) -> dict:
     factory, params = scale.indices[label]
     if factory == "torch":
         return dict(mem_backend="torch_topk", mem_knn_k=k)
-    return dict(mem_backend="faiss", mem_index=factory, mem_index_params=params or None, mem_knn_k=k)
+    params = dict(params)
+    k_factor = params.pop("k_factor", 1)  # not a Faiss parameter: candidates re-ranked by exact score
+    return dict(mem_backend="faiss", mem_index=factory, mem_index_params=params or None, mem_knn_k=k,
+                mem_knn_k_factor=k_factor)
 
 
 def search_mode(label: str, scale: Scale, config, num_tokens: int) -> str:
@@ -437,8 +440,9 @@ def exp_recall(scale: Scale) -> None:
         for label, factory, param, values in sweeps:
             for value in values:
                 params = {param: value} if value is not None else dict(scale.indices.get(label, (None, {}))[1])
-                store = knn_index.KnnStore(1, heads, dim, index=factory, index_params=params or None,
-                                           dtype=torch.float32)
+                search_params = {name: v for name, v in params.items() if name != "k_factor"}
+                store = knn_index.KnnStore(1, heads, dim, index=factory, index_params=search_params or None,
+                                           dtype=torch.float32, k_factor=params.get("k_factor", 1))
                 store.add(keys, keys)
                 start = time.perf_counter()
                 found = store.search(queries, k).ids

@@ -36,7 +36,13 @@ def test_memory_settings(runner):
     assert runner.memory_settings("dense", scale) == {"mem_backend": "dense"}
     assert runner.memory_settings("torch", scale, 8) == {"mem_backend": "torch_topk", "mem_knn_k": 8}
     assert runner.memory_settings("IVF4,Flat", scale, 8) == {
-        "mem_backend": "faiss", "mem_index": "IVF4,Flat", "mem_index_params": {"nprobe": 2}, "mem_knn_k": 8}
+        "mem_backend": "faiss", "mem_index": "IVF4,Flat", "mem_index_params": {"nprobe": 2}, "mem_knn_k": 8,
+        "mem_knn_k_factor": 1}
+    pq = runner.replace(scale, indices={"PQ": ("IVF4,PQ4x4", {"nprobe": 2, "k_factor": 4})})
+    assert runner.memory_settings("PQ", pq, 8) == {  # k_factor is re-ranking in the memory, not a Faiss parameter
+        "mem_backend": "faiss", "mem_index": "IVF4,PQ4x4", "mem_index_params": {"nprobe": 2}, "mem_knn_k": 8,
+        "mem_knn_k_factor": 4}
+    assert pq.indices["PQ"][1] == {"nprobe": 2, "k_factor": 4}  # the scale is left as it was
 
 
 def test_children_on_cpu(runner):
