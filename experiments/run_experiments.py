@@ -55,9 +55,9 @@ SCALES = {
     "small": Scale(
         name="small", passkey_lengths=[512, 2048, 8192], dense_max=8192, trials=10,
         indices={"Flat": ("Flat", {}), "IVF64,Flat": ("IVF64,Flat", {"nprobe": 8}), "HNSW32": ("HNSW32", {}),
-                 "HNSW32 efSearch128": ("HNSW32", {"efSearch": 128}), "IVF64,PQ8x4": ("IVF64,PQ8x4", {"nprobe": 8, "k_factor": 4})},
+                 "IVF64,PQ8x4": ("IVF64,PQ8x4", {"nprobe": 8, "k_factor": 4})},
         ks=[8, 32, 128], depth_length=2048, depths=[0.0, 0.25, 0.5, 0.75, 1.0],
-        ingest_lengths=[2048, 8192, 32768], decode_sizes=[2048, 8192, 32768], recall_tokens=12288,
+        ingest_lengths=[2048, 8192, 16384], decode_sizes=[2048, 8192, 16384], recall_tokens=12288,
         recall_sweep={"IVF64,Flat": ("IVF64,Flat", "nprobe", [1, 2, 4, 8, 16]),
                       "HNSW32": ("HNSW32", "efSearch", [16, 32, 64, 128])},
     ),
