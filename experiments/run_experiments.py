@@ -103,10 +103,16 @@ def memory_settings(label: str, scale: Scale, k: int = 32) -> dict:
     factory, params = scale.indices[label]
     if factory == "torch":
         return dict(mem_backend="torch_topk", mem_knn_k=k)
-    params = dict(params)
-    k_factor = params.pop("k_factor", 1)  # not a Faiss parameter: candidates re-ranked by exact score
+    params, k_factor = split_k_factor(params)
     return dict(mem_backend="faiss", mem_index=factory, mem_index_params=params or None, mem_knn_k=k,
                 mem_knn_k_factor=k_factor)
+
+
+def split_k_factor(params: dict) -> tuple[dict, int]:
+    """A scale's index params as (Faiss search parameters, k_factor): k_factor is not a Faiss parameter but the
+    memory's re-ranking of k_factor * k candidates by exact score."""
+    params = dict(params)
+    return params, params.pop("k_factor", 1)
 
 
 def search_mode(label: str, scale: Scale, config, num_tokens: int) -> str:
@@ -435,15 +441,19 @@ def exp_recall(scale: Scale) -> None:
     rows = []
     sweeps = [(label, factory, "-", [None]) for label, (factory, _) in scale.indices.items() if factory != "torch"]
     sweeps += [(label + " sweep", factory, name, values) for label, (factory, name, values) in scale.recall_sweep.items()]
+    stores = {}  # (label, value) -> a store filled (and trained) once, searched for every k
     for k in scale.ks:
         truth = exact.search(queries, k).ids
         for label, factory, param, values in sweeps:
             for value in values:
                 params = {param: value} if value is not None else dict(scale.indices.get(label, (None, {}))[1])
-                search_params = {name: v for name, v in params.items() if name != "k_factor"}
-                store = knn_index.KnnStore(1, heads, dim, index=factory, index_params=search_params or None,
-                                           dtype=torch.float32, k_factor=params.get("k_factor", 1))
-                store.add(keys, keys)
+                store = stores.get((label, value))
+                if store is None:
+                    search_params, k_factor = split_k_factor(params)
+                    store = knn_index.KnnStore(1, heads, dim, index=factory, index_params=search_params or None,
+                                               dtype=torch.float32, k_factor=k_factor)
+                    store.add(keys, keys)
+                    stores[(label, value)] = store
                 start = time.perf_counter()
                 found = store.search(queries, k).ids
                 search_ms = 1000 * (time.perf_counter() - start)
