@@ -8,6 +8,11 @@ copy, with the token before it, and the whole key line lie inside one window (`m
 final local context.
 Non-memory layers only see their own window (spec section 3), so a copy cut by a window boundary loses the context
 its keys are matched on. Writes experiments/results/passkey_failures.{csv,md}.
+
+`--key-line first` (or `second`) runs the same trials with a key line that states the key once ("The pass key is K.
+Remember it." / "Remember it. K is the pass key."): a model that retrieves the digits after "The pass key is" from
+memory answers these; one that only spots a key repeated inside one window does not. Written as
+passkey_failures_<key-line>.{csv,md}.
 """
 
 import argparse
@@ -25,6 +30,8 @@ from knn_longllama.passkey import (  # noqa: E402
 )
 
 RESULTS = os.path.join(ROOT, "experiments", "results")
+KEY_LINES = {"official": INFO_TEMPLATE, "first": "The pass key is {key}. Remember it.",
+             "second": "Remember it. {key} is the pass key."}
 
 
 def copy_is_whole(start: int, length: int, num_tokens: int, window: int, last_context: int) -> bool:
@@ -49,6 +56,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--model", default=None, help="a checkpoint folder (default: the shipped demo model)")
+    parser.add_argument("--key-line", choices=sorted(KEY_LINES), default="official",
+                        help="official: the key twice (spec section 4); first / second: only that copy")
     args = parser.parse_args()
     import knn_index
 
@@ -68,14 +77,14 @@ def main() -> None:
         n_garbage = n_garbage_for_tokens(tokenizer, length)
         rng = random.Random(f"passkey-0-{n_garbage}")  # the trials of passkey_accuracy(seed=0)
         for trial in range(args.trials):
-            prompt, key = make_passkey_prompt(n_garbage, rng)
+            prompt, key = make_passkey_prompt(n_garbage, rng, info_template=KEY_LINES[args.key_line])
             encoded = tokenizer(prompt, return_offsets_mapping=True)
             ids, offsets = encoded.input_ids, encoded.offset_mapping
             digits = answer_ids(tokenizer, key)[1:]  # without the leading space piece
             starts = [i for i in range(len(ids)) if ids[i : i + len(digits)] == digits]
             whole = sum(copy_is_whole(s, len(digits), len(ids), window, last_context) for s in starts)
             # the whole key line, "The pass key is K. Remember it. K is the pass key.", in tokens
-            line = INFO_TEMPLATE.format(key=key)
+            line = KEY_LINES[args.key_line].format(key=key)
             c0 = prompt.index(line)
             c1 = c0 + len(line)
             t0 = next(i for i, (a, b) in enumerate(offsets) if b > c0)
@@ -86,13 +95,15 @@ def main() -> None:
                          "generated": result["generated_text"], "copies": len(starts), "whole_copies": whole,
                          "line_whole": int(line_whole),
                          "positions_in_window": " ".join(str(s % window) for s in starts)})
-    with open(os.path.join(RESULTS, "passkey_failures.csv"), "w", newline="") as f:
+    stem = "passkey_failures" + ("" if args.key_line == "official" else f"_{args.key_line}")
+    with open(os.path.join(RESULTS, f"{stem}.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     lines = ["**Passkey accuracy of the demo model by where window boundaries fall** "
-             f"(window {window}, dense memory, {args.trials} trials per length; a copy of the key is whole when it "
-             "and the token before it share a window)", "",
+             f"(window {window}, dense memory, {args.trials} trials per length, key line: "
+             f"\"{KEY_LINES[args.key_line].format(key='K')}\"; a copy of the key is whole when it and the token "
+             "before it share a window)", "",
              "| tokens | key line in one window | correct | key line cut | correct | both copies whole | correct | "
              "a copy cut | correct |", "|---|---|---|---|---|---|---|---|---|"]
     for length in args.lengths:
@@ -101,7 +112,7 @@ def main() -> None:
                   [r for r in sub if r["whole_copies"] == r["copies"]], [r for r in sub if r["whole_copies"] < r["copies"]]]
         lines.append(f"| {length} | " + " | ".join(f"{len(g)} | {sum(r['correct'] for r in g)}" for g in groups) + " |")
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(RESULTS, "passkey_failures.md"), "w") as f:
+    with open(os.path.join(RESULTS, f"{stem}.md"), "w") as f:
         f.write(text)
     print(text)
 

@@ -34,10 +34,12 @@ import json
 import logging
 import os
 import random
+import shutil
 import sys
 import time
 
 import torch
+from transformers import AutoTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -121,11 +123,19 @@ def build_tokenizer(texts: list[str], out_dir: str, vocab_size: int = 1024, seed
 # ----------------------------------------------------------------------------------------------------------- data
 
 
+def single_copy_line(info_template: str) -> str:
+    """The key line stating the key once: its first sentence, then "Remember it." (official: "The pass key is
+    {key}. Remember it."). With both copies in one window a model can answer by spotting the repeated digits; with
+    one copy it has to retrieve the digits that follow "The pass key is" from memory."""
+    return info_template.split(". ")[0].rstrip(".") + ". Remember it."
+
+
 class DemoData:
     """Endless seeded streams of exactly `stream_len` tokens (dicts with input_ids and loss_weights)."""
 
     def __init__(self, tokenizer, austen_ids: list[int], stream_len: int, chunk_len: int, seed: int,
-                 answer_weight: float = 5.0, short_passkeys: float = 0.0, straddle: float = 0.0):
+                 answer_weight: float = 5.0, short_passkeys: float = 0.0, straddle: float = 0.0,
+                 single_copy: float = 0.0):
         self.tok = tokenizer
         self.austen = austen_ids
         self.stream_len = stream_len
@@ -134,6 +144,7 @@ class DemoData:
         self.answer_weight = answer_weight
         self.short_passkeys = short_passkeys
         self.straddle = straddle
+        self.single_copy = single_copy
         self.bos, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
         self.cpt = {f: chars_per_token(tokenizer, f) for f in [FILLER] + OTHER_FILLERS}
         sentences = [s.strip().replace("\n", " ") + "." for s in open(AUSTEN, encoding="utf-8").read().split(".")]
@@ -164,6 +175,8 @@ class DemoData:
             filler = " ".join(rng.sample(self.austen_sentences, 3))
         elif kind < 0.35:
             info, question = rng.choice(OTHER_WORDINGS)
+        if self.single_copy and rng.random() < self.single_copy:
+            info = single_copy_line(info)
         short = rng.random() < self.short_passkeys  # no task line, little filler: fits in one window (local copy)
         if short or rng.random() < 0.1:
             task = ""
@@ -518,6 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--contexts-end", type=int, default=None)
     parser.add_argument("--answer-weight", type=float, default=5.0)
     parser.add_argument("--short-passkeys", type=float, default=0.25, help="share of passkey prompts within one window")
+    parser.add_argument("--single-copy", type=float, default=0.0,
+                        help="share of passkey prompts whose key line states the key once")
     parser.add_argument("--straddle", type=float, default=0.0,
                         help="share of passkey streams whose key line is placed across a chunk boundary")
     parser.add_argument("--eval-lengths", type=int, nargs="*", default=[64, 128, 256, 512, 1024, 2048, 4096, 8192])
@@ -564,7 +579,14 @@ def main(argv=None) -> None:
         for info, question in OTHER_WORDINGS:
             task_samples += [info.format(key=123) + " " + question] * 20
         task_samples += OTHER_FILLERS * 20
-        tokenizer = build_tokenizer([train_text, "\n".join(task_samples)], args.out, seed=args.seed)
+        if args.init_from:  # the checkpoint's own tokenizer: a new one (other seed, other samples) would not match
+            tokenizer = AutoTokenizer.from_pretrained(args.init_from)
+            tokenizer.save_pretrained(args.out)
+            spm_model = os.path.join(args.init_from, "tokenizer.model")  # the sentencepiece file ships too
+            if os.path.isfile(spm_model):
+                shutil.copyfile(spm_model, os.path.join(args.out, "tokenizer.model"))
+        else:
+            tokenizer = build_tokenizer([train_text, "\n".join(task_samples)], args.out, seed=args.seed)
         austen_ids = tokenizer(train_text.replace("\n", " "), add_special_tokens=False).input_ids
         print(f"tokenizer: {len(tokenizer)} tokens; Austen train excerpt {len(austen_ids)} tokens; filler "
               f"{chars_per_token(tokenizer):.2f} chars/token", flush=True)
@@ -617,7 +639,7 @@ def main(argv=None) -> None:
         print("phase 2: FoT cross-batch training", flush=True)
         data = DemoData(tokenizer, austen_ids, k * args.window, args.window, seed=args.seed,
                         answer_weight=args.answer_weight, short_passkeys=args.short_passkeys,
-                        straddle=args.straddle)
+                        straddle=args.straddle, single_copy=args.single_copy)
         pattern = args.pattern.split(",")
         batches = pack_crossbatch(data.streams(pattern), args.window, k, args.streams_per_batch, pad_token_id=0)
         if args.stop_after:  # stop early (the lr and E schedules still follow --steps)

@@ -22,7 +22,12 @@ def test_continuation_chain_and_model_card(tmp_path):
     stage1, stage2 = str(tmp_path / "s1"), str(tmp_path / "s2")
     _run("--out", stage1, "--window", "32", "--last-context", "16", "--copy-steps", "2", "--steps", "3")
     _run("--out", stage2, "--init-from", stage1, "--window", "64", "--last-context", "32", "--steps", "2",
-         "--eval-lengths", "100", "200", "--nomem-lengths", "100", "--eval-jobs", "2")
+         "--eval-lengths", "100", "200", "--nomem-lengths", "100", "--eval-jobs", "2", "--seed", "5",
+         "--single-copy", "1")
+
+    for name in ("tokenizer.json", "tokenizer.model"):  # a continuation keeps its checkpoint's tokenizer
+        with open(os.path.join(stage1, name), "rb") as a, open(os.path.join(stage2, name), "rb") as b:
+            assert a.read() == b.read(), name
 
     with open(os.path.join(stage2, "config.json")) as f:
         config = json.load(f)
@@ -44,3 +49,26 @@ def test_continuation_chain_and_model_card(tmp_path):
         "dense": [100, 200], "faiss": [100, 200], "no_memory": [100]}
     assert all(r["trials"] == 1 and r["correct"] in (0, 1) for rows in results.values() for r in rows)
     assert "Stage 2, the stage 1 checkpoint re-windowed: `max_position_embeddings` 32 -> **64**" in card
+
+
+def test_single_copy_passkey_documents():
+    """--single-copy: the key line states the key once (the official line states it twice)."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    from train_demo_model import OTHER_WORDINGS, DemoData, single_copy_line
+
+    from knn_longllama.demo import load_demo
+    from knn_longllama.passkey import INFO_TEMPLATE
+
+    assert single_copy_line(INFO_TEMPLATE) == "The pass key is {key}. Remember it."
+    for template, _ in OTHER_WORDINGS:
+        line = single_copy_line(template)
+        assert line.count("{key}") == 1 and template.startswith(line.split("{key}")[0])
+    _, tokenizer = load_demo()
+    austen = list(range(300, 900)) * 20
+    for share, copies in [(0.0, 2), (1.0, 1)]:
+        data = DemoData(tokenizer, austen, 1024, 256, seed=0, single_copy=share)
+        for _ in range(10):
+            text, spans = data.passkey_doc(600)
+            key = text[spans[0][0]:].strip()
+            body = text[: spans[0][0]]  # the prompt without the answer
+            assert body.count(key) == copies, (share, body[-300:])
