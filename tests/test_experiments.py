@@ -169,6 +169,23 @@ def test_goal_says_how_knn_points_were_searched(tmp_path, monkeypatch):
     assert "below dense: IVF64,Flat k=32 at 8192 (1 of 2 kNN points there searched approximately" in table
 
 
+def test_ingest_goal_extrapolates_dense_beyond_where_it_ran(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("update_readme", os.path.join(ROOT, "experiments", "update_readme.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "RESULTS", str(tmp_path))
+    (tmp_path / "ingest_s.csv").write_text(
+        "index,tokens,search,seconds,us_per_token,peak_rss_mb,memory_mb,time_exponent\n"
+        "dense,1000,dense,2,1,1,1,2\ndense,4000,dense,32,1,1,1,2\n"
+        '"IVF8,Flat",1000,exact,1,1,1,1,1.2\n"IVF8,Flat",4000,approximate,4,1,1,1,1.2\n'
+        '"IVF8,Flat",16000,approximate,16,1,1,1,1.2\n')
+    table = module.goals("s")
+    # side by side at 4000 tokens: 32 / 4 = 8x; at 16000 dense would take 32 * 4^2 = 512 s, IVF took 16 s: 32x
+    assert "8.0x at 4000 tokens (largest length dense ran)" in table
+    assert "at 16000 tokens IVF8,Flat took 16 s, dense extrapolated quadratically ~512 s, so ~32x" in table
+    assert "| not measured at this scale |" in table.split("ingestion")[1].splitlines()[0]
+
+
 def test_unknown_index_label_is_refused(runner, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["run_experiments.py", "--scale", "small", "--indices", "IVF9,Bogus"])
     with pytest.raises(SystemExit) as exit_info:
