@@ -12,7 +12,7 @@ its keys are matched on. Writes experiments/results/passkey_failures.{csv,md}.
 `--key-line first` (or `second`) runs the same trials with a key line that states the key once ("The pass key is K.
 Remember it." / "Remember it. K is the pass key."): a model that retrieves the digits after "The pass key is" from
 memory answers these; one that only spots a key repeated inside one window does not. Written as
-passkey_failures_<key-line>.{csv,md}.
+passkey_failures_<key-line>.{csv,md}. `--tag` adds a suffix (e.g. for many trials at one length).
 """
 
 import argparse
@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="a checkpoint folder (default: the shipped demo model)")
     parser.add_argument("--key-line", choices=sorted(KEY_LINES), default="official",
                         help="official: the key twice (spec section 4); first / second: only that copy")
+    parser.add_argument("--tag", default=None, help="results are written as passkey_failures[_<key-line>]_<tag>.*")
     args = parser.parse_args()
     import knn_index
 
@@ -83,6 +84,7 @@ def main() -> None:
             digits = answer_ids(tokenizer, key)[1:]  # without the leading space piece
             starts = [i for i in range(len(ids)) if ids[i : i + len(digits)] == digits]
             whole = sum(copy_is_whole(s, len(digits), len(ids), window, last_context) for s in starts)
+            together = span_in_one_window(starts[0], starts[-1] + len(digits) - 1, len(ids), window, last_context)
             # the whole key line, "The pass key is K. Remember it. K is the pass key.", in tokens
             line = KEY_LINES[args.key_line].format(key=key)
             c0 = prompt.index(line)
@@ -93,9 +95,10 @@ def main() -> None:
             result = passkey_trial(model, tokenizer, prompt, key)
             rows.append({"tokens": length, "trial": trial, "key": key, "correct": int(result["correct"]),
                          "generated": result["generated_text"], "copies": len(starts), "whole_copies": whole,
-                         "line_whole": int(line_whole),
+                         "line_whole": int(line_whole), "copies_together": int(together),
                          "positions_in_window": " ".join(str(s % window) for s in starts)})
     stem = "passkey_failures" + ("" if args.key_line == "official" else f"_{args.key_line}")
+    stem += f"_{args.tag}" if args.tag else ""
     with open(os.path.join(RESULTS, f"{stem}.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -103,12 +106,14 @@ def main() -> None:
     lines = ["**Passkey accuracy of the demo model by where window boundaries fall** "
              f"(window {window}, dense memory, {args.trials} trials per length, key line: "
              f"\"{KEY_LINES[args.key_line].format(key='K')}\"; a copy of the key is whole when it and the token "
-             "before it share a window)", "",
-             "| tokens | key line in one window | correct | key line cut | correct | both copies whole | correct | "
-             "a copy cut | correct |", "|---|---|---|---|---|---|---|---|---|"]
+             "before it share a window; copies in one window: all digits of both copies share a window)", "",
+             "| tokens | key line in one window | correct | key line cut | correct | copies in one window | correct | "
+             "copies apart | correct | each copy whole | correct | a copy cut | correct |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for length in args.lengths:
         sub = [r for r in rows if r["tokens"] == length]
         groups = [[r for r in sub if r["line_whole"]], [r for r in sub if not r["line_whole"]],
+                  [r for r in sub if r["copies_together"]], [r for r in sub if not r["copies_together"]],
                   [r for r in sub if r["whole_copies"] == r["copies"]], [r for r in sub if r["whole_copies"] < r["copies"]]]
         lines.append(f"| {length} | " + " | ".join(f"{len(g)} | {sum(r['correct'] for r in g)}" for g in groups) + " |")
     text = "\n".join(lines) + "\n"

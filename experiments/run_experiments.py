@@ -47,19 +47,22 @@ class Scale:
     ingest_lengths: list
     decode_sizes: list
     recall_tokens: int
-    recall_sweep: dict = field(default_factory=dict)  # label -> (factory, param name, values)
+    recall_sweep: dict = field(default_factory=dict)  # label -> (factory, param name, values[, fixed params])
     dense: bool = True  # include dense memory (up to dense_max)
 
 
 SCALES = {
     "small": Scale(
         name="small", passkey_lengths=[512, 2048, 8192], dense_max=8192, trials=10,
-        indices={"Flat": ("Flat", {}), "IVF64,Flat": ("IVF64,Flat", {"nprobe": 8}), "HNSW32": ("HNSW32", {}),
+        indices={"Flat": ("Flat", {}), "IVF64,Flat l2": ("IVF64,Flat", {"nprobe": 8, "faiss_metric": "l2"}),
+                 "HNSW32 ef64 l2": ("HNSW32", {"efSearch": 64, "faiss_metric": "l2"}),
                  "IVF64,PQ8x4": ("IVF64,PQ8x4", {"nprobe": 8, "k_factor": 4})},
         ks=[8, 32, 128], depth_length=2048, depths=[0.0, 0.25, 0.5, 0.75, 1.0],
         ingest_lengths=[2048, 8192, 16384], decode_sizes=[2048, 8192, 16384], recall_tokens=12288,
         recall_sweep={"IVF64,Flat": ("IVF64,Flat", "nprobe", [1, 2, 4, 8, 16]),
-                      "HNSW32": ("HNSW32", "efSearch", [16, 32, 64, 128])},
+                      "IVF64,Flat l2": ("IVF64,Flat", "nprobe", [1, 2, 4, 8, 16], {"faiss_metric": "l2"}),
+                      "HNSW32": ("HNSW32", "efSearch", [16, 32, 64, 128]),
+                      "HNSW32 l2": ("HNSW32", "efSearch", [16, 32, 64, 128], {"faiss_metric": "l2"})},
     ),
     # One GPU, a few minutes: `python experiments/run_experiments.py --scale gpu --device cuda --only passkey ingest
     # decode`. "torch" is exact top-k on the GPU (no faiss-gpu needed); Faiss indices run on the GPU with faiss-gpu,
@@ -103,16 +106,16 @@ def memory_settings(label: str, scale: Scale, k: int = 32) -> dict:
     factory, params = scale.indices[label]
     if factory == "torch":
         return dict(mem_backend="torch_topk", mem_knn_k=k)
-    params, k_factor = split_k_factor(params)
+    params, store = split_store_params(params)
     return dict(mem_backend="faiss", mem_index=factory, mem_index_params=params or None, mem_knn_k=k,
-                mem_knn_k_factor=k_factor)
+                mem_knn_k_factor=store["k_factor"], mem_faiss_metric=store["faiss_metric"])
 
 
-def split_k_factor(params: dict) -> tuple[dict, int]:
-    """A scale's index params as (Faiss search parameters, k_factor): k_factor is not a Faiss parameter but the
-    memory's re-ranking of k_factor * k candidates by exact score."""
+def split_store_params(params: dict) -> tuple[dict, dict]:
+    """A scale's index params as (Faiss search parameters, KnnStore settings): `k_factor` (re-rank k_factor * k
+    candidates by exact score) and `faiss_metric` ("ip" or "l2": norm-augmented keys) are not Faiss parameters."""
     params = dict(params)
-    return params, params.pop("k_factor", 1)
+    return params, {"k_factor": params.pop("k_factor", 1), "faiss_metric": params.pop("faiss_metric", "ip")}
 
 
 def search_mode(label: str, scale: Scale, config, num_tokens: int) -> str:
@@ -439,19 +442,20 @@ def exp_recall(scale: Scale) -> None:
     scores_all = (queries @ keys.transpose(-1, -2)) / dim**0.5
     attention = torch.softmax(scores_all, dim=-1)  # dense memory attention (memory part)
     rows = []
-    sweeps = [(label, factory, "-", [None]) for label, (factory, _) in scale.indices.items() if factory != "torch"]
-    sweeps += [(label + " sweep", factory, name, values) for label, (factory, name, values) in scale.recall_sweep.items()]
+    sweeps = [(label, factory, "-", [None], {}) for label, (factory, _) in scale.indices.items() if factory != "torch"]
+    sweeps += [(label + " sweep", factory, name, values, fixed[0] if fixed else {})
+               for label, (factory, name, values, *fixed) in scale.recall_sweep.items()]
     stores = {}  # (label, value) -> a store filled (and trained) once, searched for every k
     for k in scale.ks:
         truth = exact.search(queries, k).ids
-        for label, factory, param, values in sweeps:
+        for label, factory, param, values, fixed in sweeps:
             for value in values:
-                params = {param: value} if value is not None else dict(scale.indices.get(label, (None, {}))[1])
+                params = {**fixed, param: value} if value is not None else dict(scale.indices.get(label, (None, {}))[1])
+                search_params, settings = split_store_params(params)
                 store = stores.get((label, value))
                 if store is None:
-                    search_params, k_factor = split_k_factor(params)
                     store = knn_index.KnnStore(1, heads, dim, index=factory, index_params=search_params or None,
-                                               dtype=torch.float32, k_factor=k_factor)
+                                               dtype=torch.float32, **settings)
                     store.add(keys, keys)
                     stores[(label, value)] = store
                 start = time.perf_counter()
@@ -459,7 +463,8 @@ def exp_recall(scale: Scale) -> None:
                 search_ms = 1000 * (time.perf_counter() - start)
                 hits = (found[..., :, None] == truth[..., None, :]).any(-1).float().mean().item()
                 kept = attention.gather(-1, found.clamp(min=0)).masked_fill(found < 0, 0).sum(-1).mean().item()
-                rows.append({"index": factory, "param": param if value is not None else json.dumps(params),
+                rows.append({"index": factory, "faiss_metric": settings["faiss_metric"],
+                             "param": param if value is not None else json.dumps(params),
                              "value": value if value is not None else "-", "k": k, "recall_at_k": round(hits, 4),
                              "attention_mass_kept": round(kept, 4), "search_ms": round(search_ms, 1)})
     exact_mass = {k: round(attention.topk(k, dim=-1).values.sum(-1).mean().item(), 4) for k in scale.ks}
@@ -472,7 +477,7 @@ def exp_recall(scale: Scale) -> None:
     series = {}
     for row in rows:
         if row["param"] in ("nprobe", "efSearch") and row["k"] == 32:
-            name = f"{row['index']} ({row['param']})"
+            name = f"{row['index']} {row['faiss_metric']} ({row['param']})"
             series.setdefault(name, ([], []))
             series[name][0].append(row["value"])
             series[name][1].append(row["recall_at_k"])

@@ -156,10 +156,12 @@ def section() -> str:
                 parts.append(f.read().strip() + "\n")
             if os.path.exists(os.path.join(RESULTS, f"{name}_{scale}.png")):
                 parts.append(f"![{name}](experiments/results/{name}_{scale}.png)\n")
-    if os.path.exists(os.path.join(RESULTS, "passkey_failures.md")):
-        with open(os.path.join(RESULTS, "passkey_failures.md")) as f:
-            parts.append("### Where the demo model's passkey failures come from (`experiments/passkey_failures.py`)\n\n"
-                         + f.read().strip() + "\n")
+    failures = sorted(f for f in os.listdir(RESULTS) if f.startswith("passkey_failures") and f.endswith(".md"))
+    if failures:  # passkey_failures.md first, then its --key-line / --tag variants
+        parts.append("### Where the demo model's passkey failures come from (`experiments/passkey_failures.py`)\n")
+        for name in failures:
+            with open(os.path.join(RESULTS, name)) as f:
+                parts.append(f.read().strip() + "\n")
     archived = archives()
     if archived:
         parts.append(archived)

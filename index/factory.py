@@ -1,13 +1,20 @@
 """Faiss index creation, search parameters, training defaults and sizes.
 
-All indices use the inner-product metric. Functions take and return plain
-Faiss objects and numpy arrays; nothing here knows about torch storage.
+Indices search by inner product, either directly (metric "ip") or as L2 over
+norm-augmented vectors (metric "l2", see ``augment_keys``). Functions take and
+return plain Faiss objects and numpy arrays; nothing here knows about torch.
 """
 
 import faiss
 import numpy as np
 
 EXAMPLES = ("Flat", "IVF256,Flat", "HNSW32", "IVF256,PQ16", "SQ8")
+# How the Faiss index finds inner-product neighbours: "ip" indexes the keys with METRIC_INNER_PRODUCT; "l2" indexes
+# norm-augmented keys with METRIC_L2 (the reduction of maximum inner product search to L2 search).
+FAISS_METRICS = ("ip", "l2")
+# "l2": the augmentation norm is this factor times the largest key norm the index is first built from, so that
+# later keys of a document rarely exceed it.
+NORM_MARGIN = 1.1
 
 # Points per centroid used to size default training sets. Faiss warns below 39.
 POINTS_PER_CENTROID = 40
@@ -16,20 +23,49 @@ POINTS_PER_CENTROID = 40
 MIN_TRAIN_SIZE = 1024
 
 
-def make_index(spec: str, d: int) -> faiss.Index:
-    """Create an empty inner-product index from a Faiss ``index_factory`` string.
+def make_index(spec: str, d: int, metric: str = "ip") -> faiss.Index:
+    """Create an empty index from a Faiss ``index_factory`` string: an inner-product index of dimension ``d``
+    (``metric="ip"``), or an L2 index of dimension ``d + 1`` for norm-augmented keys (``metric="l2"``).
 
     Raises ValueError naming the ``index`` argument if Faiss rejects ``spec``.
     """
+    if metric not in FAISS_METRICS:
+        raise ValueError(f"faiss_metric={metric!r} is unknown; accepted values: {FAISS_METRICS}")
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"index must be a non-empty Faiss index_factory string, got {spec!r}; "
                          f"examples: {', '.join(EXAMPLES)}")
     try:
+        if metric == "l2":
+            return faiss.index_factory(d + 1, spec, faiss.METRIC_L2)
         return faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         raise ValueError(f"index={spec!r} was rejected by faiss.index_factory for d={d}: {e}. "
                          f"Accepted examples: {', '.join(repr(x) for x in EXAMPLES)} "
                          "(or backend='torch' for exact search in torch)") from None
+
+
+def augmentation_norm(x: np.ndarray) -> float:
+    """The norm M for ``augment_keys``: NORM_MARGIN times the largest row norm of ``x`` [n, d]."""
+    return NORM_MARGIN * float(np.sqrt((x.astype(np.float64) ** 2).sum(1).max()))
+
+
+def augment_keys(x: np.ndarray, norm: float) -> np.ndarray:
+    """Keys [n, d] -> [n, d + 1] with last column sqrt(M^2 - |k|^2), M = ``norm``.
+
+    Every augmented key then has norm M, so for a query augmented with 0
+    (``augment_queries``), |q - k|^2 = |q|^2 + M^2 - 2 <q, k>: the L2 nearest
+    neighbours are the inner-product top-k, which graph (HNSW) and IVF indices
+    find with a far higher recall than an inner-product index, whose "distance"
+    is no metric (Bachrach et al. 2014). A key longer than M gets 0 there and
+    ranks as if 2 <q, k> were lowered by |k|^2 - M^2.
+    """
+    sq = norm * norm - (x.astype(np.float64) ** 2).sum(1)
+    return np.ascontiguousarray(np.hstack([x, np.sqrt(np.maximum(sq, 0.0))[:, None]]), dtype=np.float32)
+
+
+def augment_queries(q: np.ndarray) -> np.ndarray:
+    """Queries [n, d] -> [n, d + 1] with a zero last column (see ``augment_keys``)."""
+    return np.ascontiguousarray(np.hstack([q, np.zeros((len(q), 1), dtype=q.dtype)]), dtype=np.float32)
 
 
 def apply_params(index: faiss.Index, params: dict | None) -> None:

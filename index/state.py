@@ -21,6 +21,8 @@ def store_state(store) -> dict[str, torch.Tensor]:
     if store.backend == "faiss":
         state["trained"] = torch.tensor(store._trained, dtype=torch.bool)
         state["indexed"] = torch.tensor(store._indexed, dtype=torch.int64)
+        if store.faiss_metric != "ip":  # the norm that later keys are augmented to
+            state["augmentation_norms"] = torch.from_numpy(store._norms.copy())
         for b, row in enumerate(store._indexes):
             for h, index in enumerate(row):
                 if store._gpu is not None:
@@ -38,6 +40,10 @@ def load_store_state(store, state: dict[str, torch.Tensor]) -> None:
             state["keys"].shape[-1] != store.head_dim:
         raise ValueError(f"state holds keys of shape {tuple(state['keys'].shape)}, which does not fit this store "
                          f"(batch {store.batch_size}, heads {store.num_heads}, head_dim {store.head_dim})")
+    if store.backend == "faiss" and ("augmentation_norms" in state) != (store.faiss_metric != "ip"):
+        saved = "l2" if "augmentation_norms" in state else "ip"
+        raise ValueError(f"state was saved from a store with faiss_metric={saved!r}; this store has "
+                         f"faiss_metric={store.faiss_metric!r}")
     store.reset()
     st = store._storage
     for b, n in enumerate(sizes):
@@ -46,6 +52,8 @@ def load_store_state(store, state: dict[str, torch.Tensor]) -> None:
         return
     store._trained = state["trained"].tolist()
     store._indexed = state["indexed"].tolist()
+    if "augmentation_norms" in state:
+        store._norms = state["augmentation_norms"].numpy().astype(np.float64).copy()
     for b in range(store.batch_size):
         for h in range(store.num_heads):
             index = faiss.deserialize_index(np.ascontiguousarray(state[f"index.{b}.{h}"].numpy()))

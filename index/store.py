@@ -35,12 +35,18 @@ class KnnStore:
     ``k_factor`` (as in faiss.IndexRefine): fetch ``k_factor * k`` candidates
     from the index and keep the ``k`` best by exact score; raises the recall of
     compressed indices (PQ, SQ) at the cost of a larger re-score.
+
+    ``faiss_metric``: "ip" indexes the keys with Faiss' inner-product metric;
+    "l2" indexes keys augmented to a common norm M with the L2 metric
+    (``factory.augment_keys``; M per (row, head): 1.1 x the largest key norm
+    the index is first built from), where HNSW and IVF reach a much higher
+    recall of the inner-product top-k for the same search parameters.
     """
 
     def __init__(self, batch_size: int, num_heads: int, head_dim: int, *, index: str = "Flat",
                  backend: str = "faiss", index_params: dict | None = None, train_size: int | None = None,
                  dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", seed: int = 0,
-                 metric: str = "ip", k_factor: int = 1):
+                 metric: str = "ip", k_factor: int = 1, faiss_metric: str = "ip"):
         self.batch_size = checks.positive_int("batch_size", batch_size)
         self.num_heads = checks.positive_int("num_heads", num_heads)
         self.head_dim = checks.positive_int("head_dim", head_dim)
@@ -51,11 +57,16 @@ class KnnStore:
             index, backend = "Flat", "torch"
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r} is unknown; accepted values: {BACKENDS}")
+        if faiss_metric not in factory.FAISS_METRICS:
+            raise ValueError(f"faiss_metric={faiss_metric!r} is unknown; accepted values: {factory.FAISS_METRICS}")
+        if backend == "torch" and faiss_metric != "ip":
+            raise ValueError(f"faiss_metric={faiss_metric!r}: the 'torch' backend searches exactly; use 'ip'")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.index, self.backend, self.index_params = index, backend, dict(index_params or {})
         self.dtype, self.device, self.seed = dtype, torch.device(device), int(seed)
-        self._proto = factory.make_index(index, self.head_dim)
+        self.faiss_metric = faiss_metric
+        self._proto = factory.make_index(index, self.head_dim, faiss_metric)
         if backend == "torch" and (index != "Flat" or self.index_params):
             raise ValueError(f"index={index!r} / index_params: the 'torch' backend is exact; use index='Flat' "
                              "and no index_params")
@@ -92,6 +103,7 @@ class KnnStore:
         self._indexes = [[self._new_index() for _ in range(H)] for _ in range(B)] if faiss_path else None
         self._trained = [faiss_path and self.train_size == 0] * B  # row's keys live in its indexes
         self._indexed = [0] * B  # keys of the row already added to its indexes
+        self._norms = np.zeros((B, H))  # faiss_metric "l2": augmentation norm per (row, head), 0 = not set yet
 
     # ---------------------------------------------------------------- state
     def __len__(self) -> int:
@@ -125,7 +137,7 @@ class KnnStore:
 
     def __repr__(self) -> str:
         return (f"KnnStore(B={self.batch_size}, H={self.num_heads}, d={self.head_dim}, index={self.index!r}, "
-                f"backend={self.backend!r}, dtype={self.dtype}, device={self.device}, sizes={self.sizes()})")
+                f"backend={self.backend!r}, faiss_metric={self.faiss_metric!r}, dtype={self.dtype}, device={self.device}, sizes={self.sizes()})")
 
     # ---------------------------------------------------------------- add
     def add(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None) -> None:
@@ -162,8 +174,17 @@ class KnnStore:
             self._train_row(b)
         x = self._storage.float_keys(b, done, n)
         for h, idx in enumerate(self._indexes[b]):
-            factory.add_sequential(idx, x[h], done)
+            factory.add_sequential(idx, self._indexable(b, h, x[h]), done)
         self._indexed[b] = n
+
+    def _indexable(self, b: int, h: int, x: np.ndarray) -> np.ndarray:
+        """Keys [n, d] as the index of (row b, head h) takes them: as they are ("ip") or norm-augmented ("l2",
+        fixing the row's augmentation norm from the first keys it sees)."""
+        if self.faiss_metric == "ip":
+            return x
+        if self._norms[b, h] == 0:
+            self._norms[b, h] = factory.augmentation_norm(x)
+        return factory.augment_keys(x, self._norms[b, h])
 
     def _train_row(self, b: int) -> None:
         n = self._storage.sizes[b]
@@ -173,7 +194,7 @@ class KnnStore:
             x = x[:, pick]
         try:
             for h, idx in enumerate(self._indexes[b]):
-                idx.train(np.ascontiguousarray(x[h]))
+                idx.train(np.ascontiguousarray(self._indexable(b, h, x[h])))
         except RuntimeError as e:  # the row stays buffered (searched exactly); no key is lost
             raise ValueError(f"train_size={self.train_size}: Faiss could not train index={self.index!r}: {e}") from None
         self._trained[b] = True
@@ -236,6 +257,8 @@ class KnnStore:
         indexed = [b for b in range(B) if self._trained[b] and self._indexed[b] > 0]
         if indexed:
             qn = q.cpu().numpy()
+            if self.faiss_metric == "l2":
+                qn = np.concatenate([qn, np.zeros_like(qn[..., :1])], axis=-1)  # factory.augment_queries
             dist = np.empty((Q, K), dtype=np.float32)
             for b in indexed:
                 for j, h in enumerate(hs):

@@ -17,8 +17,9 @@ INDEX_HELP = ("memory backend: 'dense' (official, attends to all memory), 'torch
               "Faiss index_factory string such as 'Flat', 'IVF1024,Flat', 'HNSW32', 'IVF1024,PQ16', 'SQ8'")
 
 
-def memory_overrides(index: str, k: int | None, index_params: str | None, k_factor: int | None = None) -> dict:
-    """Config fields for an --index / --k / --index-params / --k-factor choice."""
+def memory_overrides(index: str, k: int | None, index_params: str | None, k_factor: int | None = None,
+                     faiss_metric: str | None = None) -> dict:
+    """Config fields for an --index / --k / --index-params / --k-factor / --faiss-metric choice."""
     overrides = {}
     if index == "dense":
         overrides["mem_backend"] = "dense"
@@ -38,6 +39,8 @@ def memory_overrides(index: str, k: int | None, index_params: str | None, k_fact
         overrides["mem_index_params"] = params
     if k_factor is not None:
         overrides["mem_knn_k_factor"] = k_factor
+    if faiss_metric is not None:
+        overrides["mem_faiss_metric"] = faiss_metric
     return overrides
 
 
@@ -71,7 +74,7 @@ def cmd_passkey(args) -> int:
     for index in args.index:
         ks = [None] if index == "dense" else args.k
         for k in ks:
-            apply_memory_settings(model, memory_overrides(index, k, args.index_params, args.k_factor))
+            apply_memory_settings(model, memory_overrides(index, k, args.index_params, args.k_factor, args.faiss_metric))
             for length in args.lengths:
                 result = passkey_accuracy(model, tokenizer, length, trials=args.trials, seed=args.seed)
                 row = {"index": index, "k": k if k is not None else "-", "tokens": length,
@@ -92,7 +95,8 @@ def cmd_passkey(args) -> int:
 
 
 def cmd_read(args) -> int:
-    model, tokenizer = load_model(args.model, args.device, **memory_overrides(args.index, args.k, args.index_params, args.k_factor))
+    model, tokenizer = load_model(args.model, args.device, **memory_overrides(
+        args.index, args.k, args.index_params, args.k_factor, args.faiss_metric))
     doc = model.read(args.file, tokenizer, progress=not args.quiet)
     doc.save(args.output)
     print(f"read {doc.num_tokens} tokens into {args.output}")
@@ -102,7 +106,8 @@ def cmd_read(args) -> int:
 def cmd_ask(args) -> int:
     from .document import Document
 
-    model, tokenizer = load_model(args.model, args.device, **memory_overrides(args.index, args.k, args.index_params, args.k_factor))
+    model, tokenizer = load_model(args.model, args.device, **memory_overrides(
+        args.index, args.k, args.index_params, args.k_factor, args.faiss_metric))
     doc = Document.load(args.memory, model, tokenizer)
     for question in args.questions:
         answer = doc.ask(question, max_new_tokens=args.max_new_tokens, do_sample=False)
@@ -111,7 +116,8 @@ def cmd_ask(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    model, tokenizer = load_model(args.model, args.device, **memory_overrides(args.index, args.k, args.index_params, args.k_factor))
+    model, tokenizer = load_model(args.model, args.device, **memory_overrides(
+        args.index, args.k, args.index_params, args.k_factor, args.faiss_metric))
     prompt = open(args.file, encoding="utf-8").read() if args.file else args.prompt
     if prompt is None:
         raise SystemExit("generate: give a PROMPT or --file FILE")
@@ -141,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--index-params", default=None, help="Faiss search parameters, e.g. nprobe=32 or efSearch=64")
     common.add_argument("--k-factor", type=int, default=None,
                         help="fetch k-factor x k candidates and keep the k best by exact score (for PQ/SQ indices)")
+    common.add_argument("--faiss-metric", choices=["ip", "l2"], default=None,
+                        help="ip: keys in an inner-product index (default); l2: norm-augmented keys in an L2 index "
+                             "(higher recall for HNSW/IVF)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("passkey", parents=[common], help="passkey retrieval accuracy (spec section 4) per length")

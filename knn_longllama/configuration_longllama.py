@@ -5,6 +5,7 @@ from transformers.configuration_utils import PreTrainedConfig
 
 MEM_DTYPES = ("float32", "bfloat16", "float16")
 MEM_BACKENDS = ("dense", "faiss", "torch_topk")
+FAISS_METRICS = ("ip", "l2")  # as knn_index.KnnStore(faiss_metric=...); the config does not import Faiss
 
 
 @strict
@@ -33,6 +34,9 @@ class LongLlamaConfig(PreTrainedConfig):
     - `mem_knn_k_factor`: the Faiss backend fetches `mem_knn_k_factor * mem_knn_k` candidates and keeps the
       `mem_knn_k` with the best exact scores (as `faiss.IndexRefine`); raises the recall of compressed indices
       (PQ, SQ). 1 (default): keep the index's own top-k, still with exact scores.
+    - `mem_faiss_metric`: how the Faiss index finds the inner-product top-k: `"ip"` (default: the keys in an
+      inner-product index) or `"l2"` (keys augmented to a common norm in an L2 index, the reduction of maximum
+      inner product search to L2 search; much higher recall for HNSW and IVF at the same search parameters).
     - `mem_index`: Faiss `index_factory` string (`"Flat"`, `"IVF1024,Flat"`, `"HNSW32"`, `"IVF1024,PQ16"`, `"SQ8"`...).
     - `mem_index_params`: Faiss search parameters, e.g. `{"nprobe": 32}` or `{"efSearch": 64}`.
     """
@@ -67,6 +71,7 @@ class LongLlamaConfig(PreTrainedConfig):
     mem_backend: str = "dense"
     mem_knn_k: int = 32
     mem_knn_k_factor: int = 1
+    mem_faiss_metric: str = "ip"
     mem_index: str = "Flat"
     mem_index_params: dict | None = None
 
@@ -125,6 +130,8 @@ class LongLlamaConfig(PreTrainedConfig):
             raise ValueError(f"`mem_knn_k` must be a positive int, got {self.mem_knn_k!r}.")
         if not isinstance(self.mem_knn_k_factor, int) or isinstance(self.mem_knn_k_factor, bool) or self.mem_knn_k_factor <= 0:
             raise ValueError(f"`mem_knn_k_factor` must be a positive int (1: no re-ranking), got {self.mem_knn_k_factor!r}.")
+        if self.mem_faiss_metric not in FAISS_METRICS:
+            raise ValueError(f"`mem_faiss_metric` must be one of {FAISS_METRICS}, got {self.mem_faiss_metric!r}.")
         if self.gradient_checkpoint_every_ith <= 0:
             raise ValueError(
                 f"`gradient_checkpoint_every_ith` must be a positive int, got {self.gradient_checkpoint_every_ith!r}."

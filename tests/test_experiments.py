@@ -21,7 +21,8 @@ def runner(tmp_path, monkeypatch):
         name="tiny", passkey_lengths=[200], dense_max=200, trials=2,
         indices={"torch": ("torch", {}), "IVF4,Flat": ("IVF4,Flat", {"nprobe": 2})},
         ks=[8], depth_length=200, depths=[0.0, 1.0], ingest_lengths=[1000], decode_sizes=[1000], recall_tokens=600,
-        recall_sweep={"IVF4,Flat": ("IVF4,Flat", "nprobe", [1, 4])},
+        recall_sweep={"IVF4,Flat": ("IVF4,Flat", "nprobe", [1, 4]),
+                      "IVF4,Flat l2": ("IVF4,Flat", "nprobe", [1, 4], {"faiss_metric": "l2"})},
     )
     return module
 
@@ -37,12 +38,12 @@ def test_memory_settings(runner):
     assert runner.memory_settings("torch", scale, 8) == {"mem_backend": "torch_topk", "mem_knn_k": 8}
     assert runner.memory_settings("IVF4,Flat", scale, 8) == {
         "mem_backend": "faiss", "mem_index": "IVF4,Flat", "mem_index_params": {"nprobe": 2}, "mem_knn_k": 8,
-        "mem_knn_k_factor": 1}
-    pq = runner.replace(scale, indices={"PQ": ("IVF4,PQ4x4", {"nprobe": 2, "k_factor": 4})})
-    assert runner.memory_settings("PQ", pq, 8) == {  # k_factor is re-ranking in the memory, not a Faiss parameter
+        "mem_knn_k_factor": 1, "mem_faiss_metric": "ip"}
+    pq = runner.replace(scale, indices={"PQ": ("IVF4,PQ4x4", {"nprobe": 2, "k_factor": 4, "faiss_metric": "l2"})})
+    assert runner.memory_settings("PQ", pq, 8) == {  # k_factor and faiss_metric are memory settings, not Faiss ones
         "mem_backend": "faiss", "mem_index": "IVF4,PQ4x4", "mem_index_params": {"nprobe": 2}, "mem_knn_k": 8,
-        "mem_knn_k_factor": 4}
-    assert pq.indices["PQ"][1] == {"nprobe": 2, "k_factor": 4}  # the scale is left as it was
+        "mem_knn_k_factor": 4, "mem_faiss_metric": "l2"}
+    assert pq.indices["PQ"][1] == {"nprobe": 2, "k_factor": 4, "faiss_metric": "l2"}  # the scale is left as it was
 
 
 def test_children_on_cpu(runner):
@@ -90,6 +91,8 @@ def test_passkey_and_recall_tables(runner, tmp_path):
     runner.exp_recall(scale)
     recall = _rows(tmp_path / "recall_tiny.csv")
     assert {r["index"] for r in recall} == {"IVF4,Flat"}  # exact torch top-k needs no recall row
+    assert {(r["faiss_metric"], r["value"]) for r in recall if r["param"] == "nprobe"} == {
+        ("ip", "1"), ("ip", "4"), ("l2", "1"), ("l2", "4")}
     for r in recall:
         assert 0.0 <= float(r["recall_at_k"]) <= 1.0
         assert float(r["attention_mass_kept"]) <= float(r["mass_of_exact_topk"]) + 1e-4  # exact top-k keeps most

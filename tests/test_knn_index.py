@@ -178,6 +178,46 @@ def test_approximate_recall(kind, kw, min_recall):
     assert (res.scores[valid] > -np.inf).all() and (res.scores[..., :-1] >= res.scores[..., 1:]).all()
 
 
+def test_augmented_keys_turn_l2_order_into_inner_product_order():
+    """faiss_metric="l2": every augmented key has norm M, so L2 distance to a zero-padded query ranks keys by <q, k>."""
+    gen = np.random.default_rng(0)
+    keys = gen.standard_normal((500, 8)) * gen.uniform(0.2, 3.0, (500, 1))  # very different norms
+    queries = gen.standard_normal((20, 8))
+    norm = knn_index.factory.augmentation_norm(keys)
+    assert np.isclose(norm, 1.1 * np.linalg.norm(keys, axis=1).max())
+    aug, qa = knn_index.factory.augment_keys(keys, norm), knn_index.factory.augment_queries(queries)
+    assert aug.shape == (500, 9) and qa.shape == (20, 9) and (qa[:, -1] == 0).all()
+    assert np.allclose(np.linalg.norm(aug.astype(np.float64), axis=1), norm, rtol=1e-5)
+    l2 = ((qa[:, None, :].astype(np.float64) - aug[None].astype(np.float64)) ** 2).sum(-1)
+    ip = queries @ keys.T
+    assert (np.argsort(l2, axis=1, kind="stable")[:, :10] == np.argsort(-ip, axis=1, kind="stable")[:, :10]).all()
+
+
+@pytest.mark.parametrize("kind,kw,min_recall", [("Flat", {}, 1.0), ("HNSW32", dict(index_params={"efSearch": 256}), 0.97),
+                                                 ("IVF64,Flat", dict(index_params={"nprobe": 64}), 1.0)])
+def test_l2_faiss_metric_finds_the_inner_product_top_k(kind, kw, min_recall):
+    """Keys of very different norms, added in two parts (the second within the first part's norm margin): exact
+    indices return the brute-force inner-product top-k, HNSW nearly all of it."""
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, 2, 3000, D, generator=gen) * torch.empty(1, 2, 3000, 1).uniform_(0.2, 3.0, generator=gen)
+    keys[:, :, :1000, 0] += 10.0  # the first part holds the longest keys: the norm M is fixed from them
+    queries = torch.randn(1, 2, 40, D, generator=gen)
+    store = make_store(kind, 1, 2, dtype=torch.float32, faiss_metric="l2", train_size=2000 if "IVF" in kind else None,
+                       **kw)
+    store.add(keys[:, :, :2000], keys[:, :, :2000])
+    store.add(keys[:, :, 2000:], keys[:, :, 2000:])
+    assert all(store.trained) and store.faiss_index(0, 1).d == D + 1
+    res = store.search(queries, 10)
+    hits = total = 0
+    for h in range(2):
+        brute = (queries[0, h].double() @ keys[0, h].double().T).numpy()
+        for i in range(40):
+            truth = set(np.argsort(-brute[i], kind="stable")[:10].tolist())
+            hits += len(truth & set(res.ids[0, h, i].tolist()))
+            total += 10
+    assert hits / total >= min_recall
+
+
 def test_k_factor_rescoring_raises_pq_recall():
     kw = dict(index_params={"nprobe": 8})
     plain = recall(*search_planted("IVF64,PQ8x4", **kw)[1:], 10)
@@ -412,6 +452,8 @@ BAD = [
     ("mask", lambda: _store().add(torch.randn(2, 2, 3, D), torch.randn(2, 2, 3, D), torch.ones(2, 4, dtype=torch.bool))),
     ("mask", lambda: _store().add(torch.randn(2, 2, 3, D), torch.randn(2, 2, 3, D), torch.ones(2, 3))),
     ("k_factor", lambda: _store(k_factor=0)),
+    ("faiss_metric", lambda: _store(faiss_metric="cosine")),
+    ("faiss_metric", lambda: _store(backend="torch", faiss_metric="l2")),
     ("queries", lambda: _store().search(torch.randn(2, 2, 1, D + 1), 1)),
     ("queries", lambda: _store().search(torch.randn(2, 3, 1, D), 1)),
 ]

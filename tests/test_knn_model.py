@@ -9,7 +9,8 @@ from knn_longllama.memory import DenseMemory, KnnMemory
 
 from conftest import tiny_model
 
-KNN_BACKENDS = [dict(mem_backend="faiss", mem_index="Flat"), dict(mem_backend="torch_topk")]
+KNN_BACKENDS = [dict(mem_backend="faiss", mem_index="Flat"), dict(mem_backend="torch_topk"),
+                dict(mem_backend="faiss", mem_index="Flat", mem_faiss_metric="l2")]
 
 
 def padded_batch(n, pad, seed=0):
@@ -20,7 +21,7 @@ def padded_batch(n, pad, seed=0):
     return ids, mask
 
 
-@pytest.mark.parametrize("backend", KNN_BACKENDS, ids=lambda b: b["mem_backend"])
+@pytest.mark.parametrize("backend", KNN_BACKENDS, ids=lambda b: "-".join(map(str, b.values())))
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_knn_with_k_covering_memory_equals_dense(backend, kv_heads):
     ids, mask = padded_batch(90, pad=7)  # 5 windows of 16 into memory, last 8 local
@@ -156,3 +157,11 @@ def test_k_factor_comes_from_the_config():
     assert model.model.new_memory(1, "cpu", torch.float32).store.k_factor == 1
     with pytest.raises(ValueError, match="`mem_knn_k_factor` must be a positive int"):
         tiny_model(mem_layers=[1], mem_knn_k_factor=0)
+
+
+def test_faiss_metric_comes_from_the_config():
+    model = tiny_model(mem_layers=[1], mem_backend="faiss", mem_index="HNSW8", mem_faiss_metric="l2")
+    store = model.model.new_memory(1, "cpu", torch.float32).store
+    assert store.faiss_metric == "l2" and store.faiss_index(0, 0).d == model.config.head_dim + 1
+    model.config.mem_backend = "torch_topk"  # exact in torch: no Faiss index
+    assert model.model.new_memory(1, "cpu", torch.float32).store.faiss_metric == "ip"
