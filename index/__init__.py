@@ -11,6 +11,8 @@ Knows torch, numpy and Faiss only; nothing about models.
 - Metric: inner product. Returned scores are exact: float32 dot products of the
   query (cast to float32) with the stored key (cast to float32), recomputed for
   every candidate whatever the index; results are sorted by them, best first.
+  faiss_metric="l2" lets the Faiss index search norm-augmented keys by L2
+  (same top-k for exact indices, higher recall for HNSW/IVF on model keys).
 - K = min(k, largest row size): a k above the memory size returns the whole
   memory; missing neighbours are ids -1, scores -inf, zero values.
 - len(store) = stored tokens of the largest row; store.sizes() = per row.

@@ -137,7 +137,8 @@ class KnnStore:
 
     def __repr__(self) -> str:
         return (f"KnnStore(B={self.batch_size}, H={self.num_heads}, d={self.head_dim}, index={self.index!r}, "
-                f"backend={self.backend!r}, faiss_metric={self.faiss_metric!r}, dtype={self.dtype}, device={self.device}, sizes={self.sizes()})")
+                f"backend={self.backend!r}, faiss_metric={self.faiss_metric!r}, dtype={self.dtype}, "
+                f"device={self.device}, sizes={self.sizes()})")
 
     # ---------------------------------------------------------------- add
     def add(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None) -> None:
