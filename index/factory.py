@@ -64,8 +64,8 @@ def augment_keys(x: np.ndarray, norm: float) -> np.ndarray:
 
 
 def augment_queries(q: np.ndarray) -> np.ndarray:
-    """Queries [n, d] -> [n, d + 1] with a zero last column (see ``augment_keys``)."""
-    return np.ascontiguousarray(np.hstack([q, np.zeros((len(q), 1), dtype=q.dtype)]), dtype=np.float32)
+    """Queries [..., d] -> [..., d + 1] with a zero last column (see ``augment_keys``)."""
+    return np.ascontiguousarray(np.concatenate([q, np.zeros_like(q[..., :1])], axis=-1), dtype=np.float32)
 
 
 def apply_params(index: faiss.Index, params: dict | None) -> None:

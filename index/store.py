@@ -259,7 +259,7 @@ class KnnStore:
         if indexed:
             qn = q.cpu().numpy()
             if self.faiss_metric == "l2":
-                qn = np.concatenate([qn, np.zeros_like(qn[..., :1])], axis=-1)  # factory.augment_queries
+                qn = factory.augment_queries(qn)
             dist = np.empty((Q, K), dtype=np.float32)
             for b in indexed:
                 for j, h in enumerate(hs):
