@@ -126,11 +126,18 @@ def test_environment_records_device(runner):
         assert env["model"]["window"] == json.load(f)["max_position_embeddings"]
 
 
-def test_readme_flags_results_of_another_checkpoint(tmp_path, monkeypatch):
+@pytest.fixture
+def readme(tmp_path, monkeypatch):
+    """experiments/update_readme.py as a module, reading results from tmp_path."""
     spec = importlib.util.spec_from_file_location("update_readme", os.path.join(ROOT, "experiments", "update_readme.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     monkeypatch.setattr(module, "RESULTS", str(tmp_path))
+    return module
+
+
+def test_readme_flags_results_of_another_checkpoint(readme, tmp_path):
+    module = readme
     current = {"weights_sha256": "aaaa", "window": 256, "mem_layers": [2, 3]}
     old = dict(current, weights_sha256="bbbb", window=64)
     for scale, models in {"a": [current, current], "b": [current, old], "c": [None, current]}.items():
@@ -158,11 +165,8 @@ def test_search_mode_follows_the_training_size(runner):
     assert mode("IVF16,PQ4", 128 + 40 * 256 - 1) == "exact" and mode("IVF16,PQ4", 128 + 40 * 256) == "approximate"
 
 
-def test_goal_says_how_knn_points_were_searched(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("update_readme", os.path.join(ROOT, "experiments", "update_readme.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    monkeypatch.setattr(module, "RESULTS", str(tmp_path))
+def test_goal_says_how_knn_points_were_searched(readme, tmp_path):
+    module = readme
     (tmp_path / "passkey_s.csv").write_text(
         "index,k,tokens,prompt_tokens,search,accuracy,trials,seconds\n"
         "dense,-,2048,2048,dense,1.0,10,1\ndense,-,8192,8192,dense,0.9,10,1\n"
@@ -172,11 +176,8 @@ def test_goal_says_how_knn_points_were_searched(tmp_path, monkeypatch):
     assert "below dense: IVF64,Flat k=32 at 8192 (1 of 2 kNN points there searched approximately" in table
 
 
-def test_ingest_goal_extrapolates_dense_beyond_where_it_ran(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("update_readme", os.path.join(ROOT, "experiments", "update_readme.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    monkeypatch.setattr(module, "RESULTS", str(tmp_path))
+def test_ingest_goal_extrapolates_dense_beyond_where_it_ran(readme, tmp_path):
+    module = readme
     (tmp_path / "ingest_s.csv").write_text(
         "index,tokens,search,seconds,us_per_token,peak_rss_mb,memory_mb,time_exponent\n"
         "dense,1000,dense,2,1,1,1,2\ndense,4000,dense,32,1,1,1,2\n"
