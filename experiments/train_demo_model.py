@@ -386,8 +386,16 @@ def write_model_card(out_dir: str) -> None:
         e_start = sa["contexts_start"] if sa.get("contexts_start") is not None else sa["chunks"] - 1
         e_end = sa["contexts_end"] if sa.get("contexts_end") is not None else 2 * sa["chunks"] - 1
         prev_window = prev["args"].get("window") or 64
-        later_stages += f"""- Stage {i + 1}, the stage {i} checkpoint re-windowed: `max_position_embeddings` {prev_window} -> **{sa['window']}**, `last_context_length`
-  {sa['last_context']}, then {s['steps']} more FoT steps on the same stream mix ({sa['streams_per_batch']} streams x {sa['chunks']} chunks of {sa['window']}
+        changes = ([f"re-windowed: `max_position_embeddings` {prev_window} -> **{sa['window']}**, `last_context_length` "
+                    f"{sa['last_context']}"] if sa["window"] != prev_window else [])
+        if sa.get("mem_positionals") is not None:
+            changes.append(f"`mem_positionals` set to **{sa['mem_positionals']}**")
+        pa = prev["args"]
+        mix = ("the same stream mix" if (sa["pattern"], sa.get("single_copy", 0.0)) == (pa["pattern"], pa.get("single_copy", 0.0))
+               else f"streams `{sa['pattern']}`" + (f" with the key stated once in {sa['single_copy']:.0%} of the passkey "
+                                                    f"prompts" if sa.get("single_copy") else ""))
+        later_stages += f"""- Stage {i + 1}, the stage {i} checkpoint{" " + " and ".join(changes) if changes else ""},
+  then {s['steps']} more FoT steps on {mix} ({sa['streams_per_batch']} streams x {sa['chunks']} chunks of {sa['window']}
   tokens = {s['tokens_per_step']} tokens a step, E {e_start} -> {e_end}, lr {sa['lr']:g} with {sa['warmup']} warmup steps then {sa['lr_schedule']} planned over
   {sa['steps']} steps{stopped}), {s['train_seconds'] / 60:.1f} min with {sa['threads']} CPU thread(s).
 """
@@ -427,7 +435,7 @@ model, tokenizer = load_demo(mem_layers=[])     # ablation: no memory layers
 LLaMA architecture (`model_type: longllama`), {summary['parameters'] / 1e6:.2f}M parameters: hidden {config['hidden_size']},
 {config['num_hidden_layers']} layers, {config['num_attention_heads']} heads (head dim {config['hidden_size'] // config['num_attention_heads']}), SwiGLU {config['intermediate_size']}, vocab {config['vocab_size']},
 untied embeddings. Window (`max_position_embeddings`) **{window}** tokens, `last_context_length` {config['last_context_length']},
-memory layer(s) `mem_layers={config['mem_layers']}`, `mem_dtype` {config['mem_dtype']}, RoPE theta {config['rope_theta']:g}. Weights in fp32
+memory layer(s) `mem_layers={config['mem_layers']}`, `mem_dtype` {config['mem_dtype']}, RoPE theta {config['rope_theta']:g}{'' if config.get('mem_positionals', True) else ' (none in memory layers: `mem_positionals` false)'}. Weights in fp32
 (`model.safetensors`).
 
 Tokenizer: sentencepiece unigram, vocab {config['vocab_size']} (`split_digits`, `byte_fallback`, identity normalisation, dummy
@@ -548,6 +556,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--copy-lr", type=float, default=1e-3, help="constant lr of phase 1")
     parser.add_argument("--copy-pattern", default="rand100", help="streams of phase 1")
     parser.add_argument("--contexts-start", type=int, default=None, help="E at the start of phase 2 (default k-1)")
+    parser.add_argument("--mem-positionals", choices=["true", "false"], default=None,
+                        help="RoPE in memory layers (config `mem_positionals`; default true, or the --init-from "
+                             "checkpoint's); false: queries and keys of memory layers are never rotated, so a match "
+                             "learned on local keys is the same match on memory keys")
     return parser
 
 
@@ -613,6 +625,8 @@ def main(argv=None) -> None:
             )
             config.architectures = ["LongLlamaForCausalLM"]
             model = LongLlamaForCausalLM(config)
+        if args.mem_positionals is not None:  # read at every forward, so a continuation may switch it
+            config.mem_positionals = args.mem_positionals == "true"
         n_params = sum(p.numel() for p in model.parameters())
         print(f"model: {n_params / 1e6:.2f}M parameters", flush=True)
 
