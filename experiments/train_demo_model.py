@@ -272,6 +272,33 @@ class DemoData:
             weights[i] = self.answer_weight
         return dict(input_ids=ids, loss_weights=weights)
 
+    def memory_copy_stream(self, segments: int = 8) -> dict:
+        """Copying out of memory only (stream kind `memcopy`): the first half of the stream is natural text with
+        `segments` digit groups (4-10 digits) set into it; the second half repeats each group once, in shuffled
+        order, between natural text; a repeat that would stand less than a chunk after its first occurrence (so
+        possibly in the same window) is left out. Every repeated digit
+        after the first is weighted: predicting it needs the digit that followed the same digit in memory (copy2 of
+        a passkey split from copy 1 by a window boundary, or a key stated once)."""
+        rng, n, chunk = self.rng, self.stream_len, self.chunk_len
+        digits = [self.tok.convert_tokens_to_ids(d) for d in "0123456789"]
+        groups = [[rng.choice(digits) for _ in range(rng.randint(4, 10))] for _ in range(segments)]
+        ids, weights = self.natural(n), [1.0] * n
+        half = n // 2
+        slots = sorted(rng.sample(range(0, half - 12, 12), segments))  # 12 tokens apart: groups never touch
+        for start, group in zip(slots, groups):
+            ids[start : start + len(group)] = group
+        order = list(range(segments))
+        rng.shuffle(order)
+        later = sorted(rng.sample(range(half, n - 12, 12), segments))
+        for start, i in zip(later, order):
+            if start - slots[i] < chunk:  # too close (same window possible): move it a chunk further if there is room
+                continue
+            group = groups[i]
+            ids[start : start + len(group)] = group
+            for j in range(start + 1, start + len(group)):
+                weights[j] = self.answer_weight
+        return dict(input_ids=ids, loss_weights=weights)
+
     def stream(self, kind: str) -> dict:
         """One stream of exactly `stream_len` tokens: natural text, then (for tasks) the task document ending
         somewhere in the last chunk, then natural text again."""
@@ -282,6 +309,8 @@ class DemoData:
             return self.random_copy_stream(100)
         if kind == "copy1":
             return self.sparse_copy_stream()
+        if kind == "memcopy":
+            return self.memory_copy_stream()
         if kind == "text":
             ids = self.natural(n)
             return dict(input_ids=ids, loss_weights=[1.0] * n)

@@ -78,3 +78,34 @@ def test_single_copy_passkey_documents():
             key = text[spans[0][0]:].strip()
             body = text[: spans[0][0]]  # the prompt without the answer
             assert body.count(key) == copies, (share, body[-300:])
+
+
+def test_memory_copy_stream_repeats_only_out_of_memory():
+    """`memcopy`: every weighted token continues a digit group whose only earlier occurrence lies at least a chunk
+    before, so predicting it needs memory (no copy of it in the same window)."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    from train_demo_model import DemoData
+
+    from knn_longllama.demo import load_demo
+
+    _, tokenizer = load_demo()
+    digits = {tokenizer.convert_tokens_to_ids(d) for d in "0123456789"}
+    austen = [t for t in range(300, 900) if t not in digits] * 20
+    data = DemoData(tokenizer, austen, 1024, 256, seed=1, answer_weight=5.0)
+    for _ in range(20):
+        stream = data.stream("memcopy")
+        ids, weights = stream["input_ids"], stream["loss_weights"]
+        assert len(ids) == len(weights) == 1024
+        weighted = [i for i, w in enumerate(weights) if w > 1]
+        assert len(weighted) >= 9  # at least 3 groups of 4+ digits
+        runs, start = [], weighted[0]
+        for a, b in zip(weighted, weighted[1:] + [None]):
+            if b != a + 1:
+                runs.append((start - 1, a + 1))  # the repeat: its unweighted first digit, then the weighted ones
+                start = b
+        for a, b in runs:
+            group = ids[a:b]
+            assert set(group) <= digits and 4 <= len(group) <= 10
+            before = [p for p in range(a) if ids[p : p + len(group)] == group]
+            assert len(before) == 1 and before[0] + 256 <= a, (a, before)
+            assert not (ids[a - 1] in digits or (b < len(ids) and ids[b] in digits))  # a whole group
