@@ -417,6 +417,10 @@ def write_model_card(out_dir: str) -> None:
         prev_window = prev["args"].get("window") or 64
         changes = ([f"re-windowed: `max_position_embeddings` {prev_window} -> **{sa['window']}**, `last_context_length` "
                     f"{sa['last_context']}"] if sa["window"] != prev_window else [])
+        prev_layers = next((st["args"]["mem_layers"] for st in reversed(stages[:i]) if st["args"].get("mem_layers")),
+                           [2, 3])
+        if sa.get("mem_layers") is not None and sa["mem_layers"] != prev_layers:
+            changes.append(f"with memory layers {prev_layers} -> **{sa['mem_layers']}**")
         if sa.get("mem_positionals") is not None:
             changes.append(f"`mem_positionals` set to **{sa['mem_positionals']}**")
         pa = prev["args"]
@@ -551,14 +555,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--ffn", type=int, default=384)
-    parser.add_argument("--mem-layers", type=int, nargs="+", default=[2, 3])
+    parser.add_argument("--mem-layers", type=int, nargs="*", default=None,
+                        help="memory layers (default 2 3, or the --init-from checkpoint's; memory layers have no "
+                             "parameters of their own, so a continuation may change them)")
     parser.add_argument("--window", type=int, default=None,
                         help="max_position_embeddings (default 64, or the --init-from checkpoint's)")
     parser.add_argument("--last-context", type=int, default=None,
                         help="last_context_length (default 32, or the --init-from checkpoint's)")
     parser.add_argument("--chunks", type=int, default=4, help="k: chunks (rows) per stream")
     parser.add_argument("--pattern", default="passkey,copy,passkey,kv",
-                        help="stream kinds, cycled in this order")
+                        help="stream kinds, cycled in this order: passkey, kv, copy, copy1, memcopy, rand100, text")
     parser.add_argument("--streams-per-batch", type=int, default=4)
     parser.add_argument("--ckpt-dir", default=None, help="intermediate checkpoints (every --save-every steps)")
     parser.add_argument("--save-every", type=int, default=0)
@@ -648,12 +654,16 @@ def main(argv=None) -> None:
             config = LongLlamaConfig(
                 vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.ffn,
                 num_hidden_layers=args.layers, num_attention_heads=args.heads, max_position_embeddings=args.window,
-                last_context_length=args.last_context, mem_layers=args.mem_layers, mem_dtype="float32",
+                last_context_length=args.last_context, mem_layers=args.mem_layers or [2, 3], mem_dtype="float32",
                 rope_theta=10000.0, rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                 tie_word_embeddings=False, initializer_range=0.02,
             )
             config.architectures = ["LongLlamaForCausalLM"]
             model = LongLlamaForCausalLM(config)
+        if args.mem_layers is not None:
+            config.mem_layers = list(args.mem_layers)
+            for i, layer in enumerate(model.model.layers):
+                layer.self_attn.is_memory_layer = i in config.mem_layers
         if args.mem_positionals is not None:  # read at every forward, so a continuation may switch it
             config.mem_positionals = args.mem_positionals == "true"
         n_params = sum(p.numel() for p in model.parameters())

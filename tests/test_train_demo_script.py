@@ -23,7 +23,7 @@ def test_continuation_chain_and_model_card(tmp_path):
     _run("--out", stage1, "--window", "32", "--last-context", "16", "--copy-steps", "2", "--steps", "3")
     _run("--out", stage2, "--init-from", stage1, "--window", "64", "--last-context", "32", "--steps", "2",
          "--eval-lengths", "100", "200", "--nomem-lengths", "100", "--eval-jobs", "2", "--seed", "5",
-         "--single-copy", "1", "--mem-positionals", "false")
+         "--single-copy", "1", "--mem-positionals", "false", "--mem-layers", "0", "1")
 
     for name in ("tokenizer.json", "tokenizer.model"):  # a continuation keeps its checkpoint's tokenizer
         with open(os.path.join(stage1, name), "rb") as a, open(os.path.join(stage2, name), "rb") as b:
@@ -32,9 +32,10 @@ def test_continuation_chain_and_model_card(tmp_path):
     with open(os.path.join(stage2, "config.json")) as f:
         config = json.load(f)
     assert (config["max_position_embeddings"], config["last_context_length"]) == (64, 32)
-    assert config["mem_positionals"] is False
+    assert config["mem_positionals"] is False and config["mem_layers"] == [0, 1]
     with open(os.path.join(stage1, "config.json")) as f:
-        assert json.load(f)["mem_positionals"] is True
+        config1 = json.load(f)
+    assert config1["mem_positionals"] is True and config1["mem_layers"] == [1]
     with open(os.path.join(stage2, "training_summaries_earlier.json")) as f:
         earlier = json.load(f)
     with open(os.path.join(stage1, "training_summary.json")) as f:
@@ -52,6 +53,7 @@ def test_continuation_chain_and_model_card(tmp_path):
         "dense": [100, 200], "faiss": [100, 200], "no_memory": [100]}
     assert all(r["trials"] == 1 and r["correct"] in (0, 1) for rows in results.values() for r in rows)
     assert "Stage 2, the stage 1 checkpoint re-windowed: `max_position_embeddings` 32 -> **64**" in card
+    assert "with memory layers [1] -> **[0, 1]**" in card and "--mem-layers 0 1" in commands[1]
     assert "`mem_positionals` set to **false**" in card and "--mem-positionals false" in commands[1]
     assert "(none in memory layers: `mem_positionals` false)" in card
     assert "with the key stated once in 100% of the passkey prompts" in card
