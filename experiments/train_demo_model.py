@@ -501,6 +501,8 @@ Commands (from the repository root{"; one stage after the other" if len(stages) 
     then 2-5 queries of earlier keys;
   - *copy*: a random segment (digit groups or random pieces) repeated to the end of the stream after some Austen
     text (*copy1*: one segment that occurs twice);
+  - *memcopy*: natural text with 8 digit groups (4-10 digits) in its first half, each repeated once in the second
+    half at least a chunk later, every continuation digit weighted: copying out of memory only;
   - *text*: natural text, a {os.path.getsize(AUSTEN) // 1000} KB public-domain excerpt of Jane Austen's *Pride and Prejudice*
     (`experiments/data/`, first 95% for training).
   - Natural text also fills every task stream before and after its document.
