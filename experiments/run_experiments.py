@@ -49,6 +49,7 @@ class Scale:
     recall_tokens: int
     recall_sweep: dict = field(default_factory=dict)  # label -> (factory, param name, values[, fixed params])
     dense: bool = True  # include dense memory (up to dense_max)
+    k_sweep_max: int | None = None  # Flat's ks other than 32 only up to this length (None: every length)
 
 
 SCALES = {
@@ -58,7 +59,7 @@ SCALES = {
                  "HNSW32 ef64 l2": ("HNSW32", {"efSearch": 64, "faiss_metric": "l2"}),
                  "IVF64,PQ8x4": ("IVF64,PQ8x4", {"nprobe": 8, "k_factor": 4})},
         ks=[8, 32, 128], depth_length=2048, depths=[0.0, 0.25, 0.5, 0.75, 1.0],
-        ingest_lengths=[2048, 8192, 16384], decode_sizes=[2048, 8192, 16384], recall_tokens=12288,
+        ingest_lengths=[2048, 8192, 16384], decode_sizes=[2048, 8192, 16384], recall_tokens=12288, k_sweep_max=2048,
         recall_sweep={"IVF64,Flat": ("IVF64,Flat", "nprobe", [1, 2, 4, 8, 16]),
                       "IVF64,Flat l2": ("IVF64,Flat", "nprobe", [1, 2, 4, 8, 16], {"faiss_metric": "l2"}),
                       "HNSW32": ("HNSW32", "efSearch", [16, 32, 64, 128]),
@@ -221,6 +222,8 @@ def exp_passkey(scale: Scale) -> None:
         configure(model, memory_settings(label, scale, k or 32))
         for length in scale.passkey_lengths:
             if label == "dense" and length > scale.dense_max:
+                continue
+            if k not in (None, 32) and scale.k_sweep_max is not None and length > scale.k_sweep_max:
                 continue
             result = passkey_accuracy(model, tokenizer, length, trials=scale.trials, seed=0)
             rows.append({"index": label, "k": k or "-", "tokens": length,

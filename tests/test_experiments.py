@@ -100,6 +100,16 @@ def test_passkey_and_recall_tables(runner, tmp_path):
     assert full_probe and all(float(r["recall_at_k"]) == 1.0 for r in full_probe)  # nprobe = nlist is exact
 
 
+def test_flat_k_sweep_stops_at_its_length(runner, tmp_path):
+    """`k_sweep_max`: Flat's ks other than 32 run only up to that length; k=32 and dense run at every length."""
+    scale = runner.replace(runner.SCALES["tiny"], passkey_lengths=[150, 300], dense_max=300, trials=1, depths=[],
+                           indices={"Flat": ("Flat", {})}, ks=[8, 32], k_sweep_max=150)
+    runner.exp_passkey(scale)
+    points = {(r["index"], r["k"], int(r["tokens"])) for r in _rows(tmp_path / "passkey_tiny.csv")}
+    assert points == {("dense", "-", 150), ("dense", "-", 300), ("Flat", "8", 150), ("Flat", "32", 150),
+                      ("Flat", "32", 300)}
+
+
 def test_cuda_device_refused_without_gpu(runner, monkeypatch, capsys):
     import torch
 
