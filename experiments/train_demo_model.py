@@ -647,7 +647,10 @@ def main(argv=None) -> None:
                     chain = earlier_summaries(args.init_from) + [json.load(f)]
                 with open(os.path.join(args.out, EARLIER_SUMMARIES), "w") as f:
                     json.dump(chain, f, indent=1)
-            model = LongLlamaForCausalLM.from_pretrained(args.init_from)
+            overrides = {} if args.mem_layers is None else {"mem_layers": list(args.mem_layers)}
+            if args.mem_positionals is not None:  # memory layers have no parameters: both are free to change
+                overrides["mem_positionals"] = args.mem_positionals == "true"
+            model = LongLlamaForCausalLM.from_pretrained(args.init_from, **overrides)
             config = model.config
             config.max_position_embeddings = args.window = args.window or config.max_position_embeddings
             config.last_context_length = args.last_context = args.last_context or config.last_context_length
@@ -657,17 +660,12 @@ def main(argv=None) -> None:
                 vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.ffn,
                 num_hidden_layers=args.layers, num_attention_heads=args.heads, max_position_embeddings=args.window,
                 last_context_length=args.last_context, mem_layers=args.mem_layers or [2, 3], mem_dtype="float32",
+                mem_positionals=args.mem_positionals != "false",
                 rope_theta=10000.0, rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                 tie_word_embeddings=False, initializer_range=0.02,
             )
             config.architectures = ["LongLlamaForCausalLM"]
             model = LongLlamaForCausalLM(config)
-        if args.mem_layers is not None:
-            config.mem_layers = list(args.mem_layers)
-            for i, layer in enumerate(model.model.layers):
-                layer.self_attn.is_memory_layer = i in config.mem_layers
-        if args.mem_positionals is not None:  # read at every forward, so a continuation may switch it
-            config.mem_positionals = args.mem_positionals == "true"
         n_params = sum(p.numel() for p in model.parameters())
         print(f"model: {n_params / 1e6:.2f}M parameters", flush=True)
 
