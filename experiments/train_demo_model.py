@@ -276,9 +276,9 @@ class DemoData:
         """Copying out of memory only (stream kind `memcopy`): the first half of the stream is natural text with
         `segments` digit groups (4-10 digits) set into it; the second half repeats each group once, in shuffled
         order, between natural text; a repeat that would stand less than a chunk after its first occurrence (so
-        possibly in the same window) is left out. Every repeated digit
-        after the first is weighted: predicting it needs the digit that followed the same digit in memory (copy2 of
-        a passkey split from copy 1 by a window boundary, or a key stated once)."""
+        possibly in the same window) is left out. Every repeated digit after the first is weighted: predicting it
+        needs the digit that followed the same digit in memory (as for a key stated once, or the second copy of a
+        passkey split from the first by a window boundary)."""
         rng, n, chunk = self.rng, self.stream_len, self.chunk_len
         digits = [self.tok.convert_tokens_to_ids(d) for d in "0123456789"]
         groups = [[rng.choice(digits) for _ in range(rng.randint(4, 10))] for _ in range(segments)]
@@ -291,7 +291,7 @@ class DemoData:
         rng.shuffle(order)
         later = sorted(rng.sample(range(half, n - 12, 12), segments))
         for start, i in zip(later, order):
-            if start - slots[i] < chunk:  # too close (same window possible): move it a chunk further if there is room
+            if start - slots[i] < chunk:  # too close: both copies could share a window
                 continue
             group = groups[i]
             ids[start : start + len(group)] = group
@@ -659,7 +659,7 @@ def main(argv=None) -> None:
             config = LongLlamaConfig(
                 vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.ffn,
                 num_hidden_layers=args.layers, num_attention_heads=args.heads, max_position_embeddings=args.window,
-                last_context_length=args.last_context, mem_layers=args.mem_layers or [2, 3], mem_dtype="float32",
+                last_context_length=args.last_context, mem_layers=[2, 3] if args.mem_layers is None else args.mem_layers, mem_dtype="float32",
                 mem_positionals=args.mem_positionals != "false",
                 rope_theta=10000.0, rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                 tie_word_embeddings=False, initializer_range=0.02,
