@@ -63,7 +63,9 @@ SCALES = {
         recall_sweep={"IVF64,Flat": ("IVF64,Flat", "nprobe", [1, 2, 4, 8, 16]),
                       "IVF64,Flat l2": ("IVF64,Flat", "nprobe", [1, 2, 4, 8, 16], {"faiss_metric": "l2"}),
                       "HNSW32": ("HNSW32", "efSearch", [16, 32, 64, 128]),
-                      "HNSW32 l2": ("HNSW32", "efSearch", [16, 32, 64, 128], {"faiss_metric": "l2"})},
+                      "HNSW32 l2": ("HNSW32", "efSearch", [16, 32, 64, 128], {"faiss_metric": "l2"}),
+                      # graph quality: Faiss builds HNSW with efConstruction 40 unless told otherwise
+                      "HNSW32 l2 ef64": ("HNSW32", "efConstruction", [40, 200], {"faiss_metric": "l2", "efSearch": 64})},
     ),
     # One GPU, a few minutes: `python experiments/run_experiments.py --scale gpu --device cuda --only passkey ingest
     # decode`. "torch" is exact top-k on the GPU (no faiss-gpu needed); Faiss indices run on the GPU with faiss-gpu,
@@ -87,7 +89,8 @@ SCALES = {
         recall_sweep={"IVF1024,Flat": ("IVF1024,Flat", "nprobe", [1, 4, 16, 32, 64, 128]),
                       "IVF1024,Flat l2": ("IVF1024,Flat", "nprobe", [1, 4, 16, 32, 64, 128], {"faiss_metric": "l2"}),
                       "HNSW32": ("HNSW32", "efSearch", [16, 32, 64, 128, 256]),
-                      "HNSW32 l2": ("HNSW32", "efSearch", [16, 32, 64, 128, 256], {"faiss_metric": "l2"})},
+                      "HNSW32 l2": ("HNSW32", "efSearch", [16, 32, 64, 128, 256], {"faiss_metric": "l2"}),
+                      "HNSW32 l2 ef64": ("HNSW32", "efConstruction", [40, 200, 500], {"faiss_metric": "l2", "efSearch": 64})},
     ),
 }
 
@@ -414,76 +417,96 @@ class RecordingMemory:
     """A dense memory that also records the queries the attention layer looks up (real queries, not keys)."""
 
     def __init__(self, inner):
-        self.inner, self.queries = inner, []
+        self.inner, self.queries, self.sizes = inner, [], []
 
     def add(self, *args):
         self.inner.add(*args)
 
     def lookup(self, queries, h0, h1):
         self.queries.append(queries.detach().clone())
+        self.sizes.append(len(self.inner))  # the entries these queries see (not their own window's, added after)
         return self.inner.lookup(queries, h0, h1)
 
     def __len__(self):
         return len(self.inner)
 
 
+def recall_texts(scale: Scale, tokenizer) -> dict[str, list[int]]:
+    """Token ids of the texts whose real keys and queries the recall experiment searches: natural text (an Austen
+    excerpt, repeated to length) and a passkey prompt (the seed-0 prompt of the passkey experiment), whose
+    repeated filler makes many near-identical keys; both `recall_tokens` long."""
+    from knn_longllama.passkey import make_passkey_prompt, n_garbage_for_tokens
+
+    text_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "austen_pride_and_prejudice_excerpt.txt")
+    austen = tokenizer(open(text_path, encoding="utf-8").read())["input_ids"]
+    austen = (austen * (scale.recall_tokens // len(austen) + 1))[: scale.recall_tokens]
+    n_garbage = n_garbage_for_tokens(tokenizer, scale.recall_tokens)
+    prompt, _ = make_passkey_prompt(n_garbage, random.Random(f"passkey-0-{n_garbage}"))
+    return {"austen": austen, "passkey": tokenizer(prompt)["input_ids"]}
+
+
+def real_keys_and_queries(model, ids: list[int], layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The memory keys of memory layer `layer` after reading all but the last window of `ids` ([1, H, M, d]), and
+    the queries that layer looks the memory up with while reading the last window ([1, H, Q, d])."""
+    memories = {idx: model.model.new_memory(1, model.device, model.dtype) for idx in model.config.mem_layers}
+    window = model.config.max_position_embeddings
+    model.model.write_memory(torch.tensor([ids[:-window]], device=model.device), memories)
+    recorder = RecordingMemory(memories[layer])
+    memories[layer] = recorder
+    model.model.write_memory(torch.tensor([ids[-window:]], device=model.device), memories)  # one more window
+    seen = recorder.sizes[0]
+    return recorder.queries[0].float().cpu(), recorder.inner.keys.view()[:, :, :seen].float().cpu()
+
+
 def exp_recall(scale: Scale) -> None:
     import knn_index
 
     model, tokenizer = load(mem_backend="dense", mem_dtype="float32")
-    text_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "austen_pride_and_prejudice_excerpt.txt")
-    ids = tokenizer(open(text_path, encoding="utf-8").read())["input_ids"]
-    ids = (ids * (scale.recall_tokens // len(ids) + 1))[: scale.recall_tokens]
     layer = model.config.mem_layers[0]
-    memories = {idx: model.model.new_memory(1, model.device, model.dtype) for idx in model.config.mem_layers}
-    model.model.write_memory(torch.tensor([ids[:-256]], device=model.device), memories)  # real keys of a real text
-    recorder = RecordingMemory(memories[layer])
-    memories[layer] = recorder
-    model.model.write_memory(torch.tensor([ids[-256:]], device=model.device), memories)  # one more window: its queries
-    keys = recorder.inner.keys.view().float().cpu()  # [1, H, M, d]
-    queries = recorder.queries[0].float().cpu()  # [1, H, Q, d]
-    heads, dim = keys.shape[1], keys.shape[-1]
-    exact = knn_index.KnnStore(1, heads, dim, index="Flat", dtype=torch.float32)
-    exact.add(keys, keys)
-    scores_all = (queries @ keys.transpose(-1, -2)) / dim**0.5
-    attention = torch.softmax(scores_all, dim=-1)  # dense memory attention (memory part)
-    rows = []
     sweeps = [(label, factory, "-", [None], {}) for label, (factory, _) in scale.indices.items() if factory != "torch"]
     sweeps += [(label + " sweep", factory, name, values, fixed[0] if fixed else {})
                for label, (factory, name, values, *fixed) in scale.recall_sweep.items()]
-    stores = {}  # (label, value) -> a store filled (and trained) once, searched for every k
-    for k in scale.ks:
-        truth = exact.search(queries, k).ids
-        for label, factory, param, values, fixed in sweeps:
-            for value in values:
-                params = {**fixed, param: value} if value is not None else dict(scale.indices.get(label, (None, {}))[1])
-                search_params, settings = split_store_params(params)
-                store = stores.get((label, value))
-                if store is None:
-                    store = knn_index.KnnStore(1, heads, dim, index=factory, index_params=search_params or None,
-                                               dtype=torch.float32, **settings)
-                    store.add(keys, keys)
-                    stores[(label, value)] = store
-                start = time.perf_counter()
-                found = store.search(queries, k).ids
-                search_ms = 1000 * (time.perf_counter() - start)
-                hits = (found[..., :, None] == truth[..., None, :]).any(-1).float().mean().item()
-                kept = attention.gather(-1, found.clamp(min=0)).masked_fill(found < 0, 0).sum(-1).mean().item()
-                rows.append({"index": factory, "faiss_metric": settings["faiss_metric"],
-                             "param": param if value is not None else json.dumps(params),
-                             "value": value if value is not None else "-", "k": k, "recall_at_k": round(hits, 4),
-                             "attention_mass_kept": round(kept, 4), "search_ms": round(search_ms, 1)})
-    exact_mass = {k: round(attention.topk(k, dim=-1).values.sum(-1).mean().item(), 4) for k in scale.ks}
-    for row in rows:
-        row["mass_of_exact_topk"] = exact_mass[row["k"]]
-    write_rows(rows, os.path.join(RESULTS, f"recall_{scale.name}"),
-               f"Retrieval quality on real keys/queries of memory layer {layer} ({keys.shape[2]} keys x {heads} heads, "
-               f"{queries.shape[2]} queries per head)")
+    rows, sizes = [], {}
+    for text, ids in recall_texts(scale, tokenizer).items():
+        queries, keys = real_keys_and_queries(model, ids, layer)
+        heads, dim = keys.shape[1], keys.shape[-1]
+        sizes[text] = keys.shape[2]
+        exact = knn_index.KnnStore(1, heads, dim, index="Flat", dtype=torch.float32)
+        exact.add(keys, keys)
+        attention = torch.softmax((queries @ keys.transpose(-1, -2)) / dim**0.5, dim=-1)  # dense memory attention
+        stores = {}  # (label, value) -> a store filled (and trained) once, searched for every k
+        ks = scale.ks if text == "austen" else [32]  # the passkey experiment's k; the k sweep runs on natural text
+        for k in ks:
+            truth = exact.search(queries, k).ids
+            exact_mass = round(attention.topk(k, dim=-1).values.sum(-1).mean().item(), 4)
+            for label, factory, param, values, fixed in sweeps:
+                for value in values:
+                    params = {**fixed, param: value} if value is not None else dict(scale.indices.get(label, (None, {}))[1])
+                    search_params, settings = split_store_params(params)
+                    store = stores.get((label, value))
+                    if store is None:
+                        store = knn_index.KnnStore(1, heads, dim, index=factory, index_params=search_params or None,
+                                                   dtype=torch.float32, **settings)
+                        store.add(keys, keys)
+                        stores[(label, value)] = store
+                    start = time.perf_counter()
+                    found = store.search(queries, k).ids
+                    search_ms = 1000 * (time.perf_counter() - start)
+                    hits = (found[..., :, None] == truth[..., None, :]).any(-1).float().mean().item()
+                    kept = attention.gather(-1, found.clamp(min=0)).masked_fill(found < 0, 0).sum(-1).mean().item()
+                    rows.append({"text": text, "index": factory, "faiss_metric": settings["faiss_metric"],
+                                 "param": param if value is not None else json.dumps(params),
+                                 "value": value if value is not None else "-", "k": k, "recall_at_k": round(hits, 4),
+                                 "attention_mass_kept": round(kept, 4), "search_ms": round(search_ms, 1),
+                                 "mass_of_exact_topk": exact_mass})
     stem = os.path.join(RESULTS, f"recall_{scale.name}")
+    write_rows(rows, stem, f"Retrieval quality on real keys/queries of memory layer {layer} ("
+               + ", ".join(f"{text}: {n} keys" for text, n in sizes.items())
+               + f" x {heads} heads, {queries.shape[2]} queries per head)")
     series = {}
     for row in rows:
         if row["param"] in ("nprobe", "efSearch") and row["k"] == 32:
-            name = f"{row['index']} {row['faiss_metric']} ({row['param']})"
+            name = f"{row['index']} {row['faiss_metric']} ({row['param']}), {row['text']}"
             series.setdefault(name, ([], []))
             series[name][0].append(row["value"])
             series[name][1].append(row["recall_at_k"])
@@ -573,7 +596,11 @@ def main() -> None:
         if "scale" in recorded:  # an older file: one record for the whole scale
             recorded = {}
     for name in args.only or list(EXPERIMENTS):  # one record per experiment: runs of a scale may differ in settings
-        recorded[name] = environment(scale, args.threads)
+        record = environment(scale, args.threads)
+        if args.append and name in ("ingest", "decode") and name in recorded:  # keep the runs whose rows stay
+            earlier = recorded[name]
+            record["earlier_runs"] = earlier.pop("earlier_runs", []) + [earlier]
+        recorded[name] = record
     with open(env_path, "w") as f:
         json.dump(recorded, f, indent=2)
     for name in args.only or list(EXPERIMENTS):

@@ -19,10 +19,11 @@ BENCHES = ["bench_forward_plain", "bench_forward_ingest", "bench_memory_overhead
 
 
 def _csv(name: str) -> list[dict]:
-    """Rows of results/<name>.csv plus those of its tagged runs (<name>_<tag>.csv, e.g. a 1M-token spot check)."""
+    """Rows of results/<name>.csv plus those of its tagged runs (<name>_<tag>.csv, e.g. a 1M-token spot check;
+    tags are letters, digits and underscores)."""
     paths = [os.path.join(RESULTS, name + ".csv")]
     paths += sorted(os.path.join(RESULTS, f) for f in os.listdir(RESULTS) if f.startswith(name + "_") and
-                    f.endswith(".csv") and f[len(name) + 1:-4].isalnum())
+                    f.endswith(".csv") and f[len(name) + 1:-4].replace("_", "").isalnum())
     rows = []
     for path in paths:
         if os.path.exists(path):
@@ -103,7 +104,9 @@ def current_model() -> dict:
 def model_line(scale: str, current: dict) -> str:
     """Which demo checkpoint the scale's results were measured with, flagged when it is not the shipped one."""
     with open(os.path.join(RESULTS, f"environment_{scale}.json")) as f:
-        models = [record.get("model") for record in json.load(f).values()]
+        records = json.load(f).values()
+    # a run with --append keeps the records of the runs before it (their rows stay in the same file)
+    models = [run.get("model") for record in records for run in [record, *record.get("earlier_runs", [])]]
     if all(m == current for m in models):
         return f"Demo model: weights sha256 `{current['weights_sha256']}`, window {current['window']} (the shipped one).\n"
     other = {m["weights_sha256"]: m["window"] for m in models if m is not None and m != current}

@@ -91,6 +91,7 @@ def test_passkey_and_recall_tables(runner, tmp_path):
     runner.exp_recall(scale)
     recall = _rows(tmp_path / "recall_tiny.csv")
     assert {r["index"] for r in recall} == {"IVF4,Flat"}  # exact torch top-k needs no recall row
+    assert {(r["text"], r["k"]) for r in recall} == {("austen", "8"), ("passkey", "32")}  # passkey: its k only
     assert {(r["faiss_metric"], r["value"]) for r in recall if r["param"] == "nprobe"} == {
         ("ip", "1"), ("ip", "4"), ("l2", "1"), ("l2", "4")}
     for r in recall:
@@ -157,6 +158,9 @@ def test_readme_flags_results_of_another_checkpoint(readme, tmp_path):
     line = module.model_line("b", current)
     assert "another demo checkpoint" in line and "`bbbb` (window 64)" in line
     assert "not recorded" in module.model_line("c", current)
+    appended = {"ingest": {"model": current, "earlier_runs": [{"model": old}]}}  # rows of an earlier run stay
+    (tmp_path / "environment_d.json").write_text(json.dumps(appended))
+    assert "`bbbb` (window 64)" in module.model_line("d", current)
 
 
 def test_search_mode_follows_the_training_size(runner):
@@ -222,6 +226,9 @@ def test_tagged_run_uses_its_base_scale(runner, tmp_path, monkeypatch):
     runner.main()
     rows = _rows(tmp_path / "ingest_tiny_spot.csv")
     assert [(r["index"], r["tokens"]) for r in rows] == [("dense", "200"), ("torch", "200"), ("IVF4,Flat", "300")]
+    record = json.load(open(tmp_path / "environment_tiny_spot.json"))["ingest"]  # both runs' settings are kept
+    assert record["scale"]["ingest_lengths"] == [300] and list(record["scale"]["indices"]) == ["IVF4,Flat"]
+    assert [run["scale"]["ingest_lengths"] for run in record["earlier_runs"]] == [[200]]
 
 
 def test_passkey_failure_analysis_window_rule():
@@ -258,3 +265,28 @@ def test_child_peak_rss_is_its_own(runner):
     assert 10 < float(out.strip().splitlines()[-1]) < 900
     assert runner.peak_rss_mb() >= 1024  # this process: at least the ballast
     del ballast
+
+
+def test_recall_keys_are_those_the_last_window_searches(runner):
+    """Ground truth is searched among the entries the recorded queries saw: not their own window's keys."""
+    scale = runner.SCALES["tiny"]
+    model, tokenizer = runner.load(mem_backend="dense", mem_dtype="float32")
+    texts = runner.recall_texts(scale, tokenizer)
+    assert set(texts) == {"austen", "passkey"}
+    assert len(texts["austen"]) == scale.recall_tokens and abs(len(texts["passkey"]) - scale.recall_tokens) < 20
+    window = model.config.max_position_embeddings
+    ids = texts["passkey"]
+    queries, keys = runner.real_keys_and_queries(model, ids, model.config.mem_layers[0])
+    heads, dim = model.config.num_key_value_heads, model.config.hidden_size // model.config.num_attention_heads
+    assert keys.shape == (1, heads, len(ids) - window, dim)
+    assert queries.shape[:2] == (1, heads) and queries.shape[-1] == dim and queries.shape[2] >= window
+
+
+def test_goals_read_tagged_runs(readme, tmp_path):
+    """A base scale's goals include its tagged runs (`--tag 1m_s3` writes passkey_<scale>_1m_s3.csv)."""
+    header = "index,k,tokens,prompt_tokens,search,accuracy,trials,seconds\n"
+    (tmp_path / "passkey_s_64k.csv").write_text(header + '"IVF8,Flat",32,65536,65536,approximate,1.0,5,1\n')
+    (tmp_path / "passkey_s_1m_s3.csv").write_text(header + '"IVF8,Flat",32,1048576,1048576,approximate,0.5,2,1\n')
+    (tmp_path / "passkey_s_1m-old.csv").write_text(header + '"IVF8,Flat",32,2097152,2097152,approximate,1.0,2,1\n')
+    table = readme.goals("s")
+    assert "50% at 1048576 tokens (IVF8,Flat, k=32, 2 trials) | no |" in table  # the 2M file's tag is not a tag
