@@ -50,6 +50,7 @@ class Scale:
     recall_sweep: dict = field(default_factory=dict)  # label -> (factory, param name, values[, fixed params])
     dense: bool = True  # include dense memory (up to dense_max)
     k_sweep_max: int | None = None  # Flat's ks other than 32 only up to this length (None: every length)
+    seed: int = 0  # passkey prompts: trial i of a seed is the same prompt for every index and k
 
 
 SCALES = {
@@ -228,7 +229,7 @@ def exp_passkey(scale: Scale) -> None:
                 continue
             if k not in (None, 32) and scale.k_sweep_max is not None and length > scale.k_sweep_max:
                 continue
-            result = passkey_accuracy(model, tokenizer, length, trials=scale.trials, seed=0)
+            result = passkey_accuracy(model, tokenizer, length, trials=scale.trials, seed=scale.seed)
             rows.append({"index": label, "k": k or "-", "tokens": length,
                          "prompt_tokens": round(result["mean_prompt_tokens"]),
                          "search": search_mode(label, scale, model.config, round(result["mean_prompt_tokens"])),
@@ -361,13 +362,20 @@ def sweep_children(kind: str, sizes: list, scale: Scale, write) -> list[dict]:
     """One subprocess per (memory backend, size), shared by the ingest and decode sweeps; dense only up to
     `dense_max`. `write(rows)` after every point, so an interrupted sweep keeps what it measured."""
     rows = previous_rows(kind, scale) if APPEND else []
+    point = lambda r: (r["index"], int(r.get("tokens", r.get("memory_tokens"))))  # noqa: E731
     for label in (["dense"] if scale.dense else []) + list(scale.indices):
         for n in sizes:
             if label == "dense" and n > scale.dense_max:
                 continue
-            rows = [r for r in rows if (r["index"], int(r.get("tokens", r.get("memory_tokens")))) != (label, n)]
-            rows.append(read_rows(label, n, scale)[kind])
-            print(rows[-1], flush=True)
+            row = read_rows(label, n, scale)[kind]
+            at = next((i for i, r in enumerate(rows) if point(r) == (label, n)), None)
+            if at is None:
+                rows.append(row)
+            else:  # a re-measured point keeps its place
+                rows[at] = row
+            order = list(dict.fromkeys(r["index"] for r in rows))
+            rows.sort(key=lambda r: (order.index(r["index"]), point(r)[1]))  # a label's points together, by size
+            print(row, flush=True)
             write([dict(r) for r in rows])
     return rows
 
@@ -550,6 +558,9 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=None,
                         help="override the scale's passkey / ingest / decode lengths (e.g. one 1M-token spot check)")
     parser.add_argument("--trials", type=int, default=None, help="override the scale's passkey trials per point")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the length sweep's passkey prompts (another seed: other trials, e.g. to split "
+                             "one point's trials over processes; the depth sweep keeps its prompts)")
     parser.add_argument("--indices", nargs="+", default=None,
                         help="only these memory labels of the scale ('dense' for dense memory, up to dense_max)")
     parser.add_argument("--append", action="store_true",
@@ -583,6 +594,7 @@ def main() -> None:
         scale.passkey_lengths = scale.ingest_lengths = scale.decode_sizes = sorted(args.lengths)
     if args.trials:
         scale.trials = args.trials
+    scale.seed = args.seed
     if args.depths is not None:
         scale.depths = args.depths
     if args.tag:

@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "experiments", "results")
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 ORDER = ["passkey", "passkey_depth", "ingest", "decode", "recall"]
+MIN_TRIALS = 20  # an accuracy goal is judged on at least this many trials (pooled over seeds)
 BENCHES = ["bench_forward_plain", "bench_forward_ingest", "bench_memory_overhead", "bench_memory_scaling"]
 
 
@@ -39,10 +40,17 @@ def goals(scale: str) -> str:
     dense = {int(r["tokens"]): float(r["accuracy"]) for r in _csv(f"passkey_{scale}") if r["index"] == "dense"}
     if passkey:
         longest = max(int(r["tokens"]) for r in passkey)
-        best = max((r for r in passkey if int(r["tokens"]) == longest), key=lambda r: float(r["accuracy"]))
-        rows.append(("passkey >= 95% at 1M tokens with a kNN index", f"{float(best['accuracy']):.0%} at {longest} tokens "
-                     f"({best['index']}, k={best['k']}, {best['trials']} trials)",
-                     None if longest < 2**20 else float(best["accuracy"]) >= 0.95))
+        pooled = {}  # (index, k) -> [correct, trials] at the longest length, over the runs (seeds) measuring it
+        for r in passkey:
+            if int(r["tokens"]) == longest:
+                counts = pooled.setdefault((r["index"], r["k"]), [0, 0])
+                counts[0] += round(float(r["accuracy"]) * int(r["trials"]))
+                counts[1] += int(r["trials"])
+        (index, k), (correct, trials) = max(pooled.items(), key=lambda item: (item[1][0] / item[1][1], item[1][1]))
+        verdict = None if longest < 2**20 else (f"too few trials to tell (fewer than {MIN_TRIALS})"
+                                                if trials < MIN_TRIALS else correct / trials >= 0.95)
+        rows.append(("passkey >= 95% at 1M tokens with a kNN index", f"{correct / trials:.0%} at {longest} tokens "
+                     f"({index}, k={k}: {correct} of {trials} trials)", verdict))
         worse = [(n, r["index"], r["k"]) for r in passkey for n in [int(r["tokens"])]
                  if n in dense and float(r["accuracy"]) < dense[n]]
         compared = [r for r in passkey if int(r["tokens"]) in dense]
@@ -87,7 +95,7 @@ def goals(scale: str) -> str:
         return ""
     lines = [f"**Goals (`--scale {scale}`)**", "", "| goal | measured | met |", "|---|---|---|"]
     verdict = {True: "yes", False: "no", None: "not measured at this scale"}
-    lines += [f"| {goal} | {measured} | {verdict[met]} |" for goal, measured, met in rows]
+    lines += [f"| {goal} | {measured} | {met if isinstance(met, str) else verdict[met]} |" for goal, measured, met in rows]
     return "\n".join(lines) + "\n"
 
 

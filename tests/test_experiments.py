@@ -229,6 +229,12 @@ def test_tagged_run_uses_its_base_scale(runner, tmp_path, monkeypatch):
     record = json.load(open(tmp_path / "environment_tiny_spot.json"))["ingest"]  # both runs' settings are kept
     assert record["scale"]["ingest_lengths"] == [300] and list(record["scale"]["indices"]) == ["IVF4,Flat"]
     assert [run["scale"]["ingest_lengths"] for run in record["earlier_runs"]] == [[200]]
+    # a re-measured point keeps its place; a new one joins its label's points, ordered by size
+    monkeypatch.setattr("sys.argv", argv + ["--indices", "dense", "IVF4,Flat", "--lengths", "200", "--append"])
+    runner.main()
+    rows = _rows(tmp_path / "ingest_tiny_spot.csv")
+    assert [(r["index"], r["tokens"]) for r in rows] == [("dense", "200"), ("torch", "200"), ("IVF4,Flat", "200"),
+                                                          ("IVF4,Flat", "300")]
 
 
 def test_passkey_failure_analysis_window_rule():
@@ -289,4 +295,25 @@ def test_goals_read_tagged_runs(readme, tmp_path):
     (tmp_path / "passkey_s_1m_s3.csv").write_text(header + '"IVF8,Flat",32,1048576,1048576,approximate,0.5,2,1\n')
     (tmp_path / "passkey_s_1m-old.csv").write_text(header + '"IVF8,Flat",32,2097152,2097152,approximate,1.0,2,1\n')
     table = readme.goals("s")
-    assert "50% at 1048576 tokens (IVF8,Flat, k=32, 2 trials) | no |" in table  # the 2M file's tag is not a tag
+    assert "50% at 1048576 tokens (IVF8,Flat, k=32: 1 of 2 trials) | too few trials" in table  # 2M: not a tag
+    # runs with other seeds pool their trials; the goal is judged once there are at least MIN_TRIALS of them
+    (tmp_path / "passkey_s_1m_seed1.csv").write_text(header + '"IVF8,Flat",32,1048576,1048576,approximate,1.0,18,1\n')
+    assert "95% at 1048576 tokens (IVF8,Flat, k=32: 19 of 20 trials) | yes |" in readme.goals("s")
+
+
+def test_seed_selects_other_passkey_trials(runner, tmp_path, monkeypatch):
+    import knn_longllama.passkey as passkey
+
+    seeds = []
+    real = passkey.passkey_accuracy
+
+    def spy(*args, **kwargs):
+        seeds.append(kwargs["seed"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(passkey, "passkey_accuracy", spy)
+    monkeypatch.setattr("sys.argv", ["run_experiments.py", "--scale", "tiny", "--only", "passkey", "--indices", "torch",
+                                     "--lengths", "200", "--trials", "1", "--depths", "--seed", "3", "--threads", "1"])
+    runner.main()
+    assert seeds == [3]
+    assert json.load(open(tmp_path / "environment_tiny.json"))["passkey"]["scale"]["seed"] == 3
