@@ -466,6 +466,9 @@ def real_keys_and_queries(model, ids: list[int], layer: int) -> tuple[torch.Tens
     return recorder.queries[0].float().cpu(), recorder.inner.keys.view()[:, :, :seen].float().cpu()
 
 
+SEARCH_TIME_PARAMS = ("nprobe", "efSearch")  # read by Faiss at search time: one built index serves every value
+
+
 def exp_recall(scale: Scale) -> None:
     import knn_index
 
@@ -482,7 +485,7 @@ def exp_recall(scale: Scale) -> None:
         exact = knn_index.KnnStore(1, heads, dim, index="Flat", dtype=torch.float32)
         exact.add(keys, keys)
         attention = torch.softmax((queries @ keys.transpose(-1, -2)) / dim**0.5, dim=-1)  # dense memory attention
-        stores = {}  # (label, value) -> a store filled (and trained) once, searched for every k
+        stores = {}  # (factory, build-time params, settings) -> a store filled (and trained) once, searched for every k
         ks = scale.ks if text == "austen" else [32]  # the passkey experiment's k; the k sweep runs on natural text
         for k in ks:
             truth = exact.search(queries, k).ids
@@ -491,12 +494,17 @@ def exp_recall(scale: Scale) -> None:
                 for value in values:
                     params = {**fixed, param: value} if value is not None else dict(scale.indices.get(label, (None, {}))[1])
                     search_params, settings = split_store_params(params)
-                    store = stores.get((label, value))
+                    built = {name: v for name, v in search_params.items() if name not in SEARCH_TIME_PARAMS}
+                    key = (factory, json.dumps(built, sort_keys=True), json.dumps(settings, sort_keys=True))
+                    store = stores.get(key)
                     if store is None:
                         store = knn_index.KnnStore(1, heads, dim, index=factory, index_params=search_params or None,
                                                    dtype=torch.float32, **settings)
                         store.add(keys, keys)
-                        stores[(label, value)] = store
+                        stores[key] = store
+                    searched = {name: v for name, v in search_params.items() if name in SEARCH_TIME_PARAMS}
+                    for h in range(heads):  # this point's search-time parameters on the shared indices
+                        knn_index.factory.apply_params(store.faiss_index(0, h), searched)
                     start = time.perf_counter()
                     found = store.search(queries, k).ids
                     search_ms = 1000 * (time.perf_counter() - start)
