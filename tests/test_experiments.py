@@ -20,7 +20,8 @@ def runner(tmp_path, monkeypatch):
     module.SCALES["tiny"] = module.Scale(
         name="tiny", passkey_lengths=[200], dense_max=200, trials=2,
         indices={"torch": ("torch", {}), "IVF4,Flat": ("IVF4,Flat", {"nprobe": 2})},
-        ks=[8], depth_length=200, depths=[0.0, 1.0], ingest_lengths=[1000], decode_sizes=[1000], recall_tokens=600,
+        # recall_tokens: enough keys (1024) for IVF4 to train, so that nprobe changes what recall finds
+        ks=[8], depth_length=200, depths=[0.0, 1.0], ingest_lengths=[1000], decode_sizes=[1000], recall_tokens=1600,
         recall_sweep={"IVF4,Flat": ("IVF4,Flat", "nprobe", [1, 4]),
                       "IVF4,Flat l2": ("IVF4,Flat", "nprobe", [1, 4], {"faiss_metric": "l2"})},
     )
