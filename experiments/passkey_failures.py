@@ -18,7 +18,6 @@ passkey_failures_<key-line>.{csv,md}. `--tag` adds a suffix (e.g. for many trial
 import argparse
 import csv
 import os
-import random
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +25,7 @@ sys.path.insert(0, ROOT)
 
 from knn_longllama.demo import load_demo  # noqa: E402
 from knn_longllama.passkey import (  # noqa: E402
-    INFO_TEMPLATE, answer_ids, make_passkey_prompt, n_garbage_for_tokens, passkey_trial,
+    INFO_TEMPLATE, answer_ids, n_garbage_for_tokens, passkey_prompts, passkey_trial,
 )
 
 RESULTS = os.path.join(ROOT, "experiments", "results")
@@ -76,9 +75,9 @@ def main() -> None:
     rows = []
     for length in args.lengths:
         n_garbage = n_garbage_for_tokens(tokenizer, length)
-        rng = random.Random(f"passkey-0-{n_garbage}")  # the trials of passkey_accuracy(seed=0)
-        for trial in range(args.trials):
-            prompt, key = make_passkey_prompt(n_garbage, rng, info_template=KEY_LINES[args.key_line])
+        # the trials of passkey_accuracy(seed=0), with the chosen key line
+        for trial, (prompt, key) in enumerate(passkey_prompts(n_garbage, args.trials, seed=0,
+                                                              info_template=KEY_LINES[args.key_line])):
             encoded = tokenizer(prompt, return_offsets_mapping=True)
             ids, offsets = encoded.input_ids, encoded.offset_mapping
             digits = answer_ids(tokenizer, key)[1:]  # without the leading space piece

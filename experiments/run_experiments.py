@@ -443,13 +443,13 @@ def recall_texts(scale: Scale, tokenizer) -> dict[str, list[int]]:
     """Token ids of the texts whose real keys and queries the recall experiment searches: natural text (an Austen
     excerpt, repeated to length) and a passkey prompt (the seed-0 prompt of the passkey experiment), whose
     repeated filler makes many near-identical keys; both `recall_tokens` long."""
-    from knn_longllama.passkey import make_passkey_prompt, n_garbage_for_tokens
+    from knn_longllama.passkey import n_garbage_for_tokens, passkey_prompts
 
     text_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "austen_pride_and_prejudice_excerpt.txt")
     austen = tokenizer(open(text_path, encoding="utf-8").read())["input_ids"]
     austen = (austen * (scale.recall_tokens // len(austen) + 1))[: scale.recall_tokens]
     n_garbage = n_garbage_for_tokens(tokenizer, scale.recall_tokens)
-    prompt, _ = make_passkey_prompt(n_garbage, random.Random(f"passkey-0-{n_garbage}"))
+    (prompt, _), = passkey_prompts(n_garbage, trials=1, seed=0)
     return {"austen": austen, "passkey": tokenizer(prompt)["input_ids"]}
 
 

@@ -16,6 +16,7 @@ import argparse
 import json
 import random
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -55,6 +56,17 @@ def make_passkey_prompt(n_garbage: int, rng: random.Random, *, filler: str = FIL
         question,
     ]
     return "\n".join(parts), key
+
+
+def passkey_prompts(n_garbage: int, trials: int, seed: int = 0, **prompt_kwargs) -> Iterator[tuple[str, int]]:
+    """The evaluation's `trials` seeded prompts with `n_garbage` filler characters, as (prompt, key) pairs.
+
+    Trial i of a (seed, n_garbage) pair is the same prompt for every model, tokenizer and caller (the passkey
+    accuracy, the recall experiment's passkey text, the failure analysis) and for any number of trials.
+    `prompt_kwargs` go to `make_passkey_prompt` (e.g. another `info_template`)."""
+    rng = random.Random(f"passkey-{seed}-{n_garbage}")
+    for _ in range(trials):
+        yield make_passkey_prompt(n_garbage, rng, **prompt_kwargs)
 
 
 def answer_ids(tokenizer, key: int) -> list[int]:
@@ -99,13 +111,11 @@ def passkey_accuracy(model, tokenizer, target_tokens: int, trials: int = 20, see
     characters). The trials of one (seed, length) pair are the same for every model and tokenizer."""
     if n_garbage is None:
         n_garbage = n_garbage_for_tokens(tokenizer, target_tokens)
-    rng = random.Random(f"passkey-{seed}-{n_garbage}")
     was_training = model.training
     model.eval()
     results, started = [], time.time()
     try:
-        for _ in range(trials):
-            prompt, key = make_passkey_prompt(n_garbage, rng)
+        for prompt, key in passkey_prompts(n_garbage, trials, seed):
             results.append(passkey_trial(model, tokenizer, prompt, key, **generate_kwargs))
     finally:
         model.train(was_training)
@@ -185,5 +195,6 @@ __all__ = [
     "n_garbage_for_tokens",
     "passkey_accuracy",
     "passkey_curve",
+    "passkey_prompts",
     "passkey_trial",
 ]

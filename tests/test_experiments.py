@@ -278,8 +278,12 @@ def test_recall_keys_are_those_the_last_window_searches(runner):
     """Ground truth is searched among the entries the recorded queries saw: not their own window's keys."""
     scale = runner.SCALES["tiny"]
     model, tokenizer = runner.load(mem_backend="dense", mem_dtype="float32")
+    from knn_longllama.passkey import n_garbage_for_tokens, passkey_prompts
+
     texts = runner.recall_texts(scale, tokenizer)
     assert set(texts) == {"austen", "passkey"}
+    (first, _), = passkey_prompts(n_garbage_for_tokens(tokenizer, scale.recall_tokens), 1, seed=0)
+    assert texts["passkey"] == tokenizer(first)["input_ids"]  # the passkey experiment's first trial
     assert len(texts["austen"]) == scale.recall_tokens and abs(len(texts["passkey"]) - scale.recall_tokens) < 20
     window = model.config.max_position_embeddings
     ids = texts["passkey"]

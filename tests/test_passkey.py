@@ -8,7 +8,7 @@ import torch
 
 from knn_longllama.passkey import (
     FILLER, INFO_TEMPLATE, QUESTION, TASK_DESCRIPTION, answer_ids, chars_per_token, make_passkey_prompt,
-    n_garbage_for_tokens, passkey_accuracy, passkey_trial, repeated_filler,
+    n_garbage_for_tokens, passkey_accuracy, passkey_prompts, passkey_trial, repeated_filler,
 )
 
 from conftest import tiny_model
@@ -123,6 +123,23 @@ def test_scoring_compares_generated_ids_with_answer_ids():
     assert [r["key"] for r in wrong["results"]] == [r["key"] for r in result["results"]]
     other_seed = passkey_accuracy(oracle, tokenizer, 600, trials=20, seed=1)
     assert [r["key"] for r in other_seed["results"]] != [r["key"] for r in result["results"]]
+
+
+def test_passkey_prompts_are_the_evaluations_trials():
+    """Every caller gets the evaluation's prompts: trial i depends on (seed, n_garbage) only, not on the count."""
+    tokenizer = CharTokenizer()
+    oracle = OracleModel(tokenizer)
+    result = passkey_accuracy(oracle, tokenizer, target_tokens=600, trials=4, seed=2)
+    prompts = list(passkey_prompts(result["n_garbage"], 4, seed=2))
+    assert [key for _, key in prompts] == [r["key"] for r in result["results"]]
+    assert [len(tokenizer(p).input_ids) for p, _ in prompts] == [r["prompt_tokens"] for r in result["results"]]
+    assert list(passkey_prompts(result["n_garbage"], 2, seed=2)) == prompts[:2]
+    assert list(passkey_prompts(result["n_garbage"], 4, seed=3)) != prompts
+    # another key line keeps the draws (prefix length, key) of the same trials
+    template = "The pass key is {key}. Remember it."
+    for (plain, key), (other, other_key) in zip(prompts, passkey_prompts(result["n_garbage"], 4, 2,
+                                                                        info_template=template)):
+        assert other_key == key and other == plain.replace(INFO_TEMPLATE.format(key=key), template.format(key=key))
 
 
 def test_runs_with_a_real_longllama_across_windows():
