@@ -234,7 +234,7 @@ def exp_passkey(scale: Scale) -> None:
                          "prompt_tokens": round(result["mean_prompt_tokens"]),
                          "search": search_mode(label, scale, model.config, round(result["mean_prompt_tokens"])),
                          "accuracy": result["accuracy"],
-                         "trials": scale.trials, "seconds": round(result["seconds"], 1)})
+                         "trials": scale.trials, "seed": scale.seed, "seconds": round(result["seconds"], 1)})
             print(rows[-1], flush=True)
             write_passkey(rows, scale)  # after every point: an interrupted run keeps what it measured
 

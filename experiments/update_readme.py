@@ -33,34 +33,60 @@ def _csv(name: str) -> list[dict]:
     return rows
 
 
+def _correct(row: dict) -> int:
+    return round(float(row["accuracy"]) * int(row["trials"]))
+
+
+def knn_vs_dense(rows: list[dict]) -> tuple:
+    """The goal row "kNN accuracy >= dense wherever dense runs": each kNN (index, k, length) against dense on the
+    same prompts, i.e. pooled over the seeds both ran at that length (a row without a seed column ran seed 0)."""
+    counts = {}  # (index, k, tokens, seed) -> [correct, trials]
+    for r in rows:
+        c = counts.setdefault((r["index"], r["k"], int(r["tokens"]), r.get("seed") or "0"), [0, 0])
+        c[0] += _correct(r)
+        c[1] += int(r["trials"])
+    dense = {(n, seed): c for (i, _, n, seed), c in counts.items() if i == "dense"}
+    if not dense:
+        return ("kNN accuracy >= dense wherever dense runs", "dense not run at this scale", None)
+    points = {}  # (index, k, tokens) -> [kNN correct, dense correct, trials]
+    for (i, k, n, seed), (c, t) in counts.items():
+        if i != "dense" and (n, seed) in dense and dense[(n, seed)][1] == t:
+            p = points.setdefault((i, k, n), [0, 0, 0])
+            p[0], p[1], p[2] = p[0] + c, p[1] + dense[(n, seed)][0], p[2] + t
+    worse = [f"{i} k={k} at {n} ({c} vs {d} of {t})" for (i, k, n), (c, d, t) in sorted(points.items(),
+             key=lambda item: (item[0][2], item[0][0])) if c < d]
+    approximate = {(r["index"], r["k"], int(r["tokens"])) for r in rows if r.get("search") == "approximate"}
+    searched = any("search" in r for r in rows)
+    measured = ("no kNN point on dense's prompts" if not points else
+                "everywhere" if not worse else "below dense: " + ", ".join(worse))
+    if points:
+        trials = "/".join(str(t) for t in sorted({t for *_, t in points.values()}))
+        measured += f"; {trials} trials a point, the same prompts for both"
+        if searched:
+            measured += (f" ({len(approximate & set(points))} of {len(points)} kNN points there searched approximately; "
+                         f"the others exactly, as Flat or as an index below its training size)")
+    return ("kNN accuracy >= dense wherever dense runs", measured, (not worse) if points else None)
+
+
 def goals(scale: str) -> str:
     """The issue's goals against the measured numbers of one scale (a table computed from the CSV files)."""
     rows = []
-    passkey = [r for r in _csv(f"passkey_{scale}") if r["index"] != "dense"]
-    dense = {int(r["tokens"]): float(r["accuracy"]) for r in _csv(f"passkey_{scale}") if r["index"] == "dense"}
+    all_passkey = _csv(f"passkey_{scale}")
+    passkey = [r for r in all_passkey if r["index"] != "dense"]
     if passkey:
         longest = max(int(r["tokens"]) for r in passkey)
         pooled = {}  # (index, k) -> [correct, trials] at the longest length, over the runs (seeds) measuring it
         for r in passkey:
             if int(r["tokens"]) == longest:
                 counts = pooled.setdefault((r["index"], r["k"]), [0, 0])
-                counts[0] += round(float(r["accuracy"]) * int(r["trials"]))
+                counts[0] += _correct(r)
                 counts[1] += int(r["trials"])
         (index, k), (correct, trials) = max(pooled.items(), key=lambda item: (item[1][0] / item[1][1], item[1][1]))
         verdict = None if longest < 2**20 else (f"too few trials to tell (fewer than {MIN_TRIALS})"
                                                 if trials < MIN_TRIALS else correct / trials >= 0.95)
         rows.append(("passkey >= 95% at 1M tokens with a kNN index", f"{correct / trials:.0%} at {longest} tokens "
                      f"({index}, k={k}: {correct} of {trials} trials)", verdict))
-        worse = [(n, r["index"], r["k"]) for r in passkey for n in [int(r["tokens"])]
-                 if n in dense and float(r["accuracy"]) < dense[n]]
-        compared = [r for r in passkey if int(r["tokens"]) in dense]
-        approximate = [r for r in compared if r.get("search") == "approximate"]
-        searched = (f" ({len(approximate)} of {len(compared)} kNN points there searched approximately; the others exactly, "
-                    f"as Flat or as an index below its training size)" if compared and "search" in compared[0] else "")
-        rows.append(("kNN accuracy >= dense wherever dense runs",
-                     "dense not run at this scale" if not dense else ("everywhere" if not worse else
-                     "below dense: " + ", ".join(f"{i} k={k} at {n}" for n, i, k in worse)) + searched,
-                     not worse if dense else None))
+        rows.append(knn_vs_dense(all_passkey))
     ingest = _csv(f"ingest_{scale}")
     if ingest:
         seconds = {(r["index"], int(r["tokens"])): float(r["seconds"]) for r in ingest}

@@ -188,7 +188,26 @@ def test_goal_says_how_knn_points_were_searched(readme, tmp_path):
         "IVF64,Flat,32,2048,2048,exact,1.0,10,1\nIVF64,Flat,32,8192,8192,approximate,0.4,10,1\n".replace(
             "IVF64,Flat", '"IVF64,Flat"'))
     table = module.goals("s")
-    assert "below dense: IVF64,Flat k=32 at 8192 (1 of 2 kNN points there searched approximately" in table
+    assert ("below dense: IVF64,Flat k=32 at 8192 (4 vs 9 of 10); 10 trials a point, the same prompts for both "
+            "(1 of 2 kNN points there searched approximately") in table
+
+
+def test_knn_is_compared_with_dense_on_the_same_prompts(readme, tmp_path):
+    """kNN against dense pools only the seeds (prompts) both ran at a length; rows without a seed ran seed 0."""
+    header = "index,k,tokens,prompt_tokens,search,accuracy,trials,seed,seconds\n"
+    (tmp_path / "passkey_s_a.csv").write_text(header + "dense,-,4096,4096,dense,1.0,5,1,1\n"
+                                              '"IVF8,Flat",32,4096,4096,approximate,0.6,5,1,1\n')
+    (tmp_path / "passkey_s_b.csv").write_text(header.replace("seed,", "") +  # seed 0: no dense run to compare with
+                                              '"IVF8,Flat",32,4096,4096,approximate,1.0,5,1\n')
+    (tmp_path / "passkey_s_c.csv").write_text(header + "dense,-,4096,4096,dense,0.8,5,2,1\n"
+                                              '"IVF8,Flat",32,4096,4096,approximate,1.0,5,2,1\n'
+                                              '"IVF8,Flat",32,16384,16384,approximate,1.0,5,2,1\n')
+    row = next(line for line in readme.goals("s").splitlines() if "wherever dense runs" in line)
+    # seeds 1 and 2: 3 + 5 kNN vs 5 + 4 dense of 10; seed 0 (kNN only) and 16384 (no dense) are left out
+    assert "below dense: IVF8,Flat k=32 at 4096 (8 vs 9 of 10); 10 trials a point" in row and row.endswith("| no |")
+    (tmp_path / "passkey_s_d.csv").write_text(header + "dense,-,4096,4096,dense,0.6,5,0,1\n")
+    row = next(line for line in readme.goals("s").splitlines() if "wherever dense runs" in line)
+    assert "| everywhere; 15 trials a point" in row and row.endswith("| yes |")  # 13 vs 12 of 15 with seed 0
 
 
 def test_ingest_goal_extrapolates_dense_beyond_where_it_ran(readme, tmp_path):
@@ -322,3 +341,4 @@ def test_seed_selects_other_passkey_trials(runner, tmp_path, monkeypatch):
     runner.main()
     assert seeds == [3]
     assert json.load(open(tmp_path / "environment_tiny.json"))["passkey"]["scale"]["seed"] == 3
+    assert [row["seed"] for row in _rows(tmp_path / "passkey_tiny.csv")] == ["3"]  # the goals pool by seed
