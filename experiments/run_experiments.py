@@ -6,7 +6,8 @@
 
 Experiments (each writes experiments/results/<name>_<scale>.{csv,md,png}):
   passkey   passkey accuracy vs context length: dense (up to `dense_max`) vs Faiss indices, k in {8, 32, 128},
-            plus a depth sweep (where the key sits in the prompt)
+            plus a depth sweep (where the key sits in the prompt); passkey_trials_<scale>.csv has every trial
+            (seed, key, depth of the key line, what the model generated)
   ingest    ingestion time and peak RAM vs context length, dense vs each index (a subprocess per point), with the
             fitted scaling exponent of time in context length
   decode    decode latency per generated token vs memory size
@@ -155,14 +156,18 @@ def configure(model, settings: dict) -> None:
     model.config.validate_longllama()
 
 
+def write_csv(rows: list[dict], path: str) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def write_rows(rows: list[dict], stem: str, title: str) -> None:
     if not rows:
         return
     columns = list(rows[0])
-    with open(stem + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, stem + ".csv")
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = [f"**{title}**", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(row[c]) for c in columns) + " |" for row in rows]
@@ -216,11 +221,26 @@ def write_passkey(rows: list[dict], scale: Scale) -> None:
     plot(stem, series, "context tokens", "passkey accuracy", "Passkey retrieval, demo model")
 
 
+def trial_rows(result: dict, label: str, k, scale: Scale) -> list[dict]:
+    """One row per trial of a `passkey_accuracy` result: its key, where the key line sits (depth: the share of the
+    filler before it) and what the model generated."""
+    from knn_longllama.passkey import INFO_TEMPLATE, TASK_DESCRIPTION, passkey_prompts
+
+    rows = []
+    prompts = passkey_prompts(result["n_garbage"], result["trials"], scale.seed)
+    for trial, ((prompt, key), r) in enumerate(zip(prompts, result["results"])):
+        n_prefix = prompt.index(INFO_TEMPLATE.format(key=key)) - len(TASK_DESCRIPTION) - 2  # two newlines
+        rows.append({"index": label, "k": k or "-", "tokens": result["target_tokens"], "seed": scale.seed,
+                     "trial": trial, "key": key, "depth": round(n_prefix / max(result["n_garbage"], 1), 4),
+                     "correct": int(r["correct"]), "generated": r["generated_text"].strip()})
+    return rows
+
+
 def exp_passkey(scale: Scale) -> None:
     from knn_longllama.passkey import n_garbage_for_tokens, passkey_accuracy, passkey_trial
 
     model, tokenizer = load()
-    rows = []
+    rows, trials = [], []
     configs = [("dense", None)] * scale.dense + [(label, k) for label in scale.indices for k in (scale.ks if label == "Flat" else [32])]
     for label, k in configs:
         configure(model, memory_settings(label, scale, k or 32))
@@ -237,6 +257,8 @@ def exp_passkey(scale: Scale) -> None:
                          "trials": scale.trials, "seed": scale.seed, "seconds": round(result["seconds"], 1)})
             print(rows[-1], flush=True)
             write_passkey(rows, scale)  # after every point: an interrupted run keeps what it measured
+            trials += trial_rows(result, label, k, scale)
+            write_csv(trials, os.path.join(RESULTS, f"passkey_trials_{scale.name}.csv"))
 
     if not scale.depths:
         return

@@ -82,6 +82,19 @@ def test_passkey_and_recall_tables(runner, tmp_path):
     scale = runner.SCALES["tiny"]
     runner.exp_passkey(scale)
     rows = _rows(tmp_path / "passkey_tiny.csv")
+    trials = _rows(tmp_path / "passkey_trials_tiny.csv")
+    for r in rows:  # every point's trials, one row each, adding up to its accuracy
+        mine = [t for t in trials if (t["index"], t["k"], t["tokens"]) == (r["index"], r["k"], r["tokens"])]
+        assert [int(t["trial"]) for t in mine] == list(range(scale.trials))
+        assert sum(int(t["correct"]) for t in mine) == round(float(r["accuracy"]) * scale.trials)
+    from knn_longllama.passkey import n_garbage_for_tokens, passkey_prompts
+
+    _, tokenizer = runner.load()
+    for t in trials:  # the prompt's second line is the filler before the key line: depth * n_garbage characters
+        n_garbage = n_garbage_for_tokens(tokenizer, int(t["tokens"]))
+        prompt, key = list(passkey_prompts(n_garbage, scale.trials, int(t["seed"])))[int(t["trial"])]
+        assert int(t["key"]) == key and t["correct"] in ("0", "1")
+        assert abs(len(prompt.split("\n")[1]) / n_garbage - float(t["depth"])) < 1e-4
     assert {(r["index"], r["k"]) for r in rows} == {("dense", "-"), ("torch", "32"), ("IVF4,Flat", "32")}
     assert all(0.0 <= float(r["accuracy"]) <= 1.0 and r["trials"] == "2" for r in rows)
     depth = _rows(tmp_path / "passkey_depth_tiny.csv")
