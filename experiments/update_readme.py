@@ -125,6 +125,28 @@ def goals(scale: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pooled_passkey(scale: str) -> str:
+    """Passkey accuracy per (index, k, length) pooled over a base scale's runs (its tagged runs split the trials of a
+    point over seeds and processes); empty when the scale has no tagged passkey run."""
+    rows = _csv(f"passkey_{scale}")
+    if not any(f.startswith(f"passkey_{scale}_") and f.endswith(".csv") for f in os.listdir(RESULTS)) or not rows:
+        return ""
+    points = {}  # (index, k, tokens) -> [correct, trials, seeds, search]
+    for r in rows:
+        p = points.setdefault((r["index"], r["k"], int(r["tokens"])), [0, 0, set(), r.get("search", "-")])
+        p[0] += _correct(r)
+        p[1] += int(r["trials"])
+        p[2].add(int(r.get("seed") or 0))
+    lines = [f"**Passkey accuracy pooled over the `{scale}` runs (the tagged runs below and any untagged one)**", "",
+             "| index | k | tokens | search | correct | trials | accuracy | seeds |", "|---|---|---|---|---|---|---|---|"]
+    order = sorted(points, key=lambda key: (key[2], key[0] != "dense", key[0], key[1]))
+    for index, k, n in order:
+        correct, trials, seeds, search = points[(index, k, n)]
+        lines.append(f"| {index} | {k} | {n} | {search} | {correct} | {trials} | {correct / trials:.0%} | "
+                     f"{', '.join(map(str, sorted(seeds)))} |")
+    return "\n".join(lines) + "\n"
+
+
 def current_model() -> dict:
     """Identity of the shipped demo checkpoint, as run_experiments records it."""
     sys.path.insert(0, os.path.join(ROOT, "experiments"))
@@ -176,23 +198,40 @@ def scales() -> list[str]:
     return sorted(names, key=lambda n: (rank.get(n.split("_")[0], 3), n))
 
 
+def scale_section(scale: str, found: list[str], current: dict) -> list[str]:
+    """Markdown parts for one scale (or tagged run): the checkpoint line, for a base scale its goals and pooled
+    passkey table (over its tagged runs too), then each experiment's table and plot."""
+    parts = [f"### Scaling experiments (`--scale {scale}`)\n", model_line(scale, current)]
+    if "_" not in scale:
+        parts += [table for table in (goals(scale), pooled_passkey(scale)) if table]
+    for name in found:
+        with open(os.path.join(RESULTS, f"{name}_{scale}.md")) as f:
+            parts.append(f.read().strip() + "\n")
+        if os.path.exists(os.path.join(RESULTS, f"{name}_{scale}.png")):
+            parts.append(f"![{name}](experiments/results/{name}_{scale}.png)\n")
+    return parts
+
+
 def section() -> str:
     parts = []
     current = current_model()
-    for scale in scales():
-        found = [name for name in ORDER if os.path.exists(os.path.join(RESULTS, f"{name}_{scale}.md"))]
-        if not found:
-            continue
-        parts.append(f"### Scaling experiments (`--scale {scale}`)\n")
-        parts.append(model_line(scale, current))
-        table = goals(scale) if "_" not in scale else ""  # goals per base scale, over its tagged runs too
-        if table:
-            parts.append(table)
-        for name in found:
-            with open(os.path.join(RESULTS, f"{name}_{scale}.md")) as f:
-                parts.append(f.read().strip() + "\n")
-            if os.path.exists(os.path.join(RESULTS, f"{name}_{scale}.png")):
-                parts.append(f"![{name}](experiments/results/{name}_{scale}.png)\n")
+    with_results = {scale: [name for name in ORDER if os.path.exists(os.path.join(RESULTS, f"{name}_{scale}.md"))]
+                    for scale in scales()}
+    with_results = {scale: found for scale, found in with_results.items() if found}
+    for base in dict.fromkeys(scale.split("_")[0] for scale in with_results):  # full, gpu, small (scales' order)
+        runs = [scale for scale in with_results if scale.split("_")[0] == base]
+        tagged = [scale for scale in runs if scale != base]
+        if base in with_results:
+            parts += scale_section(base, with_results[base], current)
+        else:  # only tagged runs: their goals and pooled table still head the base scale
+            parts += [f"### Scaling experiments (`--scale {base}`)\n"]
+            parts += [table for table in (goals(base), pooled_passkey(base)) if table]
+        if tagged:  # folded: the goals and the pooled table above already count them
+            parts.append(f"<details><summary>The {len(tagged)} tagged <code>{base}</code> runs, one table each"
+                         f"</summary>\n")
+            for scale in tagged:
+                parts += scale_section(scale, with_results[scale], current)
+            parts.append("</details>\n")
     failures = sorted(f for f in os.listdir(RESULTS) if f.startswith("passkey_failures") and f.endswith(".md"))
     if failures:  # passkey_failures.md first, then its --key-line / --tag variants
         parts.append("### Where the demo model's passkey failures come from (`experiments/passkey_failures.py`)\n")

@@ -177,6 +177,28 @@ def test_readme_flags_results_of_another_checkpoint(readme, tmp_path):
     assert "`bbbb` (window 64)" in module.model_line("d", current)
 
 
+def test_readme_pools_tagged_passkey_runs_and_folds_their_tables(readme, tmp_path, monkeypatch):
+    current = {"weights_sha256": "aaaa", "window": 256, "mem_layers": [2, 3]}
+    monkeypatch.setattr(readme, "current_model", lambda: current)
+    header = "index,k,tokens,prompt_tokens,search,accuracy,trials,seed,seconds\n"
+    runs = {"s": 'dense,-,4096,4096,dense,1.0,5,0,1\n"IVF8,Flat",32,4096,4096,approximate,0.8,5,0,1\n',
+            "s_x": '"IVF8,Flat",32,4096,4096,approximate,0.6,5,1,1\n"IVF8,Flat",32,65536,65536,approximate,1.0,2,1,1\n',
+            "s_y": '"IVF8,Flat",32,65536,65536,approximate,0.5,2,2,1\n'}
+    for scale, rows in runs.items():
+        (tmp_path / f"passkey_{scale}.csv").write_text(header + rows)
+        (tmp_path / f"passkey_{scale}.md").write_text(f"**table of {scale}**\n")
+        (tmp_path / f"environment_{scale}.json").write_text(json.dumps({"passkey": {"model": current}}))
+    table = readme.pooled_passkey("s")
+    assert "| dense | - | 4096 | dense | 5 | 5 | 100% | 0 |" in table
+    assert "| IVF8,Flat | 32 | 4096 | approximate | 7 | 10 | 70% | 0, 1 |" in table  # 4 of 5 + 3 of 5
+    assert "| IVF8,Flat | 32 | 65536 | approximate | 3 | 4 | 75% | 1, 2 |" in table
+    assert readme.pooled_passkey("s_x") == ""  # a run without tagged runs of its own: its table says it all
+    text = readme.section()
+    folded = text[text.index("<details>"):text.index("</details>")]
+    assert "table of s_x" in folded and "table of s_y" in folded and "The 2 tagged <code>s</code> runs" in folded
+    assert text.index("Passkey accuracy pooled") < text.index("<details>") and "table of s**" in text.split("<details>")[0]
+
+
 def test_search_mode_follows_the_training_size(runner):
     """Trainable indices search exactly until a store holds default_train_size keys (40 per centroid of the largest
     codebook, at least 1024); the runner labels every point with the search that produced it."""
