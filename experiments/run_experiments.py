@@ -593,6 +593,8 @@ def main() -> None:
                              "one point's trials over processes; the depth sweep keeps its prompts)")
     parser.add_argument("--indices", nargs="+", default=None,
                         help="only these memory labels of the scale ('dense' for dense memory, up to dense_max)")
+    parser.add_argument("--ks", type=int, nargs="+", default=None,
+                        help="override the scale's k sweep (Flat's passkey ks, recall's ks on natural text)")
     parser.add_argument("--append", action="store_true",
                         help="ingest/decode: add to (or replace points of) the rows already in the results file")
     parser.add_argument("--depths", type=float, nargs="*", default=None,
@@ -624,6 +626,8 @@ def main() -> None:
         scale.passkey_lengths = scale.ingest_lengths = scale.decode_sizes = sorted(args.lengths)
     if args.trials:
         scale.trials = args.trials
+    if args.ks:
+        scale.ks = args.ks
     scale.seed = args.seed
     if args.depths is not None:
         scale.depths = args.depths

@@ -360,7 +360,7 @@ def test_goals_read_tagged_runs(readme, tmp_path):
     assert "95% at 1048576 tokens (IVF8,Flat, k=32: 19 of 20 trials) | yes |" in readme.goals("s")
 
 
-def test_seed_selects_other_passkey_trials(runner, tmp_path, monkeypatch):
+def test_seed_and_ks_select_the_passkey_points(runner, tmp_path, monkeypatch):
     import knn_longllama.passkey as passkey
 
     seeds = []
@@ -377,3 +377,9 @@ def test_seed_selects_other_passkey_trials(runner, tmp_path, monkeypatch):
     assert seeds == [3]
     assert json.load(open(tmp_path / "environment_tiny.json"))["passkey"]["scale"]["seed"] == 3
     assert [row["seed"] for row in _rows(tmp_path / "passkey_tiny.csv")] == ["3"]  # the goals pool by seed
+    # --ks: Flat's k sweep cut to the given ks
+    runner.SCALES["tiny"] = runner.replace(runner.SCALES["tiny"], indices={"Flat": ("Flat", {})}, ks=[8, 32])
+    monkeypatch.setattr("sys.argv", ["run_experiments.py", "--scale", "tiny", "--only", "passkey", "--indices", "Flat",
+                                     "--lengths", "200", "--trials", "1", "--depths", "--ks", "32", "--threads", "1"])
+    runner.main()
+    assert [(row["index"], row["k"]) for row in _rows(tmp_path / "passkey_tiny.csv")] == [("Flat", "32")]
