@@ -19,14 +19,16 @@ MIN_TRIALS = 20  # an accuracy goal is judged on at least this many trials (pool
 BENCHES = ["bench_forward_plain", "bench_forward_ingest", "bench_memory_overhead", "bench_memory_scaling"]
 
 
+def _tagged(name: str) -> list[str]:
+    """Paths of results/<name>_<tag>.csv, the tagged runs of <name> (tags are letters, digits and underscores)."""
+    return sorted(os.path.join(RESULTS, f) for f in os.listdir(RESULTS) if f.startswith(name + "_") and
+                  f.endswith(".csv") and f[len(name) + 1:-4].replace("_", "").isalnum())
+
+
 def _csv(name: str) -> list[dict]:
-    """Rows of results/<name>.csv plus those of its tagged runs (<name>_<tag>.csv, e.g. a 1M-token spot check;
-    tags are letters, digits and underscores)."""
-    paths = [os.path.join(RESULTS, name + ".csv")]
-    paths += sorted(os.path.join(RESULTS, f) for f in os.listdir(RESULTS) if f.startswith(name + "_") and
-                    f.endswith(".csv") and f[len(name) + 1:-4].replace("_", "").isalnum())
+    """Rows of results/<name>.csv plus those of its tagged runs (e.g. a 1M-token spot check)."""
     rows = []
-    for path in paths:
+    for path in [os.path.join(RESULTS, name + ".csv")] + _tagged(name):
         if os.path.exists(path):
             with open(path) as f:
                 rows += list(csv.DictReader(f))
@@ -129,7 +131,7 @@ def pooled_passkey(scale: str) -> str:
     """Passkey accuracy per (index, k, length) pooled over a base scale's runs (its tagged runs split the trials of a
     point over seeds and processes); empty when the scale has no tagged passkey run."""
     rows = _csv(f"passkey_{scale}")
-    if not any(f.startswith(f"passkey_{scale}_") and f.endswith(".csv") for f in os.listdir(RESULTS)) or not rows:
+    if not _tagged(f"passkey_{scale}") or not rows:
         return ""
     points = {}  # (index, k, tokens) -> [correct, trials, seeds, search]
     for r in rows:
