@@ -84,6 +84,7 @@ SCALES = {
         indices={"Flat": ("Flat", {}), "IVF1024,Flat": ("IVF1024,Flat", {"nprobe": 32}),
                  "IVF1024,Flat nprobe8": ("IVF1024,Flat", {"nprobe": 8}),
                  "IVF1024,Flat l2": ("IVF1024,Flat", {"nprobe": 32, "faiss_metric": "l2"}),
+                 "IVF1024,Flat l2 nprobe128": ("IVF1024,Flat", {"nprobe": 128, "faiss_metric": "l2"}),
                  "HNSW32": ("HNSW32", {"efSearch": 64}), "IVF1024,PQ16": ("IVF1024,PQ16", {"nprobe": 32, "k_factor": 4})},
         ks=[8, 32, 128], depth_length=65536, depths=[0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0],
         ingest_lengths=[4096, 16384, 65536, 262144, 1048576], decode_sizes=[1024, 16384, 131072, 1048576],
