@@ -445,21 +445,23 @@ def write_decode(rows: list[dict], scale: Scale) -> None:
 
 # -- 4. retrieval quality ----------------------------------------------------------------------------------------------
 class RecordingMemory:
-    """A dense memory that also records the queries the attention layer looks up (real queries, not keys)."""
+    """Stands in for the memory of the first memory layer and records what that layer gives it: the keys of every
+    window it adds, and the queries it looks up (real queries, not keys). It answers no lookup: the layer's output
+    feeds nothing that is recorded (see `real_keys_and_queries`)."""
 
-    def __init__(self, inner):
-        self.inner, self.queries, self.sizes = inner, [], []
+    def __init__(self):
+        self.keys, self.queries = [], None
 
-    def add(self, *args):
-        self.inner.add(*args)
+    def add(self, keys, values, mask):
+        self.keys.append(keys.detach().float().cpu())
 
     def lookup(self, queries, h0, h1):
-        self.queries.append(queries.detach().clone())
-        self.sizes.append(len(self.inner))  # the entries these queries see (not their own window's, added after)
-        return self.inner.lookup(queries, h0, h1)
+        assert (h0, h1) == (0, queries.shape[1]), "one lookup for all heads (mem_attention_grouping None)"
+        self.queries = queries.detach().float().cpu()  # the last window's
+        return None
 
     def __len__(self):
-        return len(self.inner)
+        return sum(k.shape[2] for k in self.keys)
 
 
 def recall_texts(scale: Scale, tokenizer) -> dict[str, list[int]]:
@@ -478,15 +480,21 @@ def recall_texts(scale: Scale, tokenizer) -> dict[str, list[int]]:
 
 def real_keys_and_queries(model, ids: list[int], layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The memory keys of memory layer `layer` after reading all but the last window of `ids` ([1, H, M, d]), and
-    the queries that layer looks the memory up with while reading the last window ([1, H, Q, d])."""
-    memories = {idx: model.model.new_memory(1, model.device, model.dtype) for idx in model.config.mem_layers}
+    the queries that layer looks the memory up with while reading the last window ([1, H, Q, d]).
+
+    `layer` must be the first memory layer: its keys and queries are computed from layers that read no memory, so
+    they are the same whatever memory backend the model reads with, and reading stops at that layer (later layers
+    cannot change them). Reading is linear in `len(ids)`; the dense backend would be quadratic."""
+    if layer != min(model.config.mem_layers):
+        raise ValueError(f"`layer` must be the first memory layer {min(model.config.mem_layers)}, got {layer}")
+    if model.config.mem_attention_grouping is not None:
+        raise ValueError("`model.config.mem_attention_grouping` must be None (one lookup per window)")
     window = model.config.max_position_embeddings
-    model.model.write_memory(torch.tensor([ids[:-window]], device=model.device), memories)
-    recorder = RecordingMemory(memories[layer])
-    memories[layer] = recorder
-    model.model.write_memory(torch.tensor([ids[-window:]], device=model.device), memories)  # one more window
-    seen = recorder.sizes[0]
-    return recorder.queries[0].float().cpu(), recorder.inner.keys.view()[:, :, :seen].float().cpu()
+    recorder = RecordingMemory()
+    model.model.write_memory(torch.tensor([ids[:-window]], device=model.device), {layer: recorder})
+    keys = torch.cat(recorder.keys, dim=2)  # what the last window's queries see (not their own window, added after)
+    model.model.write_memory(torch.tensor([ids[-window:]], device=model.device), {layer: recorder})
+    return recorder.queries, keys
 
 
 SEARCH_TIME_PARAMS = ("nprobe", "efSearch")  # read by Faiss at search time: one built index serves every value
@@ -495,8 +503,8 @@ SEARCH_TIME_PARAMS = ("nprobe", "efSearch")  # read by Faiss at search time: one
 def exp_recall(scale: Scale) -> None:
     import knn_index
 
-    model, tokenizer = load(mem_backend="dense", mem_dtype="float32")
-    layer = model.config.mem_layers[0]
+    model, tokenizer = load(mem_dtype="float32")
+    layer = min(model.config.mem_layers)
     sweeps = [(label, factory, "-", [None], {}) for label, (factory, _) in scale.indices.items() if factory != "torch"]
     sweeps += [(label + " sweep", factory, name, values, fixed[0] if fixed else {})
                for label, (factory, name, values, *fixed) in scale.recall_sweep.items()]

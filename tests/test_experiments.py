@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -341,10 +342,34 @@ def test_recall_keys_are_those_the_last_window_searches(runner):
     assert len(texts["austen"]) == scale.recall_tokens and abs(len(texts["passkey"]) - scale.recall_tokens) < 20
     window = model.config.max_position_embeddings
     ids = texts["passkey"]
-    queries, keys = runner.real_keys_and_queries(model, ids, model.config.mem_layers[0])
+    layer = min(model.config.mem_layers)
+    queries, keys = runner.real_keys_and_queries(model, ids, layer)
     heads, dim = model.config.num_key_value_heads, model.config.hidden_size // model.config.num_attention_heads
     assert keys.shape == (1, heads, len(ids) - window, dim)
-    assert queries.shape[:2] == (1, heads) and queries.shape[-1] == dim and queries.shape[2] >= window
+    assert queries.shape == (1, heads, window, dim)
+
+    # Reference: the whole model reads the text with dense memory in every memory layer (the official reading);
+    # the first memory layer's memory is asked by the last window's queries and holds the earlier windows' keys.
+    class Spy:
+        def __init__(self, inner):
+            self.inner, self.asked = inner, []
+
+        def add(self, *args):
+            self.inner.add(*args)
+
+        def lookup(self, q, h0, h1):
+            self.asked.append(q.clone())
+            return self.inner.lookup(q, h0, h1)
+
+    memories = {idx: model.model.new_memory(1, model.device, torch.float32) for idx in model.config.mem_layers}
+    model.model.write_memory(torch.tensor([ids[:-window]]), memories)
+    dense_keys = memories[layer].keys.view().clone()
+    memories[layer] = Spy(memories[layer])
+    model.model.write_memory(torch.tensor([ids[-window:]]), memories)
+    torch.testing.assert_close(keys, dense_keys, rtol=0, atol=0)
+    torch.testing.assert_close(queries, memories[layer].asked[-1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="first memory layer"):
+        runner.real_keys_and_queries(model, ids, max(model.config.mem_layers))
 
 
 def test_goals_read_tagged_runs(readme, tmp_path):
