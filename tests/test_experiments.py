@@ -246,6 +246,21 @@ def test_knn_is_compared_with_dense_on_the_same_prompts(readme, tmp_path):
     assert "| everywhere; 15 trials a point" in row and row.endswith("| yes |")  # 13 vs 12 of 15 with seed 0
 
 
+def test_knn_vs_dense_names_the_settings_that_meet_it(readme, tmp_path):
+    """With several kNN settings beside dense, a setting meets the goal only if it does at every length it ran."""
+    header = "index,k,tokens,prompt_tokens,search,accuracy,trials,seed,seconds\n"
+    (tmp_path / "passkey_s_a.csv").write_text(header + "dense,-,4096,4096,dense,1.0,5,1,1\n"
+                                              "dense,-,16384,16384,dense,1.0,5,1,1\n"
+                                              '"IVF8,Flat",32,4096,4096,approximate,0.8,5,1,1\n'
+                                              '"IVF8,Flat np8",32,4096,4096,approximate,1.0,5,1,1\n'
+                                              '"IVF8,Flat np8",32,16384,16384,approximate,1.0,5,1,1\n'
+                                              "Flat,32,4096,4096,exact,1.0,5,1,1\n"
+                                              "Flat,32,16384,16384,exact,0.8,5,1,1\n")
+    row = next(line for line in readme.goals("s").splitlines() if "wherever dense runs" in line)
+    assert "below dense: IVF8,Flat k=32 at 4096 (4 vs 5 of 5), Flat k=32 at 16384 (4 vs 5 of 5)" in row
+    assert row.endswith("| with IVF8,Flat np8 k=32; not with IVF8,Flat k=32, Flat k=32 |")
+
+
 def test_ingest_goal_extrapolates_dense_beyond_where_it_ran(readme, tmp_path):
     module = readme
     (tmp_path / "ingest_s.csv").write_text(
