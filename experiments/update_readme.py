@@ -207,12 +207,32 @@ def scales() -> list[str]:
     return sorted(names, key=lambda n: (rank.get(n.split("_")[0], 3), n))
 
 
+def index_legend(base: str) -> str:
+    """What each memory label of a base scale's runs (tagged ones too) stands for: the Faiss factory string and its
+    settings, as the runs recorded them in environment_<scale>.json."""
+    meaning = {}  # label -> set of "factory, settings"
+    for f in sorted(os.listdir(RESULTS)):
+        if f == f"environment_{base}.json" or (f.startswith(f"environment_{base}_") and f.endswith(".json")):
+            with open(os.path.join(RESULTS, f)) as handle:
+                records = json.load(handle).values()
+            for run in [run for record in records for run in [record, *record.get("earlier_runs", [])]]:
+                if run.get("scale", {}).get("dense"):
+                    meaning["dense"] = {"attention to every memory entry (the official LongLLaMA memory)"}
+                for label, (factory, params) in run.get("scale", {}).get("indices", {}).items():
+                    settings = ", ".join(f"{name} {value}" for name, value in params.items())
+                    meaning.setdefault(label, set()).add(f"`{factory}`" + (f", {settings}" if settings else ""))
+    if not meaning:
+        return ""
+    return ("Memory labels: " + "; ".join(
+        f"**{label}** = {' or '.join(sorted(m))}" for label, m in sorted(meaning.items())) + ".\n")
+
+
 def scale_section(scale: str, found: list[str], current: dict) -> list[str]:
     """Markdown parts for one scale (or tagged run): the checkpoint line, for a base scale its goals and pooled
     passkey table (over its tagged runs too), then each experiment's table and plot."""
     parts = [f"### Scaling experiments (`--scale {scale}`)\n", model_line(scale, current)]
     if "_" not in scale:
-        parts += [table for table in (goals(scale), pooled_passkey(scale)) if table]
+        parts += [table for table in (index_legend(scale), goals(scale), pooled_passkey(scale)) if table]
     for name in found:
         with open(os.path.join(RESULTS, f"{name}_{scale}.md")) as f:
             parts.append(f.read().strip() + "\n")
@@ -234,7 +254,7 @@ def section() -> str:
             parts += scale_section(base, with_results[base], current)
         else:  # only tagged runs: their goals and pooled table still head the base scale
             parts += [f"### Scaling experiments (`--scale {base}`)\n"]
-            parts += [table for table in (goals(base), pooled_passkey(base)) if table]
+            parts += [table for table in (index_legend(base), goals(base), pooled_passkey(base)) if table]
         if tagged:  # folded: the goals and the pooled table above already count them
             parts.append(f"<details><summary>The {len(tagged)} tagged <code>{base}</code> runs, one table each"
                          f"</summary>\n")

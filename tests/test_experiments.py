@@ -261,6 +261,23 @@ def test_knn_vs_dense_names_the_settings_that_meet_it(readme, tmp_path):
     assert row.endswith("| with IVF8,Flat np8 k=32; not with IVF8,Flat k=32, Flat k=32 |")
 
 
+def test_index_legend_reads_what_the_runs_recorded(readme, tmp_path):
+    """The labels' meaning comes from the runs' environment records (tagged runs and earlier --append runs too)."""
+    def record(indices, dense=False, earlier=()):
+        return {"scale": {"dense": dense, "indices": indices}, "earlier_runs": list(earlier)}
+
+    (tmp_path / "environment_s.json").write_text(json.dumps({"passkey": record(
+        {"IVF8,Flat": ["IVF8,Flat", {"nprobe": 2}]}, dense=True, earlier=[record({"Flat": ["Flat", {}]})])}))
+    (tmp_path / "environment_s_np4.json").write_text(json.dumps({"passkey": record(
+        {"IVF8,Flat np4": ["IVF8,Flat", {"nprobe": 4, "faiss_metric": "l2"}]})}))
+    (tmp_path / "environment_small.json").write_text(json.dumps({"passkey": record({"HNSW8": ["HNSW8", {}]})}))
+    legend = readme.index_legend("s")
+    assert legend == ("Memory labels: **Flat** = `Flat`; **IVF8,Flat** = `IVF8,Flat`, nprobe 2; **IVF8,Flat np4** = "
+                      "`IVF8,Flat`, nprobe 4, faiss_metric l2; **dense** = attention to every memory entry (the "
+                      "official LongLLaMA memory).\n")  # environment_small.json is another scale
+    assert readme.index_legend("t") == ""
+
+
 def test_ingest_goal_extrapolates_dense_beyond_where_it_ran(readme, tmp_path):
     module = readme
     (tmp_path / "ingest_s.csv").write_text(
