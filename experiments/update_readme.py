@@ -156,6 +156,30 @@ def pooled_passkey(scale: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+DEPTH_BINS = 5  # equal bins of the key line's depth (share of the filler before it)
+
+
+def depth_of_recorded_trials(scale: str) -> str:
+    """Passkey accuracy by depth of the key line, binned over every recorded trial of a base scale's runs
+    (passkey_trials_<scale>*.csv): a depth view at the lengths the length sweep ran, where a dedicated depth sweep
+    would cost too much. Empty without trial records."""
+    counts = {}  # (index, k, tokens) -> [[correct, trials] per bin]
+    for r in _csv(f"passkey_trials_{scale}"):
+        bins = counts.setdefault((r["index"], r["k"], int(r["tokens"])), [[0, 0] for _ in range(DEPTH_BINS)])
+        cell = bins[min(int(float(r["depth"]) * DEPTH_BINS), DEPTH_BINS - 1)]
+        cell[0] += int(r["correct"])
+        cell[1] += 1
+    if not counts:
+        return ""
+    edges = [f"{b / DEPTH_BINS:.1f}-{(b + 1) / DEPTH_BINS:.1f}" for b in range(DEPTH_BINS)]
+    lines = [f"**Passkey trials by depth of the key line (`{scale}` runs with trial records; correct / trials)**", "",
+             "| index | k | tokens | " + " | ".join(edges) + " |", "|---|---|---|" + "---|" * DEPTH_BINS]
+    for (index, k, n), bins in sorted(counts.items(), key=lambda item: (item[0][2], item[0][0], item[0][1])):
+        cells = " | ".join(f"{c}/{t}" if t else "-" for c, t in bins)
+        lines.append(f"| {index} | {k} | {n} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
 def current_model() -> dict:
     """Identity of the shipped demo checkpoint, as run_experiments records it."""
     sys.path.insert(0, os.path.join(ROOT, "experiments"))
@@ -232,7 +256,8 @@ def scale_section(scale: str, found: list[str], current: dict) -> list[str]:
     passkey table (over its tagged runs too), then each experiment's table and plot."""
     parts = [f"### Scaling experiments (`--scale {scale}`)\n", model_line(scale, current)]
     if "_" not in scale:
-        parts += [table for table in (index_legend(scale), goals(scale), pooled_passkey(scale)) if table]
+        parts += [table for table in (index_legend(scale), goals(scale), pooled_passkey(scale),
+                                      depth_of_recorded_trials(scale)) if table]
     for name in found:
         with open(os.path.join(RESULTS, f"{name}_{scale}.md")) as f:
             parts.append(f.read().strip() + "\n")
@@ -254,7 +279,8 @@ def section() -> str:
             parts += scale_section(base, with_results[base], current)
         else:  # only tagged runs: their goals and pooled table still head the base scale
             parts += [f"### Scaling experiments (`--scale {base}`)\n"]
-            parts += [table for table in (index_legend(base), goals(base), pooled_passkey(base)) if table]
+            parts += [table for table in (index_legend(base), goals(base), pooled_passkey(base),
+                                          depth_of_recorded_trials(base)) if table]
         if tagged:  # folded: the goals and the pooled table above already count them
             parts.append(f"<details><summary>The {len(tagged)} tagged <code>{base}</code> runs, one table each"
                          f"</summary>\n")

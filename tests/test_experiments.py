@@ -278,6 +278,19 @@ def test_index_legend_reads_what_the_runs_recorded(readme, tmp_path):
     assert readme.index_legend("t") == ""
 
 
+def test_depth_table_bins_every_recorded_trial(readme, tmp_path):
+    header = "index,k,tokens,seed,trial,key,depth,correct,generated\n"
+    (tmp_path / "passkey_trials_s.csv").write_text(header + "Flat,32,4096,0,0,11,0.0,1,11\n"
+                                                   "Flat,32,4096,0,1,12,0.19,0,7\nFlat,32,4096,0,2,13,1.0,1,13\n")
+    (tmp_path / "passkey_trials_s_seed1.csv").write_text(header + "Flat,32,4096,1,0,14,0.2,1,14\n"
+                                                         "dense,-,4096,1,0,14,0.5,1,14\n")
+    (tmp_path / "passkey_trials_small.csv").write_text(header + "Flat,32,4096,0,0,11,0.5,0,1\n")  # another scale
+    table = readme.depth_of_recorded_trials("s")
+    assert "| Flat | 32 | 4096 | 1/2 | 1/1 | - | - | 1/1 |" in table  # depth 1.0 falls in the last bin
+    assert "| dense | - | 4096 | - | - | 1/1 | - | - |" in table
+    assert readme.depth_of_recorded_trials("t") == ""
+
+
 def test_ingest_goal_extrapolates_dense_beyond_where_it_ran(readme, tmp_path):
     module = readme
     (tmp_path / "ingest_s.csv").write_text(
