@@ -190,12 +190,17 @@ def current_model() -> dict:
     return model_identity()
 
 
+def run_records(name: str) -> list[dict]:
+    """Every run recorded in results/<name> (an environment_<scale>.json): one per experiment, plus the earlier runs
+    a run with --append keeps (their rows stay in the same file)."""
+    with open(os.path.join(RESULTS, name)) as f:
+        records = json.load(f).values()
+    return [run for record in records for run in [record, *record.get("earlier_runs", [])]]
+
+
 def model_line(scale: str, current: dict) -> str:
     """Which demo checkpoint the scale's results were measured with, flagged when it is not the shipped one."""
-    with open(os.path.join(RESULTS, f"environment_{scale}.json")) as f:
-        records = json.load(f).values()
-    # a run with --append keeps the records of the runs before it (their rows stay in the same file)
-    models = [run.get("model") for record in records for run in [record, *record.get("earlier_runs", [])]]
+    models = [run.get("model") for run in run_records(f"environment_{scale}.json")]
     if all(m == current for m in models):
         return f"Demo model: weights sha256 `{current['weights_sha256']}`, window {current['window']} (the shipped one).\n"
     other = {m["weights_sha256"]: m["window"] for m in models if m is not None and m != current}
@@ -237,9 +242,7 @@ def index_legend(base: str) -> str:
     meaning = {}  # label -> set of "factory, settings"
     for f in sorted(os.listdir(RESULTS)):
         if f == f"environment_{base}.json" or (f.startswith(f"environment_{base}_") and f.endswith(".json")):
-            with open(os.path.join(RESULTS, f)) as handle:
-                records = json.load(handle).values()
-            for run in [run for record in records for run in [record, *record.get("earlier_runs", [])]]:
+            for run in run_records(f):
                 if run.get("scale", {}).get("dense"):
                     meaning["dense"] = {"attention to every memory entry (the official LongLLaMA memory)"}
                 for label, (factory, params) in run.get("scale", {}).get("indices", {}).items():
