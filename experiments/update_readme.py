@@ -180,6 +180,36 @@ def depth_of_recorded_trials(scale: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def recall_summary(scale: str) -> str:
+    """Retrieval quality at each index's own settings (the rows of recall_<scale>.csv outside the nprobe / efSearch
+    sweeps): per text, recall@k against exact top-k, the share of exact top-k's attention mass the retrieved entries
+    keep, and the search time. Empty without recall results."""
+    path = os.path.join(RESULTS, f"recall_{scale}.csv")
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        rows = [r for r in csv.DictReader(f) if r["value"] == "-"]
+    texts = list(dict.fromkeys(r["text"] for r in rows))
+    points = {}  # (k, index, metric, settings) -> {text: row}, in the file's order within each k
+    for r in rows:
+        params = {name: v for name, v in json.loads(r["param"]).items() if name != "faiss_metric"}
+        settings = ", ".join([r["faiss_metric"]] + [f"{name} {v}" for name, v in params.items()])
+        points.setdefault((int(r["k"]), r["index"], settings), {})[r["text"]] = r
+    lines = [f"**Retrieval quality at each index's settings ({scale}; recall@k against exact top-k, kept = share of "
+             "exact top-k's attention mass the retrieved entries keep, ms = search time for all queries)**", "",
+             "| index | settings | k | " + " | ".join(f"{t} recall | {t} kept | {t} ms" for t in texts) + " |",
+             "|---|---|---|" + "---|" * 3 * len(texts)]
+    for (k, index, settings), by_text in sorted(points.items(), key=lambda item: item[0][0]):
+        cells = []
+        for t in texts:
+            r = by_text.get(t)
+            exact = float(r["mass_of_exact_topk"]) if r else 0.0
+            cells += ([f"{float(r['recall_at_k']):.2f}", f"{float(r['attention_mass_kept']) / exact:.2f}" if exact
+                       else "-", f"{float(r['search_ms']):.0f}"] if r else ["-"] * 3)
+        lines.append(f"| {index} | {settings} | {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def current_model() -> dict:
     """Identity of the shipped demo checkpoint, as run_experiments records it."""
     sys.path.insert(0, os.path.join(ROOT, "experiments"))
@@ -263,7 +293,12 @@ def scale_section(scale: str, found: list[str], current: dict) -> list[str]:
                                       depth_of_recorded_trials(scale)) if table]
     for name in found:
         with open(os.path.join(RESULTS, f"{name}_{scale}.md")) as f:
-            parts.append(f.read().strip() + "\n")
+            table = f.read().strip() + "\n"
+        if name == "recall":  # the summary in view; every row of the sweeps folded below it
+            parts += [recall_summary(scale), "<details><summary>Every recall row (the nprobe / efSearch / "
+                      "efConstruction sweeps)</summary>\n", table, "</details>\n"]
+        else:
+            parts.append(table)
         if os.path.exists(os.path.join(RESULTS, f"{name}_{scale}.png")):
             parts.append(f"![{name}](experiments/results/{name}_{scale}.png)\n")
     return parts

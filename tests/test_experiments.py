@@ -453,3 +453,23 @@ def test_seed_and_ks_select_the_passkey_points(runner, tmp_path, monkeypatch):
                                      "--lengths", "200", "--trials", "1", "--depths", "--ks", "32", "--threads", "1"])
     runner.main()
     assert [(row["index"], row["k"]) for row in _rows(tmp_path / "passkey_tiny.csv")] == [("Flat", "32")]
+
+
+def test_recall_summary_keeps_each_index_settings_and_folds_the_sweeps(readme, tmp_path, monkeypatch):
+    header = "text,index,faiss_metric,param,value,k,recall_at_k,attention_mass_kept,search_ms,mass_of_exact_topk\n"
+    (tmp_path / "recall_s.csv").write_text(header +
+        'a,Flat,ip,{},-,8,1.0,0.2,40.0,0.2\n'
+        'a,"IVF8,Flat",l2,"{""nprobe"": 2, ""faiss_metric"": ""l2""}",-,8,0.5,0.1,4.0,0.2\n'
+        'a,"IVF8,Flat",l2,nprobe,1,8,0.25,0.05,2.0,0.2\n'  # a sweep row: folded, not summarised
+        'b,"IVF8,Flat",l2,"{""nprobe"": 2, ""faiss_metric"": ""l2""}",-,8,0.75,0.3,6.0,0.4\n')
+    table = readme.recall_summary("s")
+    assert "| index | settings | k | a recall | a kept | a ms | b recall | b kept | b ms |" in table
+    assert "| Flat | ip | 8 | 1.00 | 1.00 | 40 | - | - | - |" in table
+    assert "| IVF8,Flat | l2, nprobe 2 | 8 | 0.50 | 0.50 | 4 | 0.75 | 0.75 | 6 |" in table
+    assert len([line for line in table.splitlines() if line.startswith("| ")]) == 3  # header + 2 settings
+    assert readme.recall_summary("t") == ""
+    (tmp_path / "recall_s.md").write_text("**every recall row**\n")
+    (tmp_path / "environment_s.json").write_text(json.dumps({"recall": {}}))
+    monkeypatch.setattr(readme, "current_model", lambda: {"weights_sha256": "aaaa", "window": 256})
+    text = readme.section()
+    assert text.index("Retrieval quality at each index") < text.index("<details>") < text.index("every recall row")
