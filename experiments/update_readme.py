@@ -35,6 +35,11 @@ def _csv(name: str) -> list[dict]:
     return rows
 
 
+def _k(k: str) -> int:
+    """A k column as a number for sorting (dense rows have "-")."""
+    return int(k) if k.isdigit() else 0
+
+
 def _correct(row: dict) -> int:
     return round(float(row["accuracy"]) * int(row["trials"]))
 
@@ -72,7 +77,8 @@ def knn_vs_dense(rows: list[dict]) -> tuple:
                          f"the others exactly, as Flat or as an index below its training size)")
     met = (not worse) if points else None
     if worse and any(settings.values()):  # some kNN settings meet it and some do not: say which
-        names = {ok: ", ".join(f"{i} k={k}" for (i, k), good in settings.items() if good == ok) for ok in (True, False)}
+        ordered = sorted(settings.items(), key=lambda item: (item[0][0], _k(item[0][1])))
+        names = {ok: ", ".join(f"{i} k={k}" for (i, k), good in ordered if good == ok) for ok in (True, False)}
         met = f"with {names[True]}; not with {names[False]}"
     return ("kNN accuracy >= dense wherever dense runs", measured, met)
 
@@ -148,7 +154,7 @@ def pooled_passkey(scale: str) -> str:
         p[2].add(int(r.get("seed") or 0))
     lines = [f"**Passkey accuracy pooled over the `{scale}` runs (the tagged runs below and any untagged one)**", "",
              "| index | k | tokens | search | correct | trials | accuracy | seeds |", "|---|---|---|---|---|---|---|---|"]
-    order = sorted(points, key=lambda key: (key[2], key[0] != "dense", key[0], key[1]))
+    order = sorted(points, key=lambda key: (key[2], key[0] != "dense", key[0], _k(key[1])))
     for index, k, n in order:
         correct, trials, seeds, search = points[(index, k, n)]
         lines.append(f"| {index} | {k} | {n} | {search} | {correct} | {trials} | {correct / trials:.0%} | "
@@ -174,7 +180,7 @@ def depth_of_recorded_trials(scale: str) -> str:
     edges = [f"{b / DEPTH_BINS:.1f}-{(b + 1) / DEPTH_BINS:.1f}" for b in range(DEPTH_BINS)]
     lines = [f"**Passkey trials by depth of the key line (`{scale}` runs with trial records; correct / trials)**", "",
              "| index | k | tokens | " + " | ".join(edges) + " |", "|---|---|---|" + "---|" * DEPTH_BINS]
-    for (index, k, n), bins in sorted(counts.items(), key=lambda item: (item[0][2], item[0][0], item[0][1])):
+    for (index, k, n), bins in sorted(counts.items(), key=lambda item: (item[0][2], item[0][0], _k(item[0][1]))):
         cells = " | ".join(f"{c}/{t}" if t else "-" for c, t in bins)
         lines.append(f"| {index} | {k} | {n} | {cells} |")
     return "\n".join(lines) + "\n"

@@ -258,7 +258,7 @@ def test_knn_vs_dense_names_the_settings_that_meet_it(readme, tmp_path):
                                               "Flat,32,16384,16384,exact,0.8,5,1,1\n")
     row = next(line for line in readme.goals("s").splitlines() if "wherever dense runs" in line)
     assert "below dense: IVF8,Flat k=32 at 4096 (4 vs 5 of 5), Flat k=32 at 16384 (4 vs 5 of 5)" in row
-    assert row.endswith("| with IVF8,Flat np8 k=32; not with IVF8,Flat k=32, Flat k=32 |")
+    assert row.endswith("| with IVF8,Flat np8 k=32; not with Flat k=32, IVF8,Flat k=32 |")  # by name, then k
 
 
 def test_index_legend_reads_what_the_runs_recorded(readme, tmp_path):
@@ -473,3 +473,14 @@ def test_recall_summary_keeps_each_index_settings_and_folds_the_sweeps(readme, t
     monkeypatch.setattr(readme, "current_model", lambda: {"weights_sha256": "aaaa", "window": 256})
     text = readme.section()
     assert text.index("Retrieval quality at each index") < text.index("<details>") < text.index("every recall row")
+
+
+def test_tables_order_k_as_numbers(readme, tmp_path):
+    header = "index,k,tokens,prompt_tokens,search,accuracy,trials,seed,seconds\n"
+    (tmp_path / "passkey_s.csv").write_text(header + "".join(f"Flat,{k},4096,4096,exact,1.0,5,0,1\n"
+                                                             for k in (128, 8, 32)))
+    (tmp_path / "passkey_s_x.csv").write_text(header + "dense,-,4096,4096,dense,1.0,5,0,1\n")
+    table = readme.pooled_passkey("s")
+    rows = [line.split(" | ")[1] for line in table.splitlines() if line.startswith("| Flat") or
+            line.startswith("| dense")]
+    assert rows == ["-", "8", "32", "128"]
