@@ -40,6 +40,18 @@ def _k(k: str) -> int:
     return int(k) if k.isdigit() else 0
 
 
+def wilson_interval(correct: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a success rate (95% for z = 1.96): how far `trials` trials pin the accuracy down."""
+    p, n = correct / trials, trials
+    centre, half = p + z * z / (2 * n), z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
+
+
+def _interval(correct: int, trials: int) -> str:
+    low, high = wilson_interval(correct, trials)
+    return f"{low:.0%}-{high:.0%}"
+
+
 def _correct(row: dict) -> int:
     return round(float(row["accuracy"]) * int(row["trials"]))
 
@@ -100,7 +112,8 @@ def goals(scale: str) -> str:
         verdict = None if longest < 2**20 else (f"too few trials to tell (fewer than {MIN_TRIALS})"
                                                 if trials < MIN_TRIALS else correct / trials >= 0.95)
         rows.append(("passkey >= 95% at 1M tokens with a kNN index", f"{correct / trials:.0%} at {longest} tokens "
-                     f"({index}, k={k}: {correct} of {trials} trials)", verdict))
+                     f"({index}, k={k}: {correct} of {trials} trials; 95% interval {_interval(correct, trials)})",
+                     verdict))
         rows.append(knn_vs_dense(all_passkey))
     ingest = _csv(f"ingest_{scale}")
     if ingest:
@@ -152,13 +165,14 @@ def pooled_passkey(scale: str) -> str:
         p[0] += _correct(r)
         p[1] += int(r["trials"])
         p[2].add(int(r.get("seed") or 0))
-    lines = [f"**Passkey accuracy pooled over the `{scale}` runs (the tagged runs below and any untagged one)**", "",
-             "| index | k | tokens | search | correct | trials | accuracy | seeds |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"**Passkey accuracy pooled over the `{scale}` runs (the tagged runs below and any untagged one; 95% interval: Wilson score)**", "",
+             "| index | k | tokens | search | correct | trials | accuracy | 95% interval | seeds |",
+             "|---|---|---|---|---|---|---|---|---|"]
     order = sorted(points, key=lambda key: (key[2], key[0] != "dense", key[0], _k(key[1])))
     for index, k, n in order:
         correct, trials, seeds, search = points[(index, k, n)]
         lines.append(f"| {index} | {k} | {n} | {search} | {correct} | {trials} | {correct / trials:.0%} | "
-                     f"{', '.join(map(str, sorted(seeds)))} |")
+                     f"{_interval(correct, trials)} | {', '.join(map(str, sorted(seeds)))} |")
     return "\n".join(lines) + "\n"
 
 

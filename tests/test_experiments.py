@@ -190,9 +190,9 @@ def test_readme_pools_tagged_passkey_runs_and_folds_their_tables(readme, tmp_pat
         (tmp_path / f"passkey_{scale}.md").write_text(f"**table of {scale}**\n")
         (tmp_path / f"environment_{scale}.json").write_text(json.dumps({"passkey": {"model": current}}))
     table = readme.pooled_passkey("s")
-    assert "| dense | - | 4096 | dense | 5 | 5 | 100% | 0 |" in table
-    assert "| IVF8,Flat | 32 | 4096 | approximate | 7 | 10 | 70% | 0, 1 |" in table  # 4 of 5 + 3 of 5
-    assert "| IVF8,Flat | 32 | 65536 | approximate | 3 | 4 | 75% | 1, 2 |" in table
+    assert "| dense | - | 4096 | dense | 5 | 5 | 100% | 57%-100% | 0 |" in table
+    assert "| IVF8,Flat | 32 | 4096 | approximate | 7 | 10 | 70% | 40%-89% | 0, 1 |" in table  # 4 of 5 + 3 of 5
+    assert "| IVF8,Flat | 32 | 65536 | approximate | 3 | 4 | 75% | 30%-95% | 1, 2 |" in table
     assert readme.pooled_passkey("s_x") == ""  # a run without tagged runs of its own: its table says it all
     text = readme.section()
     folded = text[text.index("<details>"):text.index("</details>")]
@@ -424,10 +424,10 @@ def test_goals_read_tagged_runs(readme, tmp_path):
     (tmp_path / "passkey_s_1m_s3.csv").write_text(header + '"IVF8,Flat",32,1048576,1048576,approximate,0.5,2,1\n')
     (tmp_path / "passkey_s_1m-old.csv").write_text(header + '"IVF8,Flat",32,2097152,2097152,approximate,1.0,2,1\n')
     table = readme.goals("s")
-    assert "50% at 1048576 tokens (IVF8,Flat, k=32: 1 of 2 trials) | too few trials" in table  # 2M: not a tag
+    assert "50% at 1048576 tokens (IVF8,Flat, k=32: 1 of 2 trials; 95% interval 9%-91%) | too few trials" in table  # 2M: not a tag
     # runs with other seeds pool their trials; the goal is judged once there are at least MIN_TRIALS of them
     (tmp_path / "passkey_s_1m_seed1.csv").write_text(header + '"IVF8,Flat",32,1048576,1048576,approximate,1.0,18,1\n')
-    assert "95% at 1048576 tokens (IVF8,Flat, k=32: 19 of 20 trials) | yes |" in readme.goals("s")
+    assert "95% at 1048576 tokens (IVF8,Flat, k=32: 19 of 20 trials; 95% interval 76%-99%) | yes |" in readme.goals("s")
 
 
 def test_seed_and_ks_select_the_passkey_points(runner, tmp_path, monkeypatch):
@@ -484,3 +484,10 @@ def test_tables_order_k_as_numbers(readme, tmp_path):
     rows = [line.split(" | ")[1] for line in table.splitlines() if line.startswith("| Flat") or
             line.startswith("| dense")]
     assert rows == ["-", "8", "32", "128"]
+
+
+def test_wilson_interval_matches_published_values(readme):
+    """95% Wilson score intervals as tabulated (Newcombe 1998, Table I: 81/263; and 0/10, 10/10, 7/10)."""
+    for (correct, trials), expected in {(81, 263): (0.2553, 0.3662), (0, 10): (0.0, 0.2775),
+                                        (10, 10): (0.7225, 1.0), (7, 10): (0.3968, 0.8922)}.items():
+        assert readme.wilson_interval(correct, trials) == pytest.approx(expected, abs=1e-4)
