@@ -215,8 +215,8 @@ def recall_summary(scale: str) -> str:
         params = {name: v for name, v in json.loads(r["param"]).items() if name != "faiss_metric"}
         settings = ", ".join([r["faiss_metric"]] + [f"{name} {v}" for name, v in params.items()])
         points.setdefault((int(r["k"]), r["index"], settings), {})[r["text"]] = r
-    lines = [f"**Retrieval quality at each index's settings ({scale}; recall@k against exact top-k, kept = share of "
-             "exact top-k's attention mass the retrieved entries keep, ms = search time for all queries)**", "",
+    lines = ["At each index's own settings: recall@k against exact top-k, kept = share of exact top-k's attention "
+             "mass the retrieved entries keep, ms = search time for all queries.", "",
              "| index | settings | k | " + " | ".join(f"{t} recall | {t} kept | {t} ms" for t in texts) + " |",
              "|---|---|---|" + "---|" * 3 * len(texts)]
     for (k, index, settings), by_text in sorted(points.items(), key=lambda item: item[0][0]):
@@ -314,9 +314,10 @@ def scale_section(scale: str, found: list[str], current: dict) -> list[str]:
     for name in found:
         with open(os.path.join(RESULTS, f"{name}_{scale}.md")) as f:
             table = f.read().strip() + "\n"
-        if name == "recall":  # the summary in view; every row of the sweeps folded below it
-            parts += [recall_summary(scale), "<details><summary>Every recall row (the nprobe / efSearch / "
-                      "efConstruction sweeps)</summary>\n", table, "</details>\n"]
+        if name == "recall":  # its title (what was measured on), the summary, then every sweep row folded
+            title, rows = table.split("\n\n", 1)
+            parts += [title + "\n", recall_summary(scale), "<details><summary>Every recall row (the nprobe / "
+                      "efSearch / efConstruction sweeps)</summary>\n", rows, "</details>\n"]
         else:
             parts.append(table)
         if os.path.exists(os.path.join(RESULTS, f"{name}_{scale}.png")):

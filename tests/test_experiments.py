@@ -468,11 +468,12 @@ def test_recall_summary_keeps_each_index_settings_and_folds_the_sweeps(readme, t
     assert "| IVF8,Flat | l2, nprobe 2 | 8 | 0.50 | 0.50 | 4 | 0.75 | 0.75 | 6 |" in table
     assert len([line for line in table.splitlines() if line.startswith("| ")]) == 3  # header + 2 settings
     assert readme.recall_summary("t") == ""
-    (tmp_path / "recall_s.md").write_text("**every recall row**\n")
+    (tmp_path / "recall_s.md").write_text("**measured on 9 keys**\n\n| every recall row |\n")
     (tmp_path / "environment_s.json").write_text(json.dumps({"recall": {}}))
     monkeypatch.setattr(readme, "current_model", lambda: {"weights_sha256": "aaaa", "window": 256})
     text = readme.section()
-    assert text.index("Retrieval quality at each index") < text.index("<details>") < text.index("every recall row")
+    assert (text.index("measured on 9 keys") < text.index("At each index's own settings") < text.index("<details>")
+            < text.index("every recall row"))
 
 
 def test_tables_order_k_as_numbers(readme, tmp_path):
