@@ -132,11 +132,16 @@ def goals(scale: str) -> str:
                              f"~{dense_estimate / seconds[(ivf[0], longest)]:.0f}x (not side by side)")
             rows.append(("ingestion at 1M tokens >= 20x faster with IVF than dense", measured,
                          None if n < 2**20 else ratio >= 20))
-        exps = {r["index"]: r["time_exponent"] for r in ingest if r["index"] != "dense" and r["time_exponent"] != "-"}
+        exps = {r["index"]: float(r["time_exponent"]) for r in ingest
+                if r["index"] != "dense" and r["time_exponent"] != "-"}
         if exps:
-            sub = {i: float(e) for i, e in exps.items() if float(e) < 2}
+            spans = {i: [int(r["tokens"]) for r in ingest if r["index"] == i] for i in exps}
+            sub = [i for i, e in exps.items() if e < 2]
+            met = len(sub) == len(exps) or (f"with {', '.join(sub)}; not with "
+                                            f"{', '.join(i for i in exps if i not in sub)}" if sub else False)
             rows.append(("per-token ingestion cost sub-linear in context length (time exponent < 2)",
-                         ", ".join(f"{i}: {float(e):.2f}" for i, e in exps.items()), len(sub) == len(exps)))
+                         ", ".join(f"{i}: {e:.2f} ({min(spans[i])}-{max(spans[i])} tokens)" for i, e in exps.items()),
+                         met))
     decode = [r for r in _csv(f"decode_{scale}") if r["index"] != "dense"]
     if decode:
         largest = max(int(r["memory_tokens"]) for r in decode)

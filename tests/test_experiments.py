@@ -492,3 +492,19 @@ def test_wilson_interval_matches_published_values(readme):
     for (correct, trials), expected in {(81, 263): (0.2553, 0.3662), (0, 10): (0.0, 0.2775),
                                         (10, 10): (0.7225, 1.0), (7, 10): (0.3968, 0.8922)}.items():
         assert readme.wilson_interval(correct, trials) == pytest.approx(expected, abs=1e-4)
+
+
+def test_ingest_exponent_goal_names_each_index_and_its_lengths(readme, tmp_path):
+    header = "index,tokens,search,seconds,us_per_token,peak_rss_mb,memory_mb,time_exponent\n"
+    (tmp_path / "ingest_s.csv").write_text(header + '"IVF8,Flat",1000,exact,1,1,1,1,1.2\n'
+                                           '"IVF8,Flat",16000,approximate,16,1,1,1,1.2\n')
+    row = next(line for line in readme.goals("s").splitlines() if "sub-linear" in line)
+    assert row.endswith("| IVF8,Flat: 1.20 (1000-16000 tokens) | yes |")
+    (tmp_path / "ingest_s.csv").write_text(header + '"IVF8,Flat",1000,exact,1,1,1,1,1.2\n'
+                                           '"IVF8,Flat",16000,approximate,16,1,1,1,1.2\n'
+                                           '"IVF8,PQ4",1000,exact,1,1,1,1,2.1\n"IVF8,PQ4",4000,exact,1,1,1,1,2.1\n')
+    row = next(line for line in readme.goals("s").splitlines() if "sub-linear" in line)
+    assert row.endswith("| IVF8,Flat: 1.20 (1000-16000 tokens), IVF8,PQ4: 2.10 (1000-4000 tokens) | "
+                        "with IVF8,Flat; not with IVF8,PQ4 |")
+    (tmp_path / "ingest_s.csv").write_text(header + '"IVF8,PQ4",1000,exact,1,1,1,1,2.1\n')
+    assert next(line for line in readme.goals("s").splitlines() if "sub-linear" in line).endswith("| no |")
