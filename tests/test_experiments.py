@@ -112,8 +112,13 @@ def test_passkey_and_recall_tables(runner, tmp_path):
     for r in recall:
         assert 0.0 <= float(r["recall_at_k"]) <= 1.0
         assert float(r["attention_mass_kept"]) <= float(r["mass_of_exact_topk"]) + 1e-4  # exact top-k keeps most
-    full_probe = [r for r in recall if r["param"] == "nprobe" and r["value"] == "4"]
-    assert full_probe and all(float(r["recall_at_k"]) == 1.0 for r in full_probe)  # nprobe = nlist is exact
+    full_probe = [r for r in recall if r["param"] == "nprobe" and r["value"] == "4"]  # nprobe = nlist: exact search
+    assert {r["faiss_metric"] for r in full_probe} == {"ip", "l2"}
+    for r in full_probe:
+        assert float(r["attention_mass_kept"]) == float(r["mass_of_exact_topk"])
+        # l2 ranks by |q|^2 + |k'|^2 - 2 q.k' in float32: a near-tie at the k-th place may swap (1 of 32768 ids
+        # on a fresh install of 2026-11-29), which changes no kept mass; ip ranks by q.k itself
+        assert float(r["recall_at_k"]) == 1.0 if r["faiss_metric"] == "ip" else float(r["recall_at_k"]) >= 0.999
 
 
 def test_flat_k_sweep_stops_at_its_length(runner, tmp_path):
