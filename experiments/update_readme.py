@@ -170,7 +170,8 @@ def pooled_passkey(scale: str) -> str:
         p[0] += _correct(r)
         p[1] += int(r["trials"])
         p[2].add(int(r.get("seed") or 0))
-    lines = [f"**Passkey accuracy pooled over the `{scale}` runs (the tagged runs below and any untagged one; 95% interval: Wilson score)**", "",
+    lines = [f"**Passkey accuracy pooled over the `{scale}` runs (the tagged runs below and any untagged one; "
+             "95% interval: Wilson score)**", "",
              "| index | k | tokens | search | correct | trials | accuracy | 95% interval | seeds |",
              "|---|---|---|---|---|---|---|---|---|"]
     order = sorted(points, key=lambda key: (key[2], key[0] != "dense", key[0], _k(key[1])))
@@ -215,7 +216,7 @@ def recall_summary(scale: str) -> str:
     with open(path) as f:
         rows = [r for r in csv.DictReader(f) if r["value"] == "-"]
     texts = list(dict.fromkeys(r["text"] for r in rows))
-    points = {}  # (k, index, metric, settings) -> {text: row}, in the file's order within each k
+    points = {}  # (k, index, settings) -> {text: row}, in the file's order within each k
     for r in rows:
         params = {name: v for name, v in json.loads(r["param"]).items() if name != "faiss_metric"}
         settings = ", ".join([r["faiss_metric"]] + [f"{name} {v}" for name, v in params.items()])
@@ -228,9 +229,12 @@ def recall_summary(scale: str) -> str:
         cells = []
         for t in texts:
             r = by_text.get(t)
-            exact = float(r["mass_of_exact_topk"]) if r else 0.0
-            cells += ([f"{float(r['recall_at_k']):.2f}", f"{float(r['attention_mass_kept']) / exact:.2f}" if exact
-                       else "-", f"{float(r['search_ms']):.0f}"] if r else ["-"] * 3)
+            if r is None:
+                cells += ["-"] * 3
+                continue
+            exact = float(r["mass_of_exact_topk"])
+            kept = f"{float(r['attention_mass_kept']) / exact:.2f}" if exact else "-"
+            cells += [f"{float(r['recall_at_k']):.2f}", kept, f"{float(r['search_ms']):.0f}"]
         lines.append(f"| {index} | {settings} | {k} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
