@@ -22,7 +22,8 @@ class LongLlamaConfig(PreTrainedConfig):
     - `mem_dtype`: dtype of stored memory keys and values (`"bfloat16"`, `"float16"` or `"float32"`).
     - `mem_positionals`: if false, memory layers use no RoPE at all.
     - `mem_attention_grouping`: `(heads, queries)` chunking of memory-layer attention; changes peak memory only.
-    - `torch_attention`: non-memory layers use fused SDPA instead of matmul + fp32 softmax.
+    - `torch_attention`: fused SDPA instead of matmul + fp32 softmax in non-memory layers and in memory layers
+      with dense memory (over local keys and every memory entry; kNN memory layers keep matmul + fp32 softmax).
     - `gradient_checkpoint_every_ith`: with gradient checkpointing on, checkpoint every i-th non-memory layer.
 
     Added by this project:

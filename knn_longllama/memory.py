@@ -7,8 +7,10 @@ earlier windows. The attention layer talks to it through two calls:
 - `lookup(queries, h0, h1)`: for queries `[B, h1 - h0, Q, d]` of KV heads `h0:h1`, return a `MemoryLookup` with raw
   inner products `<q, k_i>` for the entries this memory offers, which of them are valid, and their values.
 
-`DenseMemory` offers every stored entry (the official LongLLaMA behaviour). `KnnMemory` offers the top-k entries per
-query found in per-(row, head) Faiss indices (or exact torch top-k) with exact re-scored inner products.
+`DenseMemory` offers every stored entry (the official LongLLaMA behaviour); it also hands them out whole
+(`entries()`, flagged by `all_entries`) for attention with fused SDPA (`torch_attention=True`). `KnnMemory` offers
+the top-k entries per query found in per-(row, head) Faiss indices (or exact torch top-k) with exact re-scored inner
+products.
 """
 
 from dataclasses import dataclass
@@ -70,6 +72,8 @@ class _GrowingBuffer:
 class DenseMemory:
     """Every stored (key, value) is attended by every query (official FoT memory)."""
 
+    all_entries = True  # lookups offer every stored entry, so attention may read `entries()` with fused SDPA
+
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype
         self.keys = _GrowingBuffer()
@@ -90,6 +94,13 @@ class DenseMemory:
             valid=self.mask.view()[:, :, None, :],
             values=self.values.view()[:, h0:h1],
         )
+
+    def entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Every stored entry: keys and values `[B, H_kv, N, d]` (in `dtype`) and valid bool `[B, N]`; None while
+        empty."""
+        if len(self) == 0:
+            return None
+        return self.keys.view(), self.values.view(), self.mask.view()[:, 0]
 
     def __len__(self) -> int:
         return self.keys.length
@@ -205,6 +216,14 @@ class OverlayMemory:
     def __init__(self, base):
         self.base = base
         self.overlay = DenseMemory(getattr(base, "dtype", None) or base.store.dtype)
+        self.all_entries = getattr(base, "all_entries", False)
+
+    def entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Base entries followed by the overlay's (dense base only; see `DenseMemory.entries`)."""
+        base, extra = self.base.entries(), self.overlay.entries()
+        if base is None or extra is None:
+            return base if extra is None else extra
+        return tuple(torch.cat([a, b], dim=-1 if a.dim() == 2 else 2) for a, b in zip(base, extra))
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
         self.overlay.add(keys, values, mask)

@@ -139,14 +139,29 @@ class LongLlamaAttention(nn.Module):
             q = apply_rotary(q, cos[:, :, -q_len:], sin[:, :, -q_len:])
             k = apply_rotary(k, cos, sin)
 
-        if self.is_memory_layer or not self.config.torch_attention:
-            out = self._attend_eager(q, k, v, window.allowed, memory)
+        fusable = not self.is_memory_layer or memory is None or getattr(memory, "all_entries", False)
+        if self.config.torch_attention and fusable:
+            out = self._attend_sdpa(q, k, v, window.allowed, memory.entries() if memory is not None else None)
         else:
-            bias = torch.zeros(window.allowed.shape, dtype=q.dtype, device=q.device)
-            bias.masked_fill_(~window.allowed, score_floor(q.dtype))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
+            out = self._attend_eager(q, k, v, window.allowed, memory)
         out = out.transpose(1, 2).reshape(bsz, q_len, self.num_heads * self.head_dim)
         return self.o_proj(out), local_kv
+
+    def _attend_sdpa(self, q, k, v, allowed, entries):
+        """Fused SDPA over the local keys followed by every memory entry (dense memory: `entries` = keys, values
+        `[B, H_kv, N, d]`, valid `[B, N]`), one joint softmax. Blocked scores get `score_floor` added rather than
+        set to it: the same output for every query that may attend to at least one key."""
+        floor = score_floor(q.dtype)
+        n_local = k.shape[2]
+        if entries is not None:
+            mem_k, mem_v, valid = entries
+            k = torch.cat([k, mem_k.to(k.dtype)], dim=2)
+            v = torch.cat([v, mem_v.to(v.dtype)], dim=2)
+        bias = torch.zeros(*allowed.shape[:3], k.shape[2], dtype=q.dtype, device=q.device)
+        bias[..., :n_local].masked_fill_(~allowed, floor)
+        if entries is not None and not valid.all():
+            bias[..., n_local:].masked_fill_(~valid[:, None, None, :], floor)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
 
     def _attend_eager(self, q, k, v, allowed, memory):
         """matmul + fp32 softmax over `[local ; memory]`, chunked by `mem_attention_grouping` (same results)."""

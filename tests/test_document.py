@@ -11,7 +11,12 @@ from knn_longllama.document import Document
 
 from conftest import tiny_model
 
-BACKENDS = [dict(mem_backend="dense"), dict(mem_backend="faiss", mem_index="Flat", mem_knn_k=1000)]
+BACKENDS = [dict(mem_backend="dense"), dict(mem_backend="dense", torch_attention=True),  # fused SDPA over memory
+            dict(mem_backend="faiss", mem_index="Flat", mem_knn_k=1000)]
+
+
+def backend_id(backend: dict) -> str:
+    return backend["mem_backend"] + ("-sdpa" if backend.get("torch_attention") else "")
 
 
 def concatenated_generate(model, doc_ids, question_ids, steps):
@@ -20,7 +25,7 @@ def concatenated_generate(model, doc_ids, question_ids, steps):
         return model.generate(ids, max_new_tokens=steps, do_sample=False)[:, ids.shape[1] :]
 
 
-@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b["mem_backend"])
+@pytest.mark.parametrize("backend", BACKENDS, ids=backend_id)
 @pytest.mark.parametrize("doc_len", [5, 37, 100])
 def test_read_then_ask_equals_generate_on_concatenated_tokens(backend, doc_len):
     model = tiny_model(mem_layers=[1], **backend)
@@ -65,7 +70,7 @@ def test_text_is_read_incrementally_from_a_file(tmp_path, monkeypatch):
                        from_ids.ask(q, max_new_tokens=5, do_sample=False))
 
 
-@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b["mem_backend"])
+@pytest.mark.parametrize("backend", BACKENDS, ids=backend_id)
 def test_save_load_ask_gives_identical_outputs(tmp_path, backend):
     model = tiny_model(mem_layers=[0, 2], **backend)
     doc = model.read(torch.randint(3, 61, (1, 120)), progress=False)
