@@ -4,11 +4,13 @@ Part 1 (plain path): the same weights and inputs, within one window and without 
 prefill tokens/s and greedy decode tokens/s for transformers (sdpa, eager) and ours (matmul + fp32 softmax as the
 official code, and fused SDPA with `torch_attention=True`). Medians over repeats; ratios against transformers sdpa.
 
-Part 2 (dense memory): time and peak RAM to ingest N tokens into dense memory (8k..64k), each N in a fresh
-subprocess so that peak RSS is its own.
+Part 2 (dense memory): time and peak RAM to ingest N tokens into dense memory (8k..64k), with the official
+matmul + fp32 softmax and with fused SDPA over [local ; memory] (`torch_attention=True`) side by side, each (N,
+attention) in a fresh subprocess so that peak RSS is its own; the ratio column is official time / SDPA time.
 
     python experiments/bench_forward.py            # full
     python experiments/bench_forward.py --quick    # a minute or two
+    python experiments/bench_forward.py --skip-plain --ingest-tokens 8192 16384 32768   # dense ingestion only
 Writes experiments/results/bench_forward_plain.{csv,md} and bench_forward_ingest.{csv,md,png}.
 """
 
@@ -107,7 +109,10 @@ def bench_plain(args):
                 ["model", "prefill_tok_s", "decode_tok_s", "prefill_vs_hf_sdpa", "decode_vs_hf_sdpa"])
 
 
-def ingest_once(num_tokens: int, threads: int) -> dict:
+ATTENTION = {"matmul (official)": False, "sdpa": True}  # label -> torch_attention
+
+
+def ingest_once(num_tokens: int, threads: int, torch_attention: bool) -> dict:
     """Runs in a subprocess: ingest `num_tokens` into dense memory, report seconds and peak RSS."""
     import resource
 
@@ -115,7 +120,7 @@ def ingest_once(num_tokens: int, threads: int) -> dict:
 
     set_threads(threads)
     torch.manual_seed(0)
-    model = LongLlamaForCausalLM(LongLlamaConfig(**INGEST)).eval()
+    model = LongLlamaForCausalLM(LongLlamaConfig(**INGEST, torch_attention=torch_attention)).eval()
     ids = torch.randint(3, 32000, (1, num_tokens))
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
@@ -131,13 +136,16 @@ def ingest_once(num_tokens: int, threads: int) -> dict:
 def bench_ingest(args):
     rows = []
     for n in args.ingest_tokens:
-        proc = subprocess.run([sys.executable, __file__, "--ingest-child", str(n), "--threads", str(args.threads)],
-                              capture_output=True, text=True, check=True)
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(f"  ingested {n} tokens: {rows[-1]['seconds']:.1f}s", flush=True)
+        for label, torch_attention in ATTENTION.items():
+            proc = subprocess.run([sys.executable, __file__, "--ingest-child", str(n), "--threads", str(args.threads)]
+                                  + (["--sdpa"] if torch_attention else []), capture_output=True, text=True, check=True)
+            rows.append({"attention": label, **json.loads(proc.stdout.strip().splitlines()[-1])})
+            print(f"  {label}: ingested {n} tokens in {rows[-1]['seconds']:.1f}s", flush=True)
+        rows[-1]["official_over_sdpa"] = rows[-2]["seconds"] / rows[-1]["seconds"]
+        rows[-2]["official_over_sdpa"] = 1.0
     print(f"\nDense-memory ingestion: {INGEST}, threads {args.threads}")
     write_table(rows, os.path.join(RESULTS, "bench_forward_ingest"),
-                ["tokens", "seconds", "tokens_per_s", "peak_rss_mb", "memory_mb"])
+                ["attention", "tokens", "seconds", "tokens_per_s", "official_over_sdpa", "peak_rss_mb", "memory_mb"])
     try:
         import matplotlib
 
@@ -145,10 +153,13 @@ def bench_ingest(args):
         import matplotlib.pyplot as plt
 
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-        ax1.loglog([r["tokens"] for r in rows], [r["seconds"] for r in rows], "o-")
+        for label in ATTENTION:
+            mine = [r for r in rows if r["attention"] == label]
+            ax1.loglog([r["tokens"] for r in mine], [r["seconds"] for r in mine], "o-", label=label)
+            ax2.plot([r["tokens"] for r in mine], [r["peak_rss_mb"] for r in mine], "o-", label=label)
         ax1.set(xlabel="context tokens", ylabel="ingestion time (s)", title="Dense memory: ingestion time")
-        ax2.plot([r["tokens"] for r in rows], [r["peak_rss_mb"] for r in rows], "o-")
         ax2.set(xlabel="context tokens", ylabel="peak RSS (MB)", title="Dense memory: peak RAM")
+        ax1.legend()
         fig.tight_layout()
         fig.savefig(os.path.join(RESULTS, "bench_forward_ingest.png"), dpi=100)
     except ImportError:
@@ -160,18 +171,23 @@ def main():
     parser.add_argument("--quick", action="store_true", help="small sizes, fewer repeats")
     parser.add_argument("--threads", type=int, default=2, help="torch and Faiss OpenMP threads")
     parser.add_argument("--skip-ingest", action="store_true")
+    parser.add_argument("--skip-plain", action="store_true")
+    parser.add_argument("--ingest-tokens", type=int, nargs="+", default=None,
+                        help="dense-memory ingestion lengths (default 8192 16384 32768 65536; --quick: 8192 16384)")
     parser.add_argument("--ingest-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--sdpa", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.ingest_child:
-        print(json.dumps(ingest_once(args.ingest_child, args.threads)))
+        print(json.dumps(ingest_once(args.ingest_child, args.threads, args.sdpa)))
         return
     set_threads(args.threads)
     args.repeats = 3 if args.quick else 7
     args.prefill_tokens = 512 if args.quick else 1024
     args.decode_tokens = 16 if args.quick else 64
-    args.ingest_tokens = [8192, 16384] if args.quick else [8192, 16384, 32768, 65536]
+    args.ingest_tokens = args.ingest_tokens or ([8192, 16384] if args.quick else [8192, 16384, 32768, 65536])
     os.makedirs(RESULTS, exist_ok=True)
-    bench_plain(args)
+    if not args.skip_plain:
+        bench_plain(args)
     if not args.skip_ingest:
         bench_ingest(args)
 

@@ -9,7 +9,8 @@ Experiments (each writes experiments/results/<name>_<scale>.{csv,md,png}):
             plus a depth sweep (where the key sits in the prompt); passkey_trials_<scale>.csv has every trial
             (seed, key, depth of the key line, what the model generated)
   ingest    ingestion time and peak RAM vs context length, dense vs each index (a subprocess per point), with the
-            fitted scaling exponent of time in context length
+            fitted scaling exponent of time in context length; dense memory both as the official matmul + fp32
+            softmax ("dense") and as one fused SDPA call ("dense sdpa", where the scale has `dense_sdpa`)
   decode    decode latency per generated token vs memory size
   recall    recall@k of each index against exact top-k on real keys and queries taken from the model, and the share
             of the dense memory attention mass the retrieved entries keep, vs nprobe / efSearch
@@ -50,6 +51,7 @@ class Scale:
     recall_tokens: int
     recall_sweep: dict = field(default_factory=dict)  # label -> (factory, param name, values[, fixed params])
     dense: bool = True  # include dense memory (up to dense_max)
+    dense_sdpa: bool = False  # ingest/decode also time dense memory read with fused SDPA ("dense sdpa")
     k_sweep_max: int | None = None  # Flat's ks other than 32 only up to this length (None: every length)
     seed: int = 0  # passkey prompts: trial i of a seed is the same prompt for every index and k
 
@@ -88,7 +90,7 @@ SCALES = {
                  "HNSW32": ("HNSW32", {"efSearch": 64}), "IVF1024,PQ16": ("IVF1024,PQ16", {"nprobe": 32, "k_factor": 4})},
         ks=[8, 32, 128], depth_length=65536, depths=[0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0],
         ingest_lengths=[4096, 16384, 65536, 262144, 1048576], decode_sizes=[1024, 16384, 131072, 1048576],
-        recall_tokens=262144,
+        recall_tokens=262144, dense_sdpa=True,
         recall_sweep={"IVF1024,Flat": ("IVF1024,Flat", "nprobe", [1, 4, 16, 32, 64, 128]),
                       "IVF1024,Flat l2": ("IVF1024,Flat", "nprobe", [1, 4, 16, 32, 64, 128], {"faiss_metric": "l2"}),
                       "HNSW32": ("HNSW32", "efSearch", [16, 32, 64, 128, 256]),
@@ -96,6 +98,11 @@ SCALES = {
                       "HNSW32 l2 ef64": ("HNSW32", "efConstruction", [40, 200, 500], {"faiss_metric": "l2", "efSearch": 64})},
     ),
 }
+
+
+# Dense memory labels, both attending to every memory entry (up to a scale's `dense_max`): the official matmul + fp32
+# softmax, and one fused SDPA call over [local ; memory] keys (`torch_attention=True`: the same math, one kernel).
+DENSE = {"dense": {"torch_attention": False}, "dense sdpa": {"torch_attention": True}}
 
 
 # -- helpers -------------------------------------------------------------------------------------------------------
@@ -109,16 +116,16 @@ def load(**overrides):
 
 
 def memory_settings(label: str, scale: Scale, k: int = 32) -> dict:
-    """Config overrides for a memory backend label: "dense", or a label of `scale.indices` (factory "torch" means
-    exact top-k in torch on the model's device)."""
-    if label == "dense":
-        return dict(mem_backend="dense")
+    """Config overrides for a memory backend label: one of `DENSE`, or a label of `scale.indices` (factory "torch"
+    means exact top-k in torch on the model's device)."""
+    if label in DENSE:
+        return dict(mem_backend="dense", **DENSE[label])
     factory, params = scale.indices[label]
     if factory == "torch":
-        return dict(mem_backend="torch_topk", mem_knn_k=k)
+        return dict(mem_backend="torch_topk", mem_knn_k=k, torch_attention=False)
     params, store = split_store_params(params)
     return dict(mem_backend="faiss", mem_index=factory, mem_index_params=params or None, mem_knn_k=k,
-                mem_knn_k_factor=store["k_factor"], mem_faiss_metric=store["faiss_metric"])
+                mem_knn_k_factor=store["k_factor"], mem_faiss_metric=store["faiss_metric"], torch_attention=False)
 
 
 def split_store_params(params: dict) -> tuple[dict, dict]:
@@ -132,7 +139,7 @@ def search_mode(label: str, scale: Scale, config, num_tokens: int) -> str:
     """How memory is searched after reading `num_tokens`: "dense", "exact" (torch top-k, Flat, or a trainable index
     that has not reached its training size: knn_index buffers keys and searches them exactly until then) or
     "approximate" (a trained IVF/PQ index, or HNSW)."""
-    if label == "dense":
+    if label in DENSE:
         return "dense"
     factory, _ = scale.indices[label]
     if factory == "torch":
@@ -382,13 +389,14 @@ def read_rows(label: str, n: int, scale: Scale) -> dict:
 
 
 def sweep_children(kind: str, sizes: list, scale: Scale, write) -> list[dict]:
-    """One subprocess per (memory backend, size), shared by the ingest and decode sweeps; dense only up to
+    """One subprocess per (memory backend, size), shared by the ingest and decode sweeps; dense memory only up to
     `dense_max`. `write(rows)` after every point, so an interrupted sweep keeps what it measured."""
     rows = previous_rows(kind, scale) if APPEND else []
     point = lambda r: (r["index"], int(r.get("tokens", r.get("memory_tokens"))))  # noqa: E731
-    for label in (["dense"] if scale.dense else []) + list(scale.indices):
+    dense = ["dense"] * scale.dense + ["dense sdpa"] * scale.dense_sdpa
+    for label in dense + list(scale.indices):
         for n in sizes:
-            if label == "dense" and n > scale.dense_max:
+            if label in DENSE and n > scale.dense_max:
                 continue
             row = read_rows(label, n, scale)[kind]
             at = next((i for i, r in enumerate(rows) if point(r) == (label, n)), None)
@@ -597,7 +605,8 @@ def main() -> None:
                         help="seed of the length sweep's passkey prompts (another seed: other trials, e.g. to split "
                              "one point's trials over processes; the depth sweep keeps its prompts)")
     parser.add_argument("--indices", nargs="+", default=None,
-                        help="only these memory labels of the scale ('dense' for dense memory, up to dense_max)")
+                        help="only these memory labels of the scale ('dense' for dense memory, up to dense_max; "
+                             "'dense sdpa' for dense memory read with fused SDPA, ingest and decode only)")
     parser.add_argument("--ks", type=int, nargs="+", default=None,
                         help="override the scale's k sweep (Flat's passkey ks, recall's ks on natural text)")
     parser.add_argument("--append", action="store_true",
@@ -621,12 +630,12 @@ def main() -> None:
         return
     scale = replace(SCALES[args.scale], indices=dict(SCALES[args.scale].indices))  # overrides below stay local
     if args.indices:
-        scale.dense = "dense" in args.indices
-        unknown = sorted(set(args.indices) - set(scale.indices) - {"dense"})
+        scale.dense, scale.dense_sdpa = "dense" in args.indices, "dense sdpa" in args.indices
+        unknown = sorted(set(args.indices) - set(scale.indices) - set(DENSE))
         if unknown:
             parser.error(f"--indices {' '.join(unknown)}: not an index of scale {scale.name!r}; accepted: "
-                         f"dense, {', '.join(scale.indices)}")
-        scale.indices = {label: scale.indices[label] for label in args.indices if label != "dense"}
+                         f"{', '.join(DENSE)}, {', '.join(scale.indices)}")
+        scale.indices = {label: scale.indices[label] for label in args.indices if label not in DENSE}
     if args.lengths:
         scale.passkey_lengths = scale.ingest_lengths = scale.decode_sizes = sorted(args.lengths)
     if args.trials:

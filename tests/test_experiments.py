@@ -36,15 +36,17 @@ def _rows(path):
 
 def test_memory_settings(runner):
     scale = runner.SCALES["tiny"]
-    assert runner.memory_settings("dense", scale) == {"mem_backend": "dense"}
-    assert runner.memory_settings("torch", scale, 8) == {"mem_backend": "torch_topk", "mem_knn_k": 8}
+    assert runner.memory_settings("dense", scale) == {"mem_backend": "dense", "torch_attention": False}
+    assert runner.memory_settings("dense sdpa", scale) == {"mem_backend": "dense", "torch_attention": True}
+    assert runner.memory_settings("torch", scale, 8) == {"mem_backend": "torch_topk", "mem_knn_k": 8,
+                                                         "torch_attention": False}
     assert runner.memory_settings("IVF4,Flat", scale, 8) == {
         "mem_backend": "faiss", "mem_index": "IVF4,Flat", "mem_index_params": {"nprobe": 2}, "mem_knn_k": 8,
-        "mem_knn_k_factor": 1, "mem_faiss_metric": "ip"}
+        "mem_knn_k_factor": 1, "mem_faiss_metric": "ip", "torch_attention": False}
     pq = runner.replace(scale, indices={"PQ": ("IVF4,PQ4x4", {"nprobe": 2, "k_factor": 4, "faiss_metric": "l2"})})
     assert runner.memory_settings("PQ", pq, 8) == {  # k_factor and faiss_metric are memory settings, not Faiss ones
         "mem_backend": "faiss", "mem_index": "IVF4,PQ4x4", "mem_index_params": {"nprobe": 2}, "mem_knn_k": 8,
-        "mem_knn_k_factor": 4, "mem_faiss_metric": "l2"}
+        "mem_knn_k_factor": 4, "mem_faiss_metric": "l2", "torch_attention": False}
     assert pq.indices["PQ"][1] == {"nprobe": 2, "k_factor": 4, "faiss_metric": "l2"}  # the scale is left as it was
 
 
@@ -77,6 +79,18 @@ def test_ingest_and_decode_share_each_read(runner, tmp_path, monkeypatch):
     assert [(r["index"], r["memory_tokens"]) for r in decode] == [("torch", "1000"), ("IVF4,Flat", "1000")]
     for i, d in zip(ingest, decode):
         assert abs(float(d["read_seconds"]) - float(i["seconds"])) <= 0.0051
+
+
+def test_ingest_times_both_dense_variants(runner, tmp_path, monkeypatch):
+    """`dense_sdpa`: ingestion times dense memory with the official matmul and with fused SDPA, up to dense_max;
+    both read the same tokens into the same memory."""
+    monkeypatch.setattr(runner, "run_child", lambda args: runner.read_child(args[2], int(args[3]), args[4], decode=False))
+    scale = runner.replace(runner.SCALES["tiny"], dense_max=1000, dense_sdpa=True, indices={}, decode_sizes=[])
+    runner.exp_ingest(scale)
+    rows = _rows(tmp_path / "ingest_tiny.csv")
+    assert [(r["index"], r["tokens"], r["search"]) for r in rows] == [("dense", "1000", "dense"),
+                                                                      ("dense sdpa", "1000", "dense")]
+    assert rows[0]["memory_mb"] == rows[1]["memory_mb"]
 
 
 def test_passkey_and_recall_tables(runner, tmp_path):
@@ -308,6 +322,22 @@ def test_ingest_goal_extrapolates_dense_beyond_where_it_ran(readme, tmp_path):
     assert "8.0x at 4000 tokens (largest length dense ran)" in table
     assert "at 16000 tokens IVF8,Flat took 16 s, dense extrapolated quadratically ~512 s, so ~32x" in table
     assert "| not measured at this scale |" in table.split("ingestion")[1].splitlines()[0]
+
+
+def test_ingest_goal_compares_with_the_faster_dense_variant(readme, tmp_path):
+    """With "dense" and "dense sdpa" both timed, the IVF ratio and the extrapolation use the faster at each length."""
+    (tmp_path / "ingest_s.csv").write_text(
+        "index,tokens,search,seconds,us_per_token,peak_rss_mb,memory_mb,time_exponent\n"
+        "dense,1000,dense,2,1,1,1,2\ndense,4000,dense,32,1,1,1,2\n"
+        "dense sdpa,1000,dense,1,1,1,1,2\ndense sdpa,4000,dense,12,1,1,1,2\n"
+        '"IVF8,Flat",1000,exact,1,1,1,1,1.2\n"IVF8,Flat",4000,approximate,4,1,1,1,1.2\n'
+        '"IVF8,Flat",16000,approximate,16,1,1,1,1.2\n')
+    table = readme.goals("s")
+    # 12 / 4 = 3x at 4000 tokens; at 16000 the faster dense would take 12 * 4^2 = 192 s against IVF's 16 s: 12x
+    assert "3.0x at 4000 tokens (largest length dense ran; against dense sdpa, the faster of dense and dense sdpa)" in table
+    assert "dense extrapolated quadratically ~192 s, so ~12x" in table
+    exponents = next(line for line in table.splitlines() if "sub-linear" in line)
+    assert "IVF8,Flat: 1.20" in exponents and "dense" not in exponents.split("|")[2]
 
 
 def test_unknown_index_label_is_refused(runner, monkeypatch, capsys):
