@@ -79,7 +79,7 @@ SCALES = {
         indices={"torch": ("torch", {}), "IVF1024,Flat": ("IVF1024,Flat", {"nprobe": 32})},
         ks=[32], depth_length=16384, depths=[0.0, 0.5, 1.0],
         ingest_lengths=[4096, 16384, 65536, 262144], decode_sizes=[1024, 16384, 262144], recall_tokens=65536,
-        recall_sweep={"IVF1024,Flat": ("IVF1024,Flat", "nprobe", [1, 8, 32, 128])},
+        recall_sweep={"IVF1024,Flat": ("IVF1024,Flat", "nprobe", [1, 8, 32, 128])}, dense_sdpa=True,
     ),
     "full": Scale(
         name="full", passkey_lengths=[4096, 16384, 65536, 262144, 1048576], dense_max=65536, trials=20,
