@@ -18,9 +18,10 @@ INDEX_HELP = ("memory backend: 'dense' (official, attends to all memory), 'torch
 
 
 def memory_overrides(index: str, k: int | None, index_params: str | None, k_factor: int | None = None,
-                     faiss_metric: str | None = None) -> dict:
-    """Config fields for an --index / --k / --index-params / --k-factor / --faiss-metric choice."""
-    overrides = {}
+                     faiss_metric: str | None = None, torch_attention: bool = False) -> dict:
+    """Config fields for an --index / --k / --index-params / --k-factor / --faiss-metric / --torch-attention
+    choice."""
+    overrides = {"torch_attention": True} if torch_attention else {}
     if index == "dense":
         overrides["mem_backend"] = "dense"
     elif index == "torch":
@@ -74,7 +75,8 @@ def cmd_passkey(args) -> int:
     for index in args.index:
         ks = [None] if index == "dense" else args.k
         for k in ks:
-            apply_memory_settings(model, memory_overrides(index, k, args.index_params, args.k_factor, args.faiss_metric))
+            apply_memory_settings(model, memory_overrides(index, k, args.index_params, args.k_factor, args.faiss_metric,
+                                                         args.torch_attention))
             for length in args.lengths:
                 result = passkey_accuracy(model, tokenizer, length, trials=args.trials, seed=args.seed)
                 row = {"index": index, "k": k if k is not None else "-", "tokens": length,
@@ -96,7 +98,7 @@ def cmd_passkey(args) -> int:
 
 def cmd_read(args) -> int:
     model, tokenizer = load_model(args.model, args.device, **memory_overrides(
-        args.index, args.k, args.index_params, args.k_factor, args.faiss_metric))
+        args.index, args.k, args.index_params, args.k_factor, args.faiss_metric, args.torch_attention))
     doc = model.read(args.file, tokenizer, progress=not args.quiet)
     doc.save(args.output)
     print(f"read {doc.num_tokens} tokens into {args.output}")
@@ -107,7 +109,7 @@ def cmd_ask(args) -> int:
     from .document import Document
 
     model, tokenizer = load_model(args.model, args.device, **memory_overrides(
-        args.index, args.k, args.index_params, args.k_factor, args.faiss_metric))
+        args.index, args.k, args.index_params, args.k_factor, args.faiss_metric, args.torch_attention))
     doc = Document.load(args.memory, model, tokenizer)
     for question in args.questions:
         answer = doc.ask(question, max_new_tokens=args.max_new_tokens, do_sample=False)
@@ -117,7 +119,7 @@ def cmd_ask(args) -> int:
 
 def cmd_generate(args) -> int:
     model, tokenizer = load_model(args.model, args.device, **memory_overrides(
-        args.index, args.k, args.index_params, args.k_factor, args.faiss_metric))
+        args.index, args.k, args.index_params, args.k_factor, args.faiss_metric, args.torch_attention))
     prompt = open(args.file, encoding="utf-8").read() if args.file else args.prompt
     if prompt is None:
         raise SystemExit("generate: give a PROMPT or --file FILE")
@@ -150,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--faiss-metric", choices=["ip", "l2"], default=None,
                         help="ip: keys in an inner-product index (default); l2: norm-augmented keys in an L2 index "
                              "(higher recall for HNSW/IVF)")
+    common.add_argument("--torch-attention", action="store_true",
+                        help="fused SDPA instead of matmul + fp32 softmax in non-memory layers and, with --index dense, "
+                             "in memory layers (faster reading; same math up to float rounding)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("passkey", parents=[common], help="passkey retrieval accuracy (spec section 4) per length")

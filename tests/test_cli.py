@@ -44,6 +44,17 @@ def test_read_then_ask_and_a_mismatched_index_is_refused(tmp_path):
     assert refused.returncode == 2 and "another model or memory configuration" in refused.stderr
 
 
+def test_dense_memory_read_with_fused_sdpa_is_asked_with_either_attention(tmp_path):
+    text = tmp_path / "doc.txt"
+    text.write_text("The grass is green. The sky is blue.\n" * 40 + "The pass key is 7316. Remember it.\n"
+                    + "The sun is yellow. Here we go.\n" * 40)
+    memory = tmp_path / "doc.memory"
+    run("read", str(text), "-o", str(memory), "--index", "dense", "--torch-attention", "--quiet")
+    question = ["ask", str(memory), "What is the pass key? The pass key is", "--index", "dense", "--max-new-tokens", "4"]
+    fused, plain = run(*question, "--torch-attention").stdout, run(*question).stdout
+    assert fused.strip() != "" and fused == plain
+
+
 def test_generate():
     out = run("generate", "It is a truth universally acknowledged", "--max-new-tokens", "8").stdout
     assert len(out.strip()) > 0
