@@ -14,16 +14,19 @@ Experiments (each writes experiments/results/<name>_<scale>.{csv,md,png}):
   decode    decode latency per generated token vs memory size
   recall    recall@k of each index against exact top-k on real keys and queries taken from the model, and the share
             of the dense memory attention mass the retrieved entries keep, vs nprobe / efSearch
-`experiments/results/environment_<scale>.json` records the machine, package versions and settings. The README's
+`experiments/results/environment_<scale>.json` records the machine, package versions and settings, and
+`printed_<scale>.txt` what each run printed (appended, after the command line that ran it). The README's
 results section is regenerated from these files by `python experiments/update_readme.py`.
 """
 
 import argparse
+import contextlib
 import csv
 import json
 import os
 import platform
 import random
+import shlex
 import statistics
 import subprocess
 import sys
@@ -566,6 +569,22 @@ def exp_recall(scale: Scale) -> None:
 
 
 # -- main --------------------------------------------------------------------------------------------------------------
+class Tee:
+    """A stdout that writes to several streams: the terminal, and the run's `printed_<scale>.txt`."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+
 EXPERIMENTS = {"passkey": exp_passkey, "ingest": exp_ingest, "decode": exp_decode, "recall": exp_recall}
 
 
@@ -663,11 +682,14 @@ def main() -> None:
         recorded[name] = record
     with open(env_path, "w") as f:
         json.dump(recorded, f, indent=2)
-    for name in args.only or list(EXPERIMENTS):
-        started = time.time()
-        print(f"== {name} ({scale.name})", flush=True)
-        EXPERIMENTS[name](scale)
-        print(f"== {name} done in {time.time() - started:.0f}s", flush=True)
+    with open(os.path.join(RESULTS, f"printed_{scale.name}.txt"), "a") as log:
+        log.write(f"\n$ python {shlex.join(sys.argv)}   # {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        with contextlib.redirect_stdout(Tee(sys.stdout, log)):
+            for name in args.only or list(EXPERIMENTS):
+                started = time.time()
+                print(f"== {name} ({scale.name})", flush=True)
+                EXPERIMENTS[name](scale)
+                print(f"== {name} done in {time.time() - started:.0f}s", flush=True)
 
 
 if __name__ == "__main__":

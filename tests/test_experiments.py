@@ -371,6 +371,10 @@ def test_tagged_run_uses_its_base_scale(runner, tmp_path, monkeypatch):
     rows = _rows(tmp_path / "ingest_tiny_spot.csv")
     assert [(r["index"], r["tokens"]) for r in rows] == [("dense", "200"), ("torch", "200"), ("IVF4,Flat", "200"),
                                                           ("IVF4,Flat", "300")]
+    printed = (tmp_path / "printed_tiny_spot.txt").read_text()  # what each of the three runs printed, in order
+    assert printed.count("$ python run_experiments.py --scale tiny --only ingest --tag spot") == 3
+    assert printed.count("== ingest (tiny_spot)") == 3 and printed.count("== ingest done in") == 3
+    assert "'index': 'IVF4,Flat', 'tokens': 300" in printed
 
 
 def test_passkey_failure_analysis_window_rule():
