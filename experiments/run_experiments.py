@@ -620,6 +620,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=None,
                         help="override the scale's passkey / ingest / decode lengths (e.g. one 1M-token spot check)")
     parser.add_argument("--trials", type=int, default=None, help="override the scale's passkey trials per point")
+    parser.add_argument("--dense-max", type=int, default=None,
+                        help="override the scale's longest length with dense memory (e.g. one dense point beyond it)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the length sweep's passkey prompts (another seed: other trials, e.g. to split "
                              "one point's trials over processes; the depth sweep keeps its prompts)")
@@ -659,6 +661,8 @@ def main() -> None:
         scale.passkey_lengths = scale.ingest_lengths = scale.decode_sizes = sorted(args.lengths)
     if args.trials:
         scale.trials = args.trials
+    if args.dense_max:
+        scale.dense_max = args.dense_max
     if args.ks:
         scale.ks = args.ks
     scale.seed = args.seed

@@ -377,6 +377,18 @@ def test_tagged_run_uses_its_base_scale(runner, tmp_path, monkeypatch):
     assert "'index': 'IVF4,Flat', 'tokens': 300" in printed
 
 
+def test_dense_max_override(runner, tmp_path, monkeypatch):
+    """--dense-max lets dense memory run beyond the scale's dense_max (tiny: 200)."""
+    monkeypatch.setattr(runner, "run_child", lambda args: runner.read_child(args[2], int(args[3]), args[4], False))
+    argv = ["run_experiments.py", "--scale", "tiny", "--only", "ingest", "--indices", "dense sdpa", "--lengths", "300"]
+    monkeypatch.setattr("sys.argv", argv)
+    runner.main()
+    assert not os.path.exists(tmp_path / "ingest_tiny.csv")  # 300 > dense_max: no point
+    monkeypatch.setattr("sys.argv", argv + ["--dense-max", "300"])
+    runner.main()
+    assert [(r["index"], r["tokens"]) for r in _rows(tmp_path / "ingest_tiny.csv")] == [("dense sdpa", "300")]
+
+
 def test_passkey_failure_analysis_window_rule():
     spec = importlib.util.spec_from_file_location("passkey_failures",
                                                   os.path.join(ROOT, "experiments", "passkey_failures.py"))
