@@ -155,13 +155,20 @@ class LongLlamaAttention(nn.Module):
         n_local = k.shape[2]
         if entries is not None:
             mem_k, mem_v, valid = entries
-            k = torch.cat([k, mem_k.to(k.dtype)], dim=2)
-            v = torch.cat([v, mem_v.to(v.dtype)], dim=2)
+            k, v = (self._append(local, mem) for local, mem in ((k, mem_k), (v, mem_v)))
         bias = torch.zeros(*allowed.shape[:3], k.shape[2], dtype=q.dtype, device=q.device)
         bias[..., :n_local].masked_fill_(~allowed, floor)
         if entries is not None and not valid.all():
             bias[..., n_local:].masked_fill_(~valid[:, None, None, :], floor)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
+
+    @staticmethod
+    def _append(local: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
+        """[local ; mem] along the tokens in `local`'s dtype, casting memory while copying it (one copy, not two)."""
+        out = local.new_empty(*local.shape[:2], local.shape[2] + mem.shape[2], local.shape[3])
+        out[:, :, : local.shape[2]] = local
+        out[:, :, local.shape[2] :] = mem
+        return out
 
     def _attend_eager(self, q, k, v, allowed, memory):
         """matmul + fp32 softmax over `[local ; memory]`, chunked by `mem_attention_grouping` (same results)."""
