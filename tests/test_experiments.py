@@ -145,6 +145,26 @@ def test_flat_k_sweep_stops_at_its_length(runner, tmp_path):
                       ("Flat", "32", 300)}
 
 
+def test_passkey_runs_fused_dense_only_when_asked_for_alone(runner, tmp_path, monkeypatch):
+    """`--indices 'dense sdpa' ...`: the passkey sweeps read dense memory with fused SDPA (same answers, faster);
+    with the official dense also asked for, only that one runs. No kNN index: the depth sweep is dense only."""
+    configured = []
+    configure = runner.configure
+    monkeypatch.setattr(runner, "configure", lambda model, settings: (configured.append(settings),
+                                                                      configure(model, settings)))
+    scale = runner.replace(runner.SCALES["tiny"], dense=False, dense_sdpa=True, indices={})
+    runner.exp_passkey(scale)
+    rows = _rows(tmp_path / "passkey_tiny.csv")
+    assert [(r["index"], r["search"]) for r in rows] == [("dense sdpa", "dense")]
+    depth = _rows(tmp_path / "passkey_depth_tiny.csv")
+    assert [(r["index"], float(r["depth"])) for r in depth] == [("dense sdpa", 0.0), ("dense sdpa", 1.0)]
+    assert configured == [{"mem_backend": "dense", "torch_attention": True}] * 2  # length sweep, depth sweep
+    configured.clear()
+    runner.exp_passkey(runner.replace(scale, dense=True, depths=[]))
+    assert [r["index"] for r in _rows(tmp_path / "passkey_tiny.csv")] == ["dense"]
+    assert configured == [{"mem_backend": "dense", "torch_attention": False}]
+
+
 def test_cuda_device_refused_without_gpu(runner, monkeypatch, capsys):
     import torch
 
@@ -263,6 +283,22 @@ def test_knn_is_compared_with_dense_on_the_same_prompts(readme, tmp_path):
     (tmp_path / "passkey_s_d.csv").write_text(header + "dense,-,4096,4096,dense,0.6,5,0,1\n")
     row = next(line for line in readme.goals("s").splitlines() if "wherever dense runs" in line)
     assert "| everywhere; 15 trials a point" in row and row.endswith("| yes |")  # 13 vs 12 of 15 with seed 0
+
+
+def test_knn_is_compared_with_fused_dense_where_only_it_ran(readme, tmp_path):
+    """Dense passkey rows read with fused SDPA ("dense sdpa") stand for dense where the official variant did not run
+    on those prompts; where both ran, the official one is compared with, and neither counts as a kNN index."""
+    header = "index,k,tokens,prompt_tokens,search,accuracy,trials,seed,seconds\n"
+    (tmp_path / "passkey_s_a.csv").write_text(header + "dense sdpa,-,262144,262144,dense,1.0,5,1,1\n"
+                                              '"IVF8,Flat",32,262144,262144,approximate,0.8,5,1,1\n')
+    row = next(line for line in readme.goals("s").splitlines() if "wherever dense runs" in line)
+    assert "below dense: IVF8,Flat k=32 at 262144 (4 vs 5 of 5); 5 trials a point" in row and row.endswith("| no |")
+    (tmp_path / "passkey_s_b.csv").write_text(header + "dense,-,262144,262144,dense,0.8,5,1,1\n")
+    row = next(line for line in readme.goals("s").splitlines() if "wherever dense runs" in line)
+    assert "| everywhere; 5 trials a point" in row and row.endswith("| yes |")  # 4 vs 4 of 5: the official row
+    table = readme.pooled_passkey("s").splitlines()
+    assert [line.split(" | ")[0] for line in table if line.startswith("| ") and "262144" in line] == [
+        "| dense", "| dense sdpa", "| IVF8,Flat"]  # dense variants first
 
 
 def test_knn_vs_dense_names_the_settings_that_meet_it(readme, tmp_path):
