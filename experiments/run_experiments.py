@@ -259,8 +259,8 @@ def exp_passkey(scale: Scale) -> None:
 
     model, tokenizer = load()
     rows, trials = [], []
-    dense = passkey_dense_labels(scale)
-    configs = [(label, None) for label in dense] + [(label, k) for label in scale.indices for k in (scale.ks if label == "Flat" else [32])]
+    dense_labels = passkey_dense_labels(scale)
+    configs = [(label, None) for label in dense_labels] + [(label, k) for label in scale.indices for k in (scale.ks if label == "Flat" else [32])]
     for label, k in configs:
         configure(model, memory_settings(label, scale, k or 32))
         for length in scale.passkey_lengths:
@@ -284,7 +284,7 @@ def exp_passkey(scale: Scale) -> None:
     depth_rows = []
     n_garbage = n_garbage_for_tokens(tokenizer, scale.depth_length)
     knn_labels = ["Flat"] if "Flat" in scale.indices else list(scale.indices)[:1]
-    for label in dense + knn_labels:
+    for label in dense_labels + knn_labels:
         configure(model, memory_settings(label, scale, 32))
         for depth in scale.depths:
             rng = random.Random(f"depth-{depth}")
