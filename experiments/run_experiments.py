@@ -200,7 +200,7 @@ def plot(stem: str, series: dict, xlabel: str, ylabel: str, title: str, logx=Tru
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     if logx:
         ax.set_xscale("log", base=2)
-    if logy:
+    if logy and all(y > 0 for _, ys in series.values() for y in ys):  # a time rounded to 0 s keeps a linear axis
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
