@@ -425,6 +425,18 @@ def test_dense_max_override(runner, tmp_path, monkeypatch):
     assert [(r["index"], r["tokens"]) for r in _rows(tmp_path / "ingest_tiny.csv")] == [("dense sdpa", "300")]
 
 
+def test_time_plot_keeps_a_linear_axis_for_a_zero_time(runner, tmp_path):
+    """A tiny run's time can round to 0 s (a single 300-token point: nothing positive to log-scale); the log-scaled
+    time plot then stays linear instead of warning."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runner.plot(str(tmp_path / "t"), {"dense sdpa": ([300], [0.0])}, "tokens", "s", "t", logy=True)
+        runner.plot(str(tmp_path / "u"), {"dense": ([256, 512], [0.001, 0.004])}, "tokens", "s", "u", logy=True)
+    assert (tmp_path / "t.png").stat().st_size > 0 and (tmp_path / "u.png").stat().st_size > 0
+
+
 def test_passkey_failure_analysis_window_rule():
     spec = importlib.util.spec_from_file_location("passkey_failures",
                                                   os.path.join(ROOT, "experiments", "passkey_failures.py"))
