@@ -285,6 +285,26 @@ def test_knn_is_compared_with_dense_on_the_same_prompts(readme, tmp_path):
     assert "| everywhere; 15 trials a point" in row and row.endswith("| yes |")  # 13 vs 12 of 15 with seed 0
 
 
+def test_knn_is_compared_with_dense_trial_by_trial_where_trial_counts_differ(readme, tmp_path):
+    """A dense run with fewer trials than the kNN run of the same seed is compared on the trials both recorded (the
+    same prompts); a kNN run without trial records is then left out rather than compared with other prompts."""
+    header = "index,k,tokens,prompt_tokens,search,accuracy,trials,seed,seconds\n"
+    (tmp_path / "passkey_s_a.csv").write_text(header + "dense sdpa,-,8192,8192,dense,0.75,4,1,1\n")
+    (tmp_path / "passkey_s_b.csv").write_text(header + '"IVF8,Flat",32,8192,8192,approximate,0.6,5,1,1\n'
+                                              "Flat,32,8192,8192,exact,1.0,5,1,1\n")
+    trials = "index,k,tokens,seed,trial,key,depth,correct,generated\n"
+    dense = [1, 0, 1, 1]  # trial 1: dense misses
+    ivf = [1, 1, 0, 0, 1]  # trials 2, 3: IVF misses; trial 4 has no dense counterpart
+    (tmp_path / "passkey_trials_s_a.csv").write_text(trials + "".join(
+        f"dense sdpa,-,8192,1,{t},7,0.5,{c},7\n" for t, c in enumerate(dense)))
+    (tmp_path / "passkey_trials_s_b.csv").write_text(trials + "".join(
+        f'"IVF8,Flat",32,8192,1,{t},7,0.5,{c},7\n' for t, c in enumerate(ivf)))
+    row = next(line for line in readme.goals("s").splitlines() if "wherever dense runs" in line)
+    # trials 0-3: IVF 2 of 4, dense 3 of 4; Flat (no trial records) is not compared
+    assert "below dense: IVF8,Flat k=32 at 8192 (2 vs 3 of 4); 4 trials a point" in row and row.endswith("| no |")
+    assert "Flat k=32 at" not in row.replace("IVF8,Flat k=32 at", "")
+
+
 def test_knn_is_compared_with_fused_dense_where_only_it_ran(readme, tmp_path):
     """Dense passkey rows read with fused SDPA ("dense sdpa") stand for dense where the official variant did not run
     on those prompts; where both ran, the official one is compared with, and neither counts as a kNN index."""
