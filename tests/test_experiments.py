@@ -474,6 +474,50 @@ def test_passkey_failure_analysis_window_rule():
     assert span(968, 999, 1000, 64, 32) and not span(960, 970, 1000, 64, 32)
 
 
+def test_passkey_failure_analysis_of_recorded_trials(tmp_path, monkeypatch):
+    """--recorded: rebuilds each recorded trial's prompt (refusing a record whose key is not the prompt's) and finds
+    its key line's tokens; checked by decoding them, independently of the offsets the script uses."""
+    from knn_longllama.demo import load_demo
+    from knn_longllama.passkey import INFO_TEMPLATE, n_garbage_for_tokens, passkey_prompts
+
+    spec = importlib.util.spec_from_file_location("passkey_failures",
+                                                  os.path.join(ROOT, "experiments", "passkey_failures.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "RESULTS", str(tmp_path))
+    _, tokenizer = load_demo()
+    prompts = list(passkey_prompts(n_garbage_for_tokens(tokenizer, 1024), 2, seed=3))
+    header = "index,k,tokens,seed,trial,key,depth,correct,generated\n"
+    (tmp_path / "passkey_trials_t_a.csv").write_text(header + "".join(
+        f'"IVF8,Flat",32,1024,3,{trial},{key},0.5,{trial},{key}\n' for trial, (_, key) in enumerate(prompts)))
+    rows = module.recorded_rows(tokenizer, "t", 256, 128)
+    assert [(r["trial"], r["key"], r["correct"]) for r in rows] == [("0", prompts[0][1], 0), ("1", prompts[1][1], 1)]
+    for r, (prompt, key) in zip(rows, prompts):
+        ids = tokenizer(prompt).input_ids
+        line = INFO_TEMPLATE.format(key=key)
+        first = r["line_start"]
+        last = next(j for j in range(first, len(ids)) if line in tokenizer.decode(ids[first:j + 1]))
+        assert line not in tokenizer.decode(ids[first + 1:last + 1])  # the line starts at `first`, ends at `last`
+        local = first >= len(ids) - 128
+        assert r["window_position"] == ("local" if local else first % 256)
+        assert r["line_whole"] == int(local or first // 256 == last // 256 and last < len(ids) - 128)
+    table = module.recorded_table(rows + [dict(rows[0], window_position=p, line_whole=w, correct=c)
+                                          for p, w, c in [(63, 1, 1), (64, 1, 0), (255, 0, 1)]], "t", 256)
+    positions = [r["window_position"] for r in rows]
+    expected = {q: [0, 0] for q in ("0-63", "64-127", "128-191", "192-255", "local")}
+    for p, c in zip(positions + [63, 64, 255], [r["correct"] for r in rows] + [1, 0, 1]):
+        cell = expected["local" if p == "local" else ("0-63", "64-127", "128-191", "192-255")[p // 64]]
+        cell[0], cell[1] = cell[0] + c, cell[1] + 1
+    cut = [r for r in rows if not r["line_whole"]] + [{"correct": 1}]
+    cells = [f"{c}/{t}" if t else "-" for c, t in expected.values()] + [f"{sum(r['correct'] for r in cut)}/{len(cut)}"]
+    assert f"| IVF8,Flat | 32 | 1024 | {' | '.join(cells)} |" in table
+    (tmp_path / "passkey_trials_t_b.csv").write_text(header + '"IVF8,Flat",32,1024,3,0,12,0.5,1,12\n')
+    with pytest.raises(ValueError, match="key 12 is not the prompt's"):
+        module.recorded_rows(tokenizer, "t", 256, 128)
+    with pytest.raises(ValueError, match="--recorded 'nothing'"):
+        module.recorded_rows(tokenizer, "nothing", 256, 128)
+
+
 def test_child_peak_rss_is_its_own(runner):
     """A child reports its own peak memory, not its parent's (ru_maxrss survives fork + exec on Linux)."""
     import subprocess
