@@ -105,11 +105,12 @@ def recorded_table(rows: list[dict], name: str, window: int) -> str:
     quarter = window // 4
     edges = [f"{q * quarter}-{(q + 1) * quarter - 1}" for q in range(4)]
     lines = [f"**Where the key line sat in its window, recorded passkey trials** (`passkey_failures.py --recorded "
-             f"{name}`: the trials of passkey_trials_{name}*.csv, no model run; window {window}; correct / trials by the position in its window of the key line's first token; "
-             "local: in the final local context)", "",
+             f"{name}`: the trials of passkey_trials_{name}*.csv, no model run; window {window}; correct / trials by "
+             "the position in its window of the key line's first token; local: in the final local context)", "",
              "| index | k | tokens | " + " | ".join(edges) + " | local | key line cut |",
              "|---|---|---|" + "---|" * 6]
-    points = sorted({(r["index"], r["k"], int(r["tokens"])) for r in rows}, key=lambda p: (p[2], p[0], int(p[1]) if p[1].isdigit() else -1))
+    points = sorted({(r["index"], r["k"], int(r["tokens"])) for r in rows},
+                    key=lambda p: (p[2], p[0], int(p[1]) if p[1].isdigit() else -1))  # k in numeric order
     for index, k, n in points:
         sub = [r for r in rows if (r["index"], r["k"], int(r["tokens"])) == (index, k, n)]
         groups = [[r for r in sub if r["window_position"] != "local" and r["window_position"] // quarter == q]

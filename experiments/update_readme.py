@@ -17,7 +17,8 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 ORDER = ["passkey", "passkey_depth", "ingest", "decode", "recall"]
 MIN_TRIALS = 20  # an accuracy goal is judged on at least this many trials (pooled over seeds)
 DENSE = ("dense", "dense sdpa")  # run_experiments.py's dense-memory labels (official matmul; fused SDPA)
-BENCHES = ["bench_forward_plain", "bench_forward_ingest", "bench_memory_overhead", "bench_memory_scaling"]
+BENCHES = ["bench_forward_plain", "bench_forward_ingest", "bench_memory_overhead", "bench_memory_scaling",
+           "bench_ivf_scan"]
 
 
 def _tagged(name: str) -> list[str]:

@@ -672,3 +672,23 @@ def test_ingest_exponent_goal_names_each_index_and_its_lengths(readme, tmp_path)
                         "with IVF8,Flat; not with IVF8,PQ4 |")
     (tmp_path / "ingest_s.csv").write_text(header + '"IVF8,PQ4",1000,exact,1,1,1,1,2.1\n')
     assert next(line for line in readme.goals("s").splitlines() if "sub-linear" in line).endswith("| no |")
+
+
+def test_ivf_scan_benchmark_compares_the_same_searches(tmp_path, monkeypatch):
+    """bench_ivf_scan.py at a tiny size: every method times the same IVF search (Faiss's query-batched scan returns
+    the plain search's neighbours) and the table, CSV and plot are written."""
+    spec = importlib.util.spec_from_file_location("bench_ivf_scan",
+                                                  os.path.join(ROOT, "experiments", "bench_ivf_scan.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "RESULTS", tmp_path)
+    module.main(["--keys", "3000", "--nlist", "16", "--nprobes", "2", "16", "--queries", "20", "--repeats", "1",
+                 "--d", "8", "--k", "5"])
+    rows = _rows(tmp_path / "bench_ivf_scan.csv")
+    assert [(r["nprobe"], r["method"]) for r in rows] == [(p, m) for p in ("2", "16") for m in module.METHODS]
+    assert all(float(r["same_ids"]) == 1.0 for r in rows)
+    assert all(float(r["vs_search"]) == 1.0 for r in rows if r["method"] == "search")
+    assert (tmp_path / "bench_ivf_scan.png").stat().st_size > 0
+    assert "| 20 | 16 | big_batch pairwise_distances |" in (tmp_path / "bench_ivf_scan.md").read_text()
+    with pytest.raises(SystemExit):
+        module.parse_args(["--nlist", "0"])
