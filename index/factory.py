@@ -5,6 +5,9 @@ norm-augmented vectors (metric "l2", see ``augment_keys``). Functions take and
 return plain Faiss objects and numpy arrays; nothing here knows about torch.
 """
 
+import contextlib
+import io
+
 import faiss
 import numpy as np
 
@@ -12,6 +15,12 @@ EXAMPLES = ("Flat", "IVF256,Flat", "HNSW32", "IVF256,PQ16", "SQ8")
 # How the Faiss index finds inner-product neighbours: "ip" indexes the keys with METRIC_INNER_PRODUCT; "l2" indexes
 # norm-augmented keys with METRIC_L2 (the reduction of maximum inner product search to L2 search).
 FAISS_METRICS = ("ip", "l2")
+# How a search scans an IVF index: "index" with the index's own search (per query, list by list); "big_batch" with
+# faiss.contrib.big_batch_search (per list, all queries probing it in one distance matrix): faster for many queries
+# a search and a high nprobe (experiments/bench_ivf_scan.py). Only for these IVF index classes, on the CPU, and for
+# PQ / SQ codes (residuals) only with the L2 metric.
+FAISS_SEARCHES = ("index", "big_batch")
+BIG_BATCH_CLASSES = (faiss.IndexIVFFlat, faiss.IndexIVFPQ, faiss.IndexIVFScalarQuantizer)
 # "l2": the augmentation norm is this factor times the largest key norm the index is first built from, so that
 # later keys of a document rarely exceed it.
 NORM_MARGIN = 1.1
@@ -182,3 +191,30 @@ def to_gpu(index: faiss.Index, resources, device_id: int) -> faiss.Index:
         return faiss.index_cpu_to_gpu(resources, device_id, index)
     except RuntimeError:
         return index  # e.g. HNSW has no GPU implementation: stay on CPU
+
+
+def check_search(search: str, index: faiss.Index) -> None:
+    """Raise ValueError naming ``faiss_search`` unless ``search`` is one of FAISS_SEARCHES and can search ``index``."""
+    if search not in FAISS_SEARCHES:
+        raise ValueError(f"faiss_search={search!r} is unknown; accepted values: {FAISS_SEARCHES}")
+    if search == "big_batch" and type(index) not in BIG_BATCH_CLASSES:
+        raise ValueError(f"faiss_search='big_batch' needs an IVF index with Flat, PQ or SQ codes "
+                         f"({', '.join(c.__name__ for c in BIG_BATCH_CLASSES)}), got {type(index).__name__}; "
+                         "use faiss_search='index'")
+    if search == "big_batch" and index.by_residual and index.metric_type == faiss.METRIC_INNER_PRODUCT:
+        # big_batch_search scores a residual-encoded list by <q - centroid, residual>, not <q, centroid + residual>
+        raise ValueError(f"faiss_search='big_batch' scores residual-encoded lists ({type(index).__name__}) right "
+                         "only with the L2 metric: use faiss_metric='l2' or faiss_search='index'")
+
+
+def big_batch_search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(distances, ids) [nq, k] of ``index.search(queries, k)``, computed list by list with
+    ``faiss.contrib.big_batch_search`` (pairwise distances of all queries probing a list at once); ids -1 where
+    fewer than k were found. Few queries (nq * nprobe <= nlist, where Faiss's bucket sort refuses them and list by
+    list gains nothing) take ``index.search``."""
+    from faiss.contrib.big_batch_search import big_batch_search as search
+
+    if len(queries) * index.nprobe <= index.nlist:
+        return index.search(queries, k)
+    with contextlib.redirect_stdout(io.StringIO()):  # verbose=1 still prints phase times (0: a line per list)
+        return search(index, queries, k, method="pairwise_distances", verbose=1)

@@ -41,12 +41,19 @@ class KnnStore:
     (``factory.augment_keys``; M per (row, head): 1.1 x the largest key norm
     the index is first built from), where HNSW and IVF reach a much higher
     recall of the inner-product top-k for the same search parameters.
+
+    ``faiss_search``: "index" searches with the index's own ``search``;
+    "big_batch" (IVF with Flat codes, or PQ/SQ codes with faiss_metric "l2";
+    on the CPU) with
+    ``faiss.contrib.big_batch_search``, which scans each inverted list once for
+    all the queries probing it: the same neighbours, faster for many queries a
+    search and a high nprobe (``experiments/bench_ivf_scan.py``).
     """
 
     def __init__(self, batch_size: int, num_heads: int, head_dim: int, *, index: str = "Flat",
                  backend: str = "faiss", index_params: dict | None = None, train_size: int | None = None,
                  dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", seed: int = 0,
-                 metric: str = "ip", k_factor: int = 1, faiss_metric: str = "ip"):
+                 metric: str = "ip", k_factor: int = 1, faiss_metric: str = "ip", faiss_search: str = "index"):
         self.batch_size = checks.positive_int("batch_size", batch_size)
         self.num_heads = checks.positive_int("num_heads", num_heads)
         self.head_dim = checks.positive_int("head_dim", head_dim)
@@ -71,6 +78,11 @@ class KnnStore:
             raise ValueError(f"index={index!r} / index_params: the 'torch' backend is exact; use index='Flat' "
                              "and no index_params")
         factory.apply_params(self._proto, self.index_params)  # validates the names early
+        factory.check_search(faiss_search, self._proto)
+        if faiss_search == "big_batch" and (backend != "faiss" or self.device.type != "cpu"):
+            raise ValueError(f"faiss_search='big_batch' scans Faiss indexes on the CPU; got backend={backend!r}, "
+                             f"device={str(self.device)!r}")
+        self.faiss_search = faiss_search
         self.train_size = self._check_train_size(train_size)
         factory.prepare_training(self._proto, self.seed)
         self._gpu = None
@@ -137,8 +149,8 @@ class KnnStore:
 
     def __repr__(self) -> str:
         return (f"KnnStore(B={self.batch_size}, H={self.num_heads}, d={self.head_dim}, index={self.index!r}, "
-                f"backend={self.backend!r}, faiss_metric={self.faiss_metric!r}, dtype={self.dtype}, "
-                f"device={self.device}, sizes={self.sizes()})")
+                f"backend={self.backend!r}, faiss_metric={self.faiss_metric!r}, faiss_search={self.faiss_search!r}, "
+                f"dtype={self.dtype}, device={self.device}, sizes={self.sizes()})")
 
     # ---------------------------------------------------------------- add
     def add(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None) -> None:
@@ -263,7 +275,10 @@ class KnnStore:
             dist = np.empty((Q, K), dtype=np.float32)
             for b in indexed:
                 for j, h in enumerate(hs):
-                    self._indexes[b][h].search(qn[b, j], K, D=dist, I=ids[b, j])
+                    if self.faiss_search == "big_batch":
+                        ids[b, j] = factory.big_batch_search(self._indexes[b][h], qn[b, j], K)[1]
+                    else:
+                        self._indexes[b][h].search(qn[b, j], K, D=dist, I=ids[b, j])
         out = torch.from_numpy(ids).to(q.device)
         buffered = [b for b in range(B) if not self._trained[b] and self._storage.sizes[b] > 0]
         if buffered:

@@ -218,6 +218,47 @@ def test_l2_faiss_metric_finds_the_inner_product_top_k(kind, kw, min_recall):
     assert hits / total >= min_recall
 
 
+@pytest.mark.parametrize("kind,metric,k_factor", [("IVF16,Flat", "ip", 1), ("IVF16,Flat", "l2", 1),
+                                                   ("IVF16,PQ17x4", "l2", 4), ("IVF16,SQ8", "l2", 1)])
+def test_big_batch_search_finds_what_the_index_search_finds(kind, metric, k_factor):
+    """faiss_search="big_batch" (all queries probing a list scanned at once) returns the index search's neighbours
+    and scores, rows of different sizes and missing neighbours (-1) included; probing every list, IVF-Flat's are the
+    brute-force top-k."""
+    gen = torch.Generator().manual_seed(1)
+    keys = torch.randn(2, 2, 1500, D, generator=gen)
+    mask = torch.ones(2, 1500, dtype=torch.bool)
+    mask[1, 700:] = False  # row 1 holds 700 keys
+    queries = torch.randn(2, 2, 50, D, generator=gen)
+    kw = dict(dtype=torch.float32, faiss_metric=metric, k_factor=k_factor, train_size=640, seed=3)
+    for nprobe in (2, 16):
+        stores = [make_store(kind, 2, 2, faiss_search=search, index_params={"nprobe": nprobe}, **kw)
+                  for search in ("index", "big_batch")]
+        for store in stores:
+            store.add(keys, keys, mask)
+        plain, batched = (store.search(queries, 1000) for store in stores)  # K = 1000 > row 1's 700 keys
+        assert torch.equal(plain.scores, batched.scores)  # ids of equal scores may come in either order
+        assert torch.equal(plain.ids.sort(-1).values, batched.ids.sort(-1).values)
+        assert (batched.ids[1] == -1).any()  # row 1: fewer than K found, padded
+        few = [store.search(queries[:, :, :4], 5) for store in stores]  # 4 x nprobe 2 <= nlist: the index's search
+        assert torch.equal(few[0].scores, few[1].scores)
+    if kind == "IVF16,Flat":  # nprobe 16 = every list: exact
+        top = batched.ids[:, :, :, :10]
+        for b, n in ((0, 1500), (1, 700)):
+            brute = queries[b].double() @ keys[b, :, :n].double().transpose(1, 2)
+            assert torch.equal(top[b].sort(-1).values, brute.topk(10, dim=-1).indices.sort(-1).values)
+
+
+def test_big_batch_search_is_refused_where_it_cannot_scan():
+    with pytest.raises(ValueError, match="faiss_search='big_batch' needs an IVF index .* got IndexHNSWFlat"):
+        _store(index="HNSW16", faiss_search="big_batch")
+    with pytest.raises(ValueError, match="got IndexFlat"):
+        _store(index="Flat", faiss_search="big_batch")
+    with pytest.raises(ValueError, match="only with the L2 metric: use faiss_metric='l2'"):  # residual codes
+        _store(index="IVF16,SQ8", faiss_search="big_batch")
+    with pytest.raises(ValueError, match="on the CPU; got backend='faiss', device='cuda'"):
+        _store(index="IVF16,Flat", faiss_search="big_batch", device="cuda")
+
+
 def test_k_factor_rescoring_raises_pq_recall():
     kw = dict(index_params={"nprobe": 8})
     plain = recall(*search_planted("IVF64,PQ8x4", **kw)[1:], 10)
@@ -454,6 +495,8 @@ BAD = [
     ("k_factor", lambda: _store(k_factor=0)),
     ("faiss_metric", lambda: _store(faiss_metric="cosine")),
     ("faiss_metric", lambda: _store(backend="torch", faiss_metric="l2")),
+    ("faiss_search", lambda: _store(faiss_search="batched")),
+    ("faiss_search", lambda: _store(backend="torch", faiss_search="big_batch")),
     ("queries", lambda: _store().search(torch.randn(2, 2, 1, D + 1), 1)),
     ("queries", lambda: _store().search(torch.randn(2, 3, 1, D), 1)),
 ]
