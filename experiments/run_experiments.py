@@ -90,6 +90,8 @@ SCALES = {
                  "IVF1024,Flat nprobe8": ("IVF1024,Flat", {"nprobe": 8}),
                  "IVF1024,Flat l2": ("IVF1024,Flat", {"nprobe": 32, "faiss_metric": "l2"}),
                  "IVF1024,Flat l2 nprobe128": ("IVF1024,Flat", {"nprobe": 128, "faiss_metric": "l2"}),
+                 "IVF1024,Flat l2 nprobe128 big_batch": ("IVF1024,Flat", {"nprobe": 128, "faiss_metric": "l2",
+                                                                         "faiss_search": "big_batch"}),
                  "HNSW32": ("HNSW32", {"efSearch": 64}), "IVF1024,PQ16": ("IVF1024,PQ16", {"nprobe": 32, "k_factor": 4})},
         ks=[8, 32, 128], depth_length=65536, depths=[0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0],
         ingest_lengths=[4096, 16384, 65536, 262144, 1048576], decode_sizes=[1024, 16384, 131072, 1048576],
@@ -128,14 +130,17 @@ def memory_settings(label: str, scale: Scale, k: int = 32) -> dict:
         return dict(mem_backend="torch_topk", mem_knn_k=k, torch_attention=False)
     params, store = split_store_params(params)
     return dict(mem_backend="faiss", mem_index=factory, mem_index_params=params or None, mem_knn_k=k,
-                mem_knn_k_factor=store["k_factor"], mem_faiss_metric=store["faiss_metric"], torch_attention=False)
+                mem_knn_k_factor=store["k_factor"], mem_faiss_metric=store["faiss_metric"],
+                mem_faiss_search=store["faiss_search"], torch_attention=False)
 
 
 def split_store_params(params: dict) -> tuple[dict, dict]:
     """A scale's index params as (Faiss search parameters, KnnStore settings): `k_factor` (re-rank k_factor * k
-    candidates by exact score) and `faiss_metric` ("ip" or "l2": norm-augmented keys) are not Faiss parameters."""
+    candidates by exact score), `faiss_metric` ("ip" or "l2": norm-augmented keys) and `faiss_search` ("index" or
+    "big_batch": IVF lists scanned once for all queries) are not Faiss parameters."""
     params = dict(params)
-    return params, {"k_factor": params.pop("k_factor", 1), "faiss_metric": params.pop("faiss_metric", "ip")}
+    return params, {"k_factor": params.pop("k_factor", 1), "faiss_metric": params.pop("faiss_metric", "ip"),
+                    "faiss_search": params.pop("faiss_search", "index")}
 
 
 def search_mode(label: str, scale: Scale, config, num_tokens: int) -> str:

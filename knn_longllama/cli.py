@@ -18,9 +18,10 @@ INDEX_HELP = ("memory backend: 'dense' (official, attends to all memory), 'torch
 
 
 def memory_overrides(index: str, k: int | None, index_params: str | None, k_factor: int | None = None,
-                     faiss_metric: str | None = None, torch_attention: bool = False) -> dict:
-    """Config fields for an --index / --k / --index-params / --k-factor / --faiss-metric / --torch-attention
-    choice."""
+                     faiss_metric: str | None = None, torch_attention: bool = False,
+                     faiss_search: str | None = None) -> dict:
+    """Config fields for an --index / --k / --index-params / --k-factor / --faiss-metric / --torch-attention /
+    --faiss-search choice."""
     overrides = {"torch_attention": True} if torch_attention else {}
     if index == "dense":
         overrides["mem_backend"] = "dense"
@@ -42,6 +43,8 @@ def memory_overrides(index: str, k: int | None, index_params: str | None, k_fact
         overrides["mem_knn_k_factor"] = k_factor
     if faiss_metric is not None:
         overrides["mem_faiss_metric"] = faiss_metric
+    if faiss_search is not None:
+        overrides["mem_faiss_search"] = faiss_search
     return overrides
 
 
@@ -76,7 +79,7 @@ def cmd_passkey(args) -> int:
         ks = [None] if index == "dense" else args.k
         for k in ks:
             apply_memory_settings(model, memory_overrides(index, k, args.index_params, args.k_factor, args.faiss_metric,
-                                                         args.torch_attention))
+                                                         args.torch_attention, faiss_search=args.faiss_search))
             for length in args.lengths:
                 result = passkey_accuracy(model, tokenizer, length, trials=args.trials, seed=args.seed)
                 row = {"index": index, "k": k if k is not None else "-", "tokens": length,
@@ -98,7 +101,8 @@ def cmd_passkey(args) -> int:
 
 def cmd_read(args) -> int:
     model, tokenizer = load_model(args.model, args.device, **memory_overrides(
-        args.index, args.k, args.index_params, args.k_factor, args.faiss_metric, args.torch_attention))
+        args.index, args.k, args.index_params, args.k_factor, args.faiss_metric, args.torch_attention,
+        faiss_search=args.faiss_search))
     doc = model.read(args.file, tokenizer, progress=not args.quiet)
     doc.save(args.output)
     print(f"read {doc.num_tokens} tokens into {args.output}")
@@ -109,7 +113,8 @@ def cmd_ask(args) -> int:
     from .document import Document
 
     model, tokenizer = load_model(args.model, args.device, **memory_overrides(
-        args.index, args.k, args.index_params, args.k_factor, args.faiss_metric, args.torch_attention))
+        args.index, args.k, args.index_params, args.k_factor, args.faiss_metric, args.torch_attention,
+        faiss_search=args.faiss_search))
     doc = Document.load(args.memory, model, tokenizer)
     for question in args.questions:
         answer = doc.ask(question, max_new_tokens=args.max_new_tokens, do_sample=False)
@@ -119,7 +124,8 @@ def cmd_ask(args) -> int:
 
 def cmd_generate(args) -> int:
     model, tokenizer = load_model(args.model, args.device, **memory_overrides(
-        args.index, args.k, args.index_params, args.k_factor, args.faiss_metric, args.torch_attention))
+        args.index, args.k, args.index_params, args.k_factor, args.faiss_metric, args.torch_attention,
+        faiss_search=args.faiss_search))
     prompt = open(args.file, encoding="utf-8").read() if args.file else args.prompt
     if prompt is None:
         raise SystemExit("generate: give a PROMPT or --file FILE")
@@ -152,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--faiss-metric", choices=["ip", "l2"], default=None,
                         help="ip: keys in an inner-product index (default); l2: norm-augmented keys in an L2 index "
                              "(higher recall for HNSW/IVF)")
+    common.add_argument("--faiss-search", choices=["index", "big_batch"], default=None,
+                        help="index: the Faiss index's own search (default); big_batch: IVF lists scanned once for "
+                             "all queries of a window (faiss.contrib.big_batch_search; faster at a high nprobe)")
     common.add_argument("--torch-attention", action="store_true",
                         help="fused SDPA instead of matmul + fp32 softmax in non-memory layers and, with --index dense, "
                              "in memory layers (faster reading; same math up to float rounding)")

@@ -6,6 +6,7 @@ from transformers.configuration_utils import PreTrainedConfig
 MEM_DTYPES = ("float32", "bfloat16", "float16")
 MEM_BACKENDS = ("dense", "faiss", "torch_topk")
 FAISS_METRICS = ("ip", "l2")  # as knn_index.KnnStore(faiss_metric=...); the config does not import Faiss
+FAISS_SEARCHES = ("index", "big_batch")  # as knn_index.KnnStore(faiss_search=...)
 
 
 @strict
@@ -38,6 +39,9 @@ class LongLlamaConfig(PreTrainedConfig):
     - `mem_faiss_metric`: how the Faiss index finds the inner-product top-k: `"ip"` (default: the keys in an
       inner-product index) or `"l2"` (keys augmented to a common norm in an L2 index, the reduction of maximum
       inner product search to L2 search; much higher recall for HNSW and IVF at the same search parameters).
+    - `mem_faiss_search`: how the Faiss backend searches: `"index"` (default: the index's own search) or
+      `"big_batch"` (IVF indices on the CPU: each inverted list scanned once for all the queries of a window that
+      probe it, `faiss.contrib.big_batch_search`; the same neighbours, faster at a high nprobe).
     - `mem_index`: Faiss `index_factory` string (`"Flat"`, `"IVF1024,Flat"`, `"HNSW32"`, `"IVF1024,PQ16"`, `"SQ8"`...).
     - `mem_index_params`: Faiss search parameters, e.g. `{"nprobe": 32}` or `{"efSearch": 64}`.
     """
@@ -73,6 +77,7 @@ class LongLlamaConfig(PreTrainedConfig):
     mem_knn_k: int = 32
     mem_knn_k_factor: int = 1
     mem_faiss_metric: str = "ip"
+    mem_faiss_search: str = "index"
     mem_index: str = "Flat"
     mem_index_params: dict | None = None
 
@@ -133,6 +138,8 @@ class LongLlamaConfig(PreTrainedConfig):
             raise ValueError(f"`mem_knn_k_factor` must be a positive int (1: no re-ranking), got {self.mem_knn_k_factor!r}.")
         if self.mem_faiss_metric not in FAISS_METRICS:
             raise ValueError(f"`mem_faiss_metric` must be one of {FAISS_METRICS}, got {self.mem_faiss_metric!r}.")
+        if self.mem_faiss_search not in FAISS_SEARCHES:
+            raise ValueError(f"`mem_faiss_search` must be one of {FAISS_SEARCHES}, got {self.mem_faiss_search!r}.")
         if self.gradient_checkpoint_every_ith <= 0:
             raise ValueError(
                 f"`gradient_checkpoint_every_ith` must be a positive int, got {self.gradient_checkpoint_every_ith!r}."

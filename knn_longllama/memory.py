@@ -134,16 +134,18 @@ class KnnMemory:
     """
 
     def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, *, k: int, backend: str, index: str,
-                 index_params: dict | None, dtype: torch.dtype, device, k_factor: int = 1, faiss_metric: str = "ip"):
+                 index_params: dict | None, dtype: torch.dtype, device, k_factor: int = 1, faiss_metric: str = "ip",
+                 faiss_search: str = "index"):
         import knn_index  # the Faiss side is only needed by the kNN backends
 
         self.k = k
         if backend == "torch_topk":  # exact: the Faiss index settings do not apply
-            index, index_params, k_factor, faiss_metric = "Flat", None, 1, "ip"
+            index, index_params, k_factor, faiss_metric, faiss_search = "Flat", None, 1, "ip", "index"
         self.store = knn_index.KnnStore(
             batch_size, num_kv_heads, head_dim,
             index=index, backend="torch" if backend == "torch_topk" else "faiss",
             index_params=index_params, dtype=dtype, device=device, k_factor=k_factor, faiss_metric=faiss_metric,
+            faiss_search=faiss_search,
         )
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:

@@ -358,6 +358,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             batch_size, config.num_key_value_heads, config.head_dim, k=config.mem_knn_k, backend=config.mem_backend,
             index=config.mem_index, index_params=config.mem_index_params, dtype=mem_dtype, device=device,
             k_factor=config.mem_knn_k_factor, faiss_metric=config.mem_faiss_metric,
+            faiss_search=config.mem_faiss_search,
         )
 
     def forward(

@@ -21,6 +21,7 @@ from conftest import tiny_config, tiny_model
         (dict(mem_backend="annoy"), r"`mem_backend` must be one of"),
         (dict(mem_knn_k=0), r"`mem_knn_k` must be a positive int"),
         (dict(mem_faiss_metric="cosine"), r"`mem_faiss_metric` must be one of \('ip', 'l2'\)"),
+        (dict(mem_faiss_search="fast"), r"`mem_faiss_search` must be one of \('index', 'big_batch'\)"),
     ],
 )
 def test_bad_config_values(overrides, pattern):

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import safetensors.torch
 import torch
 
@@ -65,3 +66,19 @@ def test_dense_memory_read_with_fused_sdpa_is_asked_with_either_attention(tmp_pa
 def test_generate():
     out = run("generate", "It is a truth universally acknowledged", "--max-new-tokens", "8").stdout
     assert len(out.strip()) > 0
+
+
+def test_faiss_search_flag_reaches_the_config(capsys):
+    """--faiss-search is parsed by every command and becomes mem_faiss_search (in process: no model run)."""
+    from knn_longllama.cli import build_parser, memory_overrides
+
+    args = build_parser().parse_args(["ask", "doc.memory", "q?", "--index", "IVF64,Flat", "--index-params", "nprobe=8",
+                                      "--faiss-search", "big_batch", "--faiss-metric", "l2"])
+    overrides = memory_overrides(args.index, args.k, args.index_params, args.k_factor, args.faiss_metric,
+                                 args.torch_attention, faiss_search=args.faiss_search)
+    assert overrides == {"mem_backend": "faiss", "mem_index": "IVF64,Flat", "mem_index_params": {"nprobe": 8},
+                         "mem_faiss_metric": "l2", "mem_faiss_search": "big_batch"}
+    assert "mem_faiss_search" not in memory_overrides("IVF64,Flat", None, None)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["read", "doc.txt", "-o", "x.memory", "--faiss-search", "fast"])
+    assert "invalid choice: 'fast'" in capsys.readouterr().err

@@ -42,11 +42,11 @@ def test_memory_settings(runner):
                                                          "torch_attention": False}
     assert runner.memory_settings("IVF4,Flat", scale, 8) == {
         "mem_backend": "faiss", "mem_index": "IVF4,Flat", "mem_index_params": {"nprobe": 2}, "mem_knn_k": 8,
-        "mem_knn_k_factor": 1, "mem_faiss_metric": "ip", "torch_attention": False}
+        "mem_knn_k_factor": 1, "mem_faiss_metric": "ip", "mem_faiss_search": "index", "torch_attention": False}
     pq = runner.replace(scale, indices={"PQ": ("IVF4,PQ4x4", {"nprobe": 2, "k_factor": 4, "faiss_metric": "l2"})})
     assert runner.memory_settings("PQ", pq, 8) == {  # k_factor and faiss_metric are memory settings, not Faiss ones
         "mem_backend": "faiss", "mem_index": "IVF4,PQ4x4", "mem_index_params": {"nprobe": 2}, "mem_knn_k": 8,
-        "mem_knn_k_factor": 4, "mem_faiss_metric": "l2", "torch_attention": False}
+        "mem_knn_k_factor": 4, "mem_faiss_metric": "l2", "mem_faiss_search": "index", "torch_attention": False}
     assert pq.indices["PQ"][1] == {"nprobe": 2, "k_factor": 4, "faiss_metric": "l2"}  # the scale is left as it was
 
 

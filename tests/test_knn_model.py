@@ -159,6 +159,25 @@ def test_k_factor_comes_from_the_config():
         tiny_model(mem_layers=[1], mem_knn_k_factor=0)
 
 
+def test_big_batch_faiss_search_gives_the_index_search_outputs():
+    """mem_faiss_search="big_batch" (IVF lists scanned once per window for all its queries) finds what the index's
+    own search finds: the same logits, with an IVF index past its training size (1024 keys)."""
+    ids, mask = padded_batch(1200, pad=5)
+    settings = dict(mem_layers=[1], mem_backend="faiss", mem_index="IVF4,Flat", mem_index_params={"nprobe": 2},
+                    mem_knn_k=8, mem_faiss_metric="l2")
+    plain = tiny_model(**settings)
+    batched = tiny_model(**settings, mem_faiss_search="big_batch")
+    assert batched.model.new_memory(1, "cpu", torch.float32).store.faiss_search == "big_batch"
+    with torch.no_grad():
+        a = plain(ids, attention_mask=mask, use_cache=True)
+        b = batched(ids, attention_mask=mask, use_cache=True)
+    assert all(b.cache.memories[1].store.trained)
+    real = mask.bool()
+    assert (a.logits[real] - b.logits[real]).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="faiss_search='big_batch' needs an IVF index"):
+        tiny_model(mem_layers=[1], mem_backend="faiss", mem_index="HNSW8", mem_faiss_search="big_batch")(ids)
+
+
 def test_faiss_metric_comes_from_the_config():
     model = tiny_model(mem_layers=[1], mem_backend="faiss", mem_index="HNSW8", mem_faiss_metric="l2")
     store = model.model.new_memory(1, "cpu", torch.float32).store
