@@ -14,7 +14,8 @@ Knows torch, numpy and Faiss only; nothing about models.
   faiss_metric="l2" lets the Faiss index search norm-augmented keys by L2
   (same top-k for exact indices, higher recall for HNSW/IVF on model keys).
   faiss_search="big_batch" scans IVF lists once per search for all queries
-  (faiss.contrib.big_batch_search): same neighbours, faster at a high nprobe.
+  (faiss.contrib.big_batch_search): same neighbours, faster on large indices
+  at a high nprobe.
 - K = min(k, largest row size): a k above the memory size returns the whole
   memory; missing neighbours are ids -1, scores -inf, zero values.
 - len(store) = stored tokens of the largest row; store.sizes() = per row.

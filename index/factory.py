@@ -16,9 +16,10 @@ EXAMPLES = ("Flat", "IVF256,Flat", "HNSW32", "IVF256,PQ16", "SQ8")
 # norm-augmented keys with METRIC_L2 (the reduction of maximum inner product search to L2 search).
 FAISS_METRICS = ("ip", "l2")
 # How a search scans an IVF index: "index" with the index's own search (per query, list by list); "big_batch" with
-# faiss.contrib.big_batch_search (per list, all queries probing it in one distance matrix): faster for many queries
-# a search and a high nprobe (experiments/bench_ivf_scan.py). Only for these IVF index classes, on the CPU, and for
-# PQ / SQ codes (residuals) only with the L2 metric.
+# faiss.contrib.big_batch_search (per list, all queries probing it in one distance matrix): faster on large indices
+# with many queries a search and a high nprobe, slower on small ones (a fixed cost per list; see
+# experiments/bench_ivf_scan.py). Only for these IVF index classes, on the CPU, and for PQ / SQ codes (residuals)
+# only with the L2 metric.
 FAISS_SEARCHES = ("index", "big_batch")
 BIG_BATCH_CLASSES = (faiss.IndexIVFFlat, faiss.IndexIVFPQ, faiss.IndexIVFScalarQuantizer)
 # "l2": the augmentation norm is this factor times the largest key norm the index is first built from, so that

@@ -44,10 +44,10 @@ class KnnStore:
 
     ``faiss_search``: "index" searches with the index's own ``search``;
     "big_batch" (IVF with Flat codes, or PQ/SQ codes with faiss_metric "l2";
-    on the CPU) with
-    ``faiss.contrib.big_batch_search``, which scans each inverted list once for
-    all the queries probing it: the same neighbours, faster for many queries a
-    search and a high nprobe (``experiments/bench_ivf_scan.py``).
+    on the CPU) with ``faiss.contrib.big_batch_search``, which scans each
+    inverted list once for all the queries probing it: the same neighbours,
+    faster on large indices at a high nprobe, slower on small ones
+    (``experiments/bench_ivf_scan.py``).
     """
 
     def __init__(self, batch_size: int, num_heads: int, head_dim: int, *, index: str = "Flat",

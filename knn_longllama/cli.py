@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "(higher recall for HNSW/IVF)")
     common.add_argument("--faiss-search", choices=["index", "big_batch"], default=None,
                         help="index: the Faiss index's own search (default); big_batch: IVF lists scanned once for "
-                             "all queries of a window (faiss.contrib.big_batch_search; faster at a high nprobe)")
+                             "all queries of a window (faiss.contrib.big_batch_search; faster on large indices at a high "
+                             "nprobe)")
     common.add_argument("--torch-attention", action="store_true",
                         help="fused SDPA instead of matmul + fp32 softmax in non-memory layers and, with --index dense, "
                              "in memory layers (faster reading; same math up to float rounding)")

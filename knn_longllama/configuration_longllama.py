@@ -41,7 +41,8 @@ class LongLlamaConfig(PreTrainedConfig):
       inner product search to L2 search; much higher recall for HNSW and IVF at the same search parameters).
     - `mem_faiss_search`: how the Faiss backend searches: `"index"` (default: the index's own search) or
       `"big_batch"` (IVF indices on the CPU: each inverted list scanned once for all the queries of a window that
-      probe it, `faiss.contrib.big_batch_search`; the same neighbours, faster at a high nprobe).
+      probe it, `faiss.contrib.big_batch_search`; the same neighbours, faster on large indices at a high nprobe,
+      slower on small ones).
     - `mem_index`: Faiss `index_factory` string (`"Flat"`, `"IVF1024,Flat"`, `"HNSW32"`, `"IVF1024,PQ16"`, `"SQ8"`...).
     - `mem_index_params`: Faiss search parameters, e.g. `{"nprobe": 32}` or `{"efSearch": 64}`.
     """
