@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_memory import md_table, settings_text, unit_data, write_csv  # noqa: E402
+from bench_memory import md_table, recall, settings_text, unit_data, write_csv  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("search", "big_batch")
@@ -65,15 +65,9 @@ def search_methods(index, k: int) -> dict:
     return {"search": lambda q: index.search(q, k)[1], "big_batch": lambda q: factory.big_batch_search(index, q, k)[1]}
 
 
-def same_ids(found, reference) -> float:
-    """Share of the reference's ids (row by row) that `found` returns too."""
-    hits = sum(len(set(f.tolist()) & set(r.tolist())) for f, r in zip(found, reference))
-    return hits / reference.size
-
-
 def run(a) -> list[dict]:
-    import faiss
     import numpy as np
+    import torch
 
     import knn_index
     from knn_index import factory
@@ -83,7 +77,7 @@ def run(a) -> list[dict]:
     for n in a.keys:
         keys, _, _ = unit_data(n, a.d, 1, seed=0)
         x = factory.augment_keys(keys.numpy(), factory.augmentation_norm(keys.numpy()))
-        index = faiss.index_factory(a.d + 1, f"IVF{a.nlist},Flat")
+        index = factory.make_index(f"IVF{a.nlist},Flat", a.d, "l2")
         index.train(x[np.random.default_rng(0).choice(n, min(n, 40 * a.nlist), replace=False)])
         index.add(x)
         methods = search_methods(index, a.k)
@@ -95,7 +89,7 @@ def run(a) -> list[dict]:
                 reference = methods["search"](q)
                 times = {}
                 for name, fn in methods.items():
-                    agreement = same_ids(fn(q), reference)  # also the warm-up
+                    agreement = recall(torch.from_numpy(fn(q)), torch.from_numpy(reference))  # also the warm-up
                     seconds = []
                     for _ in range(a.repeats):
                         t = time.perf_counter()
