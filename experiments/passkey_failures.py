@@ -6,7 +6,7 @@ For every trial of the standard passkey evaluation (same seeds as `knn_longllama
 the two copies of the key in the prompt ("The pass key is K. Remember it. K is the pass key.") and asks whether each
 copy, with the token before it, and the whole key line lie inside one window (`max_position_embeddings`) or in the
 final local context.
-Non-memory layers only see their own window (spec section 3), so a copy cut by a window boundary loses the context
+Non-memory layers only see their own window (docs/semantics.md, "Windows"), so a copy cut by a window boundary loses the context
 its keys are matched on. Writes experiments/results/passkey_failures.{csv,md}.
 
 `--key-line first` (or `second`) runs the same trials with a key line that states the key once ("The pass key is K.
@@ -138,7 +138,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--model", default=None, help="a checkpoint folder (default: the shipped demo model)")
     parser.add_argument("--key-line", choices=sorted(KEY_LINES), default="official",
-                        help="official: the key twice (spec section 4); first / second: only that copy")
+                        help="official: the key twice (docs/semantics.md, 'Passkey evaluation'); first / second: only that copy")
     parser.add_argument("--recorded", default=None, metavar="NAME",
                         help="run no model: where the key line sat in the trials of passkey_trials_NAME*.csv")
     parser.add_argument("--tag", default=None, help="results are written as passkey_failures[_<key-line>]_<tag>.*")

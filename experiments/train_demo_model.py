@@ -17,7 +17,7 @@ Steps:
    the end of the row. This forms the induction heads that retrieval builds on.
 3. Phase 2 (`--steps`): FoT cross-batch training (`knn_longllama.training.train`, E rising from k-1 to 2k-1 extra
    contexts) on streams of `chunks_per_stream * window` tokens (`pack_crossbatch`):
-   - passkey prompts in the official format (spec section 4), plus variants with other fillers and wordings; the
+   - passkey prompts in the official format (docs/semantics.md, "Passkey evaluation"), plus variants with other fillers and wordings; the
      prompt sits at the end of a stream (after natural text), so the key is usually some chunks back;
    - key-value lookups: "The value of key 4821 is 7302." lines, queried at the end of the stream;
    - copying of digit groups and random pieces across chunks; natural text (the Jane Austen excerpt in
@@ -493,7 +493,7 @@ Commands (from the repository root{"; one stage after the other" if len(stages) 
   (negatives); {b['steps']} steps, lr {b['lr']:g} with {b['warmup']} warmup steps then {b['lr_schedule']}.
 {later_stages}- AdamW (0.9, 0.95), weight decay 0.01 on matrices, clip 1.0, seed {b['seed']}.
 - Streams, cycled `{b['pattern']}`:
-  - *passkey*: a prompt in the exact official format (spec section 4) in 65% of them, else with another filler
+  - *passkey*: a prompt in the exact official format (docs/semantics.md, "Passkey evaluation") in 65% of them, else with another filler
     (other repeated sentences or Austen sentences) or another wording ("secret number", "code", ...); the document
     (random length, up to the whole stream) ends in the last chunk, after Austen text, followed by EOS and more
     Austen, so the key line is usually one to three windows back;
@@ -515,7 +515,7 @@ Commands (from the repository root{"; one stage after the other" if len(stages) 
 
 ## Passkey retrieval
 
-`knn_longllama.passkey` (spec section 4: official prompt, key uniform in [1, 50000), greedy generation of as many
+`knn_longllama.passkey` (docs/semantics.md, "Passkey evaluation": official prompt, key uniform in [1, 50000), greedy generation of as many
 tokens as the answer has, exact id match), 20 trials per length, seed 0. Prompt length in tokens is set through the
 filler's characters per token; `x window` is the target length over the {window}-token training window.
 

@@ -1,4 +1,4 @@
-"""Passkey retrieval, the headline LongLLaMA evaluation (spec section 4), for any model and tokenizer.
+"""Passkey retrieval, the headline LongLLaMA evaluation (docs/semantics.md, "Passkey evaluation"), for any model and tokenizer.
 
 The prompt is five parts joined by newlines: the task description, a filler prefix, the line with the pass key, a
 filler suffix and the question. The filler sentence is repeated (joined by spaces) and cut *by characters*; the prefix
@@ -143,7 +143,7 @@ def passkey_curve(model, tokenizer, lengths, trials: int = 20, seed: int = 0, ve
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Passkey retrieval accuracy per prompt length (spec section 4).")
+    parser = argparse.ArgumentParser(description="Passkey retrieval accuracy per prompt length (docs/semantics.md, 'Passkey evaluation').")
     parser.add_argument("--model", default=None, help="checkpoint folder (default: the demo model in the package)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096, 8192])
     parser.add_argument("--trials", type=int, default=20)

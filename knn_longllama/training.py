@@ -1,4 +1,4 @@
-"""Focused Transformer (FoT) cross-batch training in PyTorch (spec section 5).
+"""Focused Transformer (FoT) cross-batch training in PyTorch (docs/semantics.md, "FoT cross-batch training").
 
 A training batch holds `streams_per_batch` document streams, each as `chunks_per_stream` (k) consecutive rows of
 `chunk_len` tokens: rows k*n .. k*n+k-1 are chunks 0..k-1 of stream n. The model is called with

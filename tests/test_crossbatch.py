@@ -1,4 +1,4 @@
-"""FoT cross-batch attention (spec section 5): which rows each row sees, and the math against dense memory."""
+"""FoT cross-batch attention (docs/semantics.md, "FoT cross-batch training"): which rows each row sees, and the math against dense memory."""
 
 import torch
 

@@ -1,6 +1,6 @@
-"""The model against an independent brute-force implementation of the LongLLaMA semantics (spec sections 2-3).
+"""The model against an independent brute-force implementation of the LongLLaMA semantics (docs/semantics.md, "Windows" to "Eviction and generation").
 
-The reference below is written from the spec in plain torch with loops over rows, tokens and heads. It shares no
+The reference below is written from docs/semantics.md in plain torch with loops over rows, tokens and heads. It shares no
 code with the package: its own RoPE, RMSNorm, window splitting, eviction and memory bookkeeping.
 """
 
@@ -13,7 +13,7 @@ from conftest import tiny_model
 
 
 class ReferenceRow:
-    """One document (batch row) fed token chunks by the rules of the spec."""
+    """One document (batch row) fed token chunks by the rules of docs/semantics.md."""
 
     def __init__(self, model, mem_dtype):
         self.w = {k: v.detach().double() if v.is_floating_point() else v for k, v in model.state_dict().items()}
@@ -39,7 +39,7 @@ class ReferenceRow:
         cast = lambda t: t.to(self.mem_dtype).double()  # noqa: E731  stored in mem_dtype
         self.memory[layer].append((cast(k), cast(v)))
 
-    # -- the spec ----------------------------------------------------------------------------------------------
+    # -- docs/semantics.md -------------------------------------------------------------------------------------
     def feed(self, tokens, real, use_cache, last_context_length):
         """Feed new tokens; returns their logits [N, V] (rows of padded tokens are left as NaN)."""
         cfg = self.cfg

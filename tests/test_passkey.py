@@ -1,4 +1,4 @@
-"""Passkey retrieval (spec section 4): exact prompt format, sampling, token-length calibration, scoring."""
+"""Passkey retrieval (docs/semantics.md, "Passkey evaluation"): exact prompt format, sampling, token-length calibration, scoring."""
 
 import random
 import re

@@ -1,4 +1,4 @@
-"""FoT cross-batch training (spec section 5): packing, schedules, and a toy model that learns to use its memory."""
+"""FoT cross-batch training (docs/semantics.md, "FoT cross-batch training"): packing, schedules, and a toy model that learns to use its memory."""
 
 import itertools
 import random
