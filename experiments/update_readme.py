@@ -1,8 +1,10 @@
-"""Regenerate the README's results section from experiments/results/*.md (never typed by hand).
+"""Regenerate the results pages from experiments/results/* (never typed by hand).
 
     python experiments/update_readme.py            # uses the `small` results, and `full` ones where present
 
-Replaces everything between the markers `<!-- results:begin -->` and `<!-- results:end -->`.
+Writes experiments/README.md, every generated table and plot (a complete generated file), and replaces everything
+between the markers `<!-- results:begin -->` and `<!-- results:end -->` of the top-level README.md with a short
+headline table that links to it.
 """
 
 import csv
@@ -13,6 +15,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "experiments", "results")
+RESULTS_PAGE = os.path.join(ROOT, "experiments", "README.md")  # image and file links in it are relative to experiments/
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 ORDER = ["passkey", "passkey_depth", "ingest", "decode", "recall"]
 MIN_TRIALS = 20  # an accuracy goal is judged on at least this many trials (pooled over seeds)
@@ -116,8 +119,9 @@ def knn_vs_dense(rows: list[dict], trial_rows: list[dict] = ()) -> tuple:
     return ("kNN accuracy >= dense wherever dense runs", measured, met)
 
 
-def goals(scale: str) -> str:
-    """The issue's goals against the measured numbers of one scale (a table computed from the CSV files)."""
+def goal_rows(scale: str) -> list[tuple]:
+    """The issue's goals against the measured numbers of one scale: (goal, measured, met) computed from the CSV
+    files; met is True, False, None (not measured at this scale) or a sentence."""
     rows = []
     all_passkey = _csv(f"passkey_{scale}")
     passkey = [r for r in all_passkey if r["index"] not in DENSE]
@@ -177,11 +181,19 @@ def goals(scale: str) -> str:
         rows.append(("decode latency with 1M tokens of memory <= 2x that with 1k",
                      f"at {largest} vs {smallest} tokens: " + ", ".join(f"{i} {v:.2f}x" for i, v in ratios.items()),
                      None if largest < 2**20 else min(ratios.values()) <= 2))
+    return rows
+
+
+VERDICT = {True: "yes", False: "no", None: "not measured at this scale"}
+
+
+def goals(scale: str) -> str:
+    """The issue's goals against the measured numbers of one scale (a table computed from the CSV files)."""
+    rows = goal_rows(scale)
     if not rows:
         return ""
     lines = [f"**Goals (`--scale {scale}`)**", "", "| goal | measured | met |", "|---|---|---|"]
-    verdict = {True: "yes", False: "no", None: "not measured at this scale"}
-    lines += [f"| {goal} | {measured} | {met if isinstance(met, str) else verdict[met]} |" for goal, measured, met in rows]
+    lines += [f"| {goal} | {measured} | {met if isinstance(met, str) else VERDICT[met]} |" for goal, measured, met in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -309,8 +321,8 @@ def archives() -> str:
         if os.path.isfile(readme):
             with open(readme) as f:
                 title = f.readline().strip().lstrip("# ")
-            lines.append(f"- [`experiments/results/archive/{name}/`](experiments/results/archive/{name}/README.md): {title}")
-    return "### Archived results\n\n" + "\n".join(lines) + "\n" if lines else ""
+            lines.append(f"- [`results/archive/{name}/`](results/archive/{name}/README.md): {title}")
+    return "## Archived results\n\n" + "\n".join(lines) + "\n" if lines else ""
 
 
 def scales() -> list[str]:
@@ -322,7 +334,7 @@ def scales() -> list[str]:
     return sorted(names, key=lambda n: (rank.get(n.split("_")[0], 3), n))
 
 
-def index_legend(base: str) -> str:
+def label_meanings(base: str) -> dict[str, set[str]]:
     """What each memory label of a base scale's runs (tagged ones too) stands for: the Faiss factory string and its
     settings, as the runs recorded them in environment_<scale>.json."""
     meaning = {}  # label -> set of "factory, settings"
@@ -337,16 +349,31 @@ def index_legend(base: str) -> str:
                 for label, (factory, params) in run.get("scale", {}).get("indices", {}).items():
                     settings = ", ".join(f"{name} {value}" for name, value in params.items())
                     meaning.setdefault(label, set()).add(f"`{factory}`" + (f", {settings}" if settings else ""))
+    return meaning
+
+
+def index_legend(base: str) -> str:
+    """The memory labels of a base scale's runs and what they stand for (see label_meanings), as one line."""
+    meaning = label_meanings(base)
     if not meaning:
         return ""
     return ("Memory labels: " + "; ".join(
         f"**{label}** = {' or '.join(sorted(m))}" for label, m in sorted(meaning.items())) + ".\n")
 
 
+def _image(name: str) -> str:
+    """A markdown image of results/<name>.png, relative to experiments/ (where the results page lives); empty
+    when the plot does not exist."""
+    if not os.path.exists(os.path.join(RESULTS, f"{name}.png")):
+        return ""
+    return f"![{name}](results/{name}.png)\n"
+
+
 def scale_section(scale: str, found: list[str], current: dict) -> list[str]:
     """Markdown parts for one scale (or tagged run): the checkpoint line, for a base scale its goals and pooled
     passkey table (over its tagged runs too), then each experiment's table and plot."""
-    parts = [f"### Scaling experiments (`--scale {scale}`)\n", model_line(scale, current)]
+    level = "##" if "_" not in scale else "###"
+    parts = [f"{level} Scaling experiments (`--scale {scale}`)\n", model_line(scale, current)]
     if "_" not in scale:
         parts += [table for table in (index_legend(scale), goals(scale), pooled_passkey(scale),
                                       depth_of_recorded_trials(scale)) if table]
@@ -359,12 +386,67 @@ def scale_section(scale: str, found: list[str], current: dict) -> list[str]:
                       "efSearch / efConstruction sweeps)</summary>\n", rows, "</details>\n"]
         else:
             parts.append(table)
-        if os.path.exists(os.path.join(RESULTS, f"{name}_{scale}.png")):
-            parts.append(f"![{name}](experiments/results/{name}_{scale}.png)\n")
+        plot = _image(f"{name}_{scale}")
+        if plot:
+            parts.append(plot)
+    return parts
+
+
+def _ranges(numbers: list[int]) -> str:
+    """Sorted integers as a short list: runs of three or more written as ranges ("0-19", "2, 3, 7-9")."""
+    spans = []
+    for n in numbers:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(f"{a}-{b}" if b - a >= 2 else ", ".join(map(str, range(a, b + 1))) for a, b in spans)
+
+
+def seed_family(scale: str) -> str:
+    """The experiment a tagged run belongs to: its name without a trailing `_seed<N>` (`--tag 1m_s3_seed4` is
+    seed 4 of the `1m_s3` experiment)."""
+    return re.sub(r"_seed\d+$", "", scale)
+
+
+def seed_family_section(family: str, members: list[str], current: dict) -> list[str]:
+    """One experiment run as several passkey-only tagged runs that differ in their seed: one table with a row per
+    (run, index, k, length), each point pooled over the seeds below it (Wilson interval), and only the plots that
+    show more than one length (a run of one point plots nothing its row does not say)."""
+    rows = []
+    for scale in members:
+        with open(os.path.join(RESULTS, f"passkey_{scale}.csv")) as f:
+            rows += [dict(r, run=scale) for r in csv.DictReader(f)]
+    seeds = sorted({int(r.get("seed") or 0) for r in rows})
+    suffixes = sorted(int(scale[len(family) + len("_seed"):]) for scale in members if scale != family)
+    names = ([f"`{family}`"] if family in members else []) + [f"`{family}_seed<N>` (N = {_ranges(suffixes)})"]
+    parts = [f"### Scaling experiments (`--scale {family}`, {len(members)} runs over seeds {_ranges(seeds)})\n",
+             f"Runs {' and '.join(names)}: the same passkey experiment, one seed each.\n"]
+    parts += list(dict.fromkeys(model_line(scale, current) for scale in members))
+    lines = [f"**Passkey accuracy, one row per seed ({family}, every run)**", "",
+             "| index | k | tokens | search | seed | correct | trials | seconds |", "|---|---|---|---|---|---|---|---|"]
+    order = sorted(rows, key=lambda r: (int(r["tokens"]), r["index"] not in DENSE, r["index"], _k(r["k"]),
+                                        int(r.get("seed") or 0)))
+    points = {}  # (index, k, tokens) -> [correct, trials, runs]
+    for r in order:
+        lines.append(f"| {r['index']} | {r['k']} | {r['tokens']} | {r.get('search', '-')} | {r.get('seed') or 0} | "
+                     f"{_correct(r)} | {r['trials']} | {r.get('seconds', '-')} |")
+        p = points.setdefault((r["index"], r["k"], int(r["tokens"])), [0, 0, 0])
+        p[0], p[1], p[2] = p[0] + _correct(r), p[1] + int(r["trials"]), p[2] + 1
+    parts.append("\n".join(lines) + "\n")
+    parts.append("Pooled over these runs (95% interval: Wilson score):\n\n" + "\n".join(
+        f"- {index}{'' if k == '-' else f', k={k}'}, {n} tokens: {c} of {t} correct ({c / t:.0%}; 95% interval {_interval(c, t)}; {runs} runs)"
+        for (index, k, n), (c, t, runs) in points.items()) + "\n")
+    for scale in members:
+        if len({r["tokens"] for r in rows if r["run"] == scale}) > 1:
+            plot = _image(f"passkey_{scale}")
+            if plot:
+                parts.append(plot)
     return parts
 
 
 def section() -> str:
+    """Every generated table and plot (the body of experiments/README.md)."""
     parts = []
     current = current_model()
     with_results = {scale: [name for name in ORDER if os.path.exists(os.path.join(RESULTS, f"{name}_{scale}.md"))]
@@ -376,18 +458,25 @@ def section() -> str:
         if base in with_results:
             parts += scale_section(base, with_results[base], current)
         else:  # only tagged runs: their goals and pooled table still head the base scale
-            parts += [f"### Scaling experiments (`--scale {base}`)\n"]
+            parts += [f"## Scaling experiments (`--scale {base}`)\n"]
             parts += [table for table in (index_legend(base), goals(base), pooled_passkey(base),
                                           depth_of_recorded_trials(base)) if table]
         if tagged:  # folded: the goals and the pooled table above already count them
-            parts.append(f"<details><summary>The {len(tagged)} tagged <code>{base}</code> runs, one table each"
-                         f"</summary>\n")
+            families = {}  # experiment -> its tagged runs (runs differing only in their seed share one)
             for scale in tagged:
-                parts += scale_section(scale, with_results[scale], current)
+                families.setdefault(seed_family(scale), []).append(scale)
+            parts.append(f"<details><summary>The {len(tagged)} tagged <code>{base}</code> runs, one table per "
+                         f"experiment ({len(families)}; runs that differ only in their seed share one)</summary>\n")
+            for family, members in families.items():
+                if len(members) > 1 and all(with_results[scale] == ["passkey"] for scale in members):
+                    parts += seed_family_section(family, members, current)
+                else:
+                    for scale in members:
+                        parts += scale_section(scale, with_results[scale], current)
             parts.append("</details>\n")
     failures = sorted(f for f in os.listdir(RESULTS) if f.startswith("passkey_failures") and f.endswith(".md"))
     if failures:  # passkey_failures.md first, then its --key-line / --tag variants
-        parts.append("### Where the demo model's passkey failures come from (`experiments/passkey_failures.py`)\n")
+        parts.append("## Where the demo model's passkey failures come from (`experiments/passkey_failures.py`)\n")
         for name in failures:
             with open(os.path.join(RESULTS, name)) as f:
                 parts.append(f.read().strip() + "\n")
@@ -396,25 +485,134 @@ def section() -> str:
         parts.append(archived)
     bench = [name for name in BENCHES if os.path.exists(os.path.join(RESULTS, f"{name}.md"))]
     if bench:
-        parts.append("### Benchmarks\n")
+        parts.append("## Benchmarks\n")
         for name in bench:
-            with open(os.path.join(RESULTS, f"{name}.md")) as f:
-                parts.append(f"`{name}`\n\n" + f.read().strip() + "\n")
-            if os.path.exists(os.path.join(RESULTS, f"{name}.png")):
-                parts.append(f"![{name}](experiments/results/{name}.png)\n")
+            with open(os.path.join(RESULTS, f"{name}.md")) as f:  # its headings below this page's "## Benchmarks"
+                text = re.sub(r"^(#{1,4}) ", lambda m: "##" + m.group(1) + " ", f.read().strip(), flags=re.M)
+                parts.append(f"`{name}`\n\n" + text + "\n")
+            plot = _image(name)
+            if plot:
+                parts.append(plot)
     return "\n".join(parts) if parts else "No results yet: run `python experiments/run_experiments.py`.\n"
 
 
-def main() -> None:
-    path = os.path.join(ROOT, "README.md")
-    with open(path) as f:
+HEADLINE_KNN_COLUMNS = 3  # kNN settings beside dense in the headline table
+HEADLINE_LENGTHS = 8  # at most this many lengths (rows) in it
+
+
+def headline() -> str:
+    """The short results table of the top-level README: passkey retrieval per length of the first scale with passkey
+    results (full, else gpu, else small), pooled over its runs, dense beside exact Flat k=32 and the kNN settings
+    measured at most lengths, each cell with its Wilson interval; then the scale's goals, one line each; then a link
+    to experiments/README.md, where everything else is."""
+    link = "Every table, plot and command: [experiments/README.md](experiments/README.md)."
+    bases = list(dict.fromkeys(scale.split("_")[0] for scale in scales()))
+    base = next((b for b in bases if _csv(f"passkey_{b}")), None)
+    if base is None:
+        return "No results yet: run `python experiments/run_experiments.py`.\n"
+    counts = {}  # (index, k, tokens) -> [correct, trials]
+    for r in _csv(f"passkey_{base}"):
+        c = counts.setdefault((r["index"], r["k"], int(r["tokens"])), [0, 0])
+        c[0], c[1] = c[0] + _correct(r), c[1] + int(r["trials"])
+    lengths = {}  # kNN (index, k) -> lengths it ran at
+    for i, k, n in counts:
+        if i not in DENSE:
+            lengths.setdefault((i, k), set()).add(n)
+    exact = [s for s in lengths if s == ("Flat", "32")]
+    others = sorted((s for s in lengths if s not in exact and len(lengths[s]) > 1),
+                    key=lambda s: (-len(lengths[s]), s[0], _k(s[1])))
+    columns = (exact + others)[:HEADLINE_KNN_COLUMNS] or sorted(lengths, key=lambda s: -len(lengths[s]))[:1]
+    rows = sorted({n for i, k, n in counts if (i, k) in columns or i in DENSE})[-HEADLINE_LENGTHS:]
+
+    def cell(c: list[int] | None, note: str = "") -> str:
+        return "-" if c is None else f"{c[0]}/{c[1]} ({_interval(*c)}){note}"
+
+    meaning = label_meanings(base)
+    lines = [f"Passkey retrieval of the demo model (`--scale {base}` runs, pooled over seeds): correct / trials "
+             "(95% Wilson interval); \"-\": not run at that length.", "",
+             "| tokens | dense | " + " | ".join(f"{i} k={k}" for i, k in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    for n in rows:
+        dense = cell(counts[("dense", "-", n)]) if ("dense", "-", n) in counts else (
+            cell(counts[("dense sdpa", "-", n)], " sdpa") if ("dense sdpa", "-", n) in counts else "-")
+        lines.append(f"| {n} | {dense} | " + " | ".join(cell(counts.get((i, k, n))) for i, k in columns) + " |")
+    shown = [label for label in [i for i, _ in columns] + (["dense sdpa"] if "sdpa |" in "\n".join(lines) else [])
+             if label in meaning]
+    notes = ["", "Labels: " + "; ".join(f"**{label}** = {' or '.join(sorted(meaning[label]))}" for label in shown)
+             + "." if shown else ""]
+    notes += ["", f"Goals of the `--scale {base}` runs (kNN against dense: on the same prompts only):", ""]
+    notes += [f"- {goal}: {measured} (met: {met if isinstance(met, str) else VERDICT[met]})"
+              for goal, measured, met in goal_rows(base)]
+    lines += notes
+    if any("(the shipped one)" not in model_line(scale, current_model()) for scale in scales()
+           if scale.split("_")[0] == base):
+        lines += ["", "**Some of these runs used another demo checkpoint than the shipped one** (see the results page)."]
+    return "\n".join(lines + ["", link]) + "\n"
+
+
+PAGE_HEADER = """# Experiment results
+
+<!-- Generated by `python experiments/update_readme.py` from experiments/results/; do not edit by hand. -->
+
+This file is generated by `python experiments/update_readme.py` from the CSV, markdown, PNG and JSON files in
+[`results/`](results/), never typed by hand; the same script writes the headline table of the top-level
+[README](../README.md). Advice on choosing an index and its settings, with these measurements: [docs/tuning.md](../docs/tuning.md).
+
+## How these results are made
+
+One command reruns every scaling experiment (passkey accuracy and depth sweep, ingestion time and peak RAM, decode
+latency, recall and kept attention mass on real queries) and writes CSV, PNG and a markdown table per experiment
+plus `environment_<scale>.json` (machine, package versions, settings), `passkey_trials_<scale>.csv` (every passkey
+trial: seed, key, depth of the key line, what the model generated) and `printed_<scale>.txt` (what each run printed,
+after its command line) into `experiments/results/`:
+
+```bash
+python experiments/run_experiments.py --scale small --threads 2   # under 10 min on 2 CPU cores (9.9 measured)
+python experiments/run_experiments.py --scale full --threads 2    # 4k .. 1M tokens (many hours on 2 CPU cores)
+python experiments/run_experiments.py --scale gpu --device cuda   # GPU variant: a few minutes on one GPU
+python experiments/run_experiments.py --scale small --only passkey recall   # a subset
+python experiments/run_experiments.py --scale full --only passkey --indices 'IVF1024,Flat l2' --lengths 1048576 \\
+    --trials 1 --seed 1 --depths --tag 1m_s3_seed1 --threads 1   # one more 1M trial beside others; goals pool the seeds
+python experiments/run_experiments.py --scale full --only passkey --indices dense Flat --ks 32 --lengths 65536 \\
+    --trials 5 --seed 2 --depths --tag 64k_seed2 --threads 1   # dense beside exact top-32 on the same prompts
+python experiments/run_experiments.py --scale full --only passkey --indices 'dense sdpa' --lengths 262144 \\
+    --dense-max 262144 --trials 5 --seed 0 --depths --tag 262k_dense_seed0 --threads 1   # dense via fused SDPA
+python experiments/run_experiments.py --scale full --only ingest --indices dense 'dense sdpa' \\
+    --lengths 4096 16384 65536 --append   # re-time dense memory, official matmul beside fused SDPA
+python experiments/bench_forward.py       # plain path vs transformers' LlamaForCausalLM; dense ingestion, matmul vs SDPA
+python experiments/bench_memory.py        # the kNN store: library overhead, memory-layer time vs memory size
+python experiments/bench_ivf_scan.py      # plain IVF search vs faiss.contrib.big_batch_search
+python experiments/update_readme.py       # regenerate this file and the README's headline table
+```
+
+A tagged run (`--tag T`) writes `<experiment>_<scale>_T.*` beside the others; the goals and the pooled tables of a
+scale count its tagged runs, and tagged runs that differ only in a `_seed<N>` suffix share one table below. The
+passkey sweeps run one dense variant: the official matmul, or fused SDPA (the same math, faster to read) when only
+`dense sdpa` is named; the kNN-vs-dense goal compares each kNN point with whichever ran on the same prompts. The
+`gpu` scale runs the model and an exact top-k (`torch`) on the GPU and Faiss IVF on the GPU when `faiss-gpu` is
+installed (on the CPU otherwise).
+"""
+
+
+def results_page() -> str:
+    """The whole of experiments/README.md."""
+    return PAGE_HEADER + "\n" + section()
+
+
+def main(readme_path: str | None = None, page_path: str | None = None) -> None:
+    readme_path = readme_path or os.path.join(ROOT, "README.md")
+    page_path = page_path or RESULTS_PAGE
+    with open(readme_path) as f:
         readme = f.read()
-    if BEGIN not in readme:
-        raise SystemExit(f"README.md has no {BEGIN} marker")
-    new = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{section()}\n{END}", readme, flags=re.S)
-    with open(path, "w") as f:
+    if BEGIN not in readme or END not in readme:
+        raise SystemExit(f"{readme_path} has no {BEGIN} ... {END} markers")
+    with open(page_path, "w") as f:
+        f.write(results_page())
+    new = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{headline()}{END}", readme,
+                 flags=re.S)
+    with open(readme_path, "w") as f:
         f.write(new)
-    print("README results section regenerated")
+    print(f"{os.path.relpath(page_path, ROOT)} regenerated; README headline table regenerated")
 
 
 if __name__ == "__main__":
