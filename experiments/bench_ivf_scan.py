@@ -3,11 +3,11 @@
 
 At 1M tokens a passkey trial of the demo model spends ~90% of its time in ``IndexIVF::search``, mostly in the
 per-vector distance loop over the probed lists. Faiss ships a query-batched alternative,
-``faiss.contrib.big_batch_search`` (``KnnStore(faiss_search="big_batch")``, config ``mem_faiss_search``): it visits
+``faiss.contrib.big_batch_search`` (memory spec option ``scan=big_batch``): it visits
 each inverted list once, computes the distances of all queries that probe it with one matrix product
 (``pairwise_distances``; its ``knn_function`` variant was slower than the plain search everywhere we measured), and
 merges the results, with a fixed Python cost per list. This benchmark times both on the searches a memory layer
-makes: one (row, head) index of ``--keys`` keys augmented as ``KnnStore`` does for ``faiss_metric="l2"`` (d + 1
+makes: one (row, head) index of ``--keys`` keys augmented as ``KnnStore`` does for ``metric=l2`` (d + 1
 dimensions), ``--queries`` queries a search (a window of the demo model: 256; of the official 3B checkpoints: 2048),
 k = 32, for each nprobe and index size; side by side in one process, medians of ``--repeats``, the ratio of the
 batched scan's time to the plain search's, and the share of the plain search's ids it returns (1.0: the same
@@ -130,7 +130,7 @@ def main(argv=None) -> None:
     RESULTS.mkdir(exist_ok=True)
     write_csv(RESULTS / f"{stem}.csv", rows)
     text = (f"**IVF{a.nlist},Flat search (d = {a.d} + 1, l2-augmented), k = {a.k}: plain `index.search` against "
-            "`faiss.contrib.big_batch_search` (`faiss_search=\"big_batch\"`)** (vs_search: time / plain search's; "
+            "`faiss.contrib.big_batch_search` (`scan=big_batch`)** (vs_search: time / plain search's; "
             "same_ids: share of the plain search's ids found)\n\n"
             + md_table(rows, ["keys", "queries", "nprobe", "method", "ms", "vs_search", "same_ids", "repeats"])
             + "\n\n"

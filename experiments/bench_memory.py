@@ -170,8 +170,8 @@ def overhead_case(cfg) -> dict:
     setup_worker(cfg)
     n, d, Q, k = cfg["n"], cfg["d"], cfg["queries"], cfg["k"]
     keys, values, queries = unit_data(n, d, Q, seed=0, kind=cfg["data"])
-    store = knn_index.KnnStore(1, 1, d, index=cfg["factory"], index_params=cfg["params"],
-                               dtype=getattr(torch, cfg["dtype"]))
+    spec = knn_index.MemorySpec(cfg["factory"], index_params=cfg["params"])
+    store = knn_index.KnnStore(1, 1, d, spec, dtype=getattr(torch, cfg["dtype"]))
     t = time.perf_counter()
     store.add(keys[None, None], values[None, None])
     build = time.perf_counter() - t
@@ -242,8 +242,8 @@ def scaling_case(cfg) -> dict:
             min(n, knn_index.default_train_size(knn_index.make_index(factory, d))) or None)
         row["index"] = factory + "".join(f" {a}={b}" for a, b in params.items()) + (
             f" k_factor={k_factor}" if k_factor > 1 else "")
-        store = knn_index.KnnStore(1, 1, d, index=factory, index_params=params, train_size=train_size,
-                                   dtype=getattr(torch, cfg["dtype"]), k_factor=k_factor)
+        spec = knn_index.MemorySpec(factory, index_params=params, k_factor=k_factor)
+        store = knn_index.KnnStore(1, 1, d, spec, train_size=train_size, dtype=getattr(torch, cfg["dtype"]))
         t = time.perf_counter()
         store.add(keys[None, None], values[None, None])
         row["build_s"] = round(time.perf_counter() - t, 2)

@@ -124,23 +124,20 @@ def memory_settings(label: str, scale: Scale, k: int = 32) -> dict:
     """Config overrides for a memory backend label: one of `DENSE`, or a label of `scale.indices` (factory "torch"
     means exact top-k in torch on the model's device)."""
     if label in DENSE:
-        return dict(mem_backend="dense", **DENSE[label])
+        return dict(memory_spec="dense", **DENSE[label])
     factory, params = scale.indices[label]
-    if factory == "torch":
-        return dict(mem_backend="torch_topk", mem_knn_k=k, torch_attention=False)
-    params, store = split_store_params(params)
-    return dict(mem_backend="faiss", mem_index=factory, mem_index_params=params or None, mem_knn_k=k,
-                mem_knn_k_factor=store["k_factor"], mem_faiss_metric=store["faiss_metric"],
-                mem_faiss_search=store["faiss_search"], torch_attention=False)
+    return dict(memory_spec=str(memory_spec(factory, params, k)), torch_attention=False)
 
 
-def split_store_params(params: dict) -> tuple[dict, dict]:
-    """A scale's index params as (Faiss search parameters, KnnStore settings): `k_factor` (re-rank k_factor * k
-    candidates by exact score), `faiss_metric` ("ip" or "l2": norm-augmented keys) and `faiss_search` ("index" or
-    "big_batch": IVF lists scanned once for all queries) are not Faiss parameters."""
+def memory_spec(factory: str, params: dict, k: int = 32):
+    """A `knn_index.MemorySpec` from a scale's (factory, params): `k_factor`, `faiss_metric` and `faiss_search` in
+    `params` are the spec's k_factor, metric and scan; the rest are Faiss index parameters."""
+    from knn_index import MemorySpec
+
     params = dict(params)
-    return params, {"k_factor": params.pop("k_factor", 1), "faiss_metric": params.pop("faiss_metric", "ip"),
-                    "faiss_search": params.pop("faiss_search", "index")}
+    options = dict(k_factor=params.pop("k_factor", 1), metric=params.pop("faiss_metric", "ip"),
+                   scan=params.pop("faiss_search", "index"))
+    return MemorySpec(factory, k=k, index_params=params, **options)
 
 
 def search_mode(label: str, scale: Scale, config, num_tokens: int) -> str:
@@ -331,12 +328,14 @@ def peak_rss_mb() -> float:
 def read_child(label: str, num_tokens: int, scale_name: str, decode: bool) -> dict:
     """Read `num_tokens` filler tokens into memory (the ingestion row), then, if `decode`, time greedy decoding
     against that memory (the decode row): one read serves both experiments."""
+    from knn_longllama.document import Document
+
     scale = SCALES[scale_name.split("_")[0]]  # a tagged run ("full_1m") uses its base scale's indices
     model, tokenizer = load(**memory_settings(label, scale))
     ids = filler_ids(tokenizer, num_tokens)
     synchronize()
     start = time.perf_counter()
-    doc = model.read(ids, progress=False)
+    doc = Document.read(model, ids, progress=False)
     synchronize()
     seconds = time.perf_counter() - start
     ingest = {"index": label, "tokens": num_tokens, "search": search_mode(label, scale, model.config, num_tokens),
@@ -534,7 +533,7 @@ def exp_recall(scale: Scale) -> None:
         queries, keys = real_keys_and_queries(model, ids, layer)
         heads, dim = keys.shape[1], keys.shape[-1]
         sizes[text] = keys.shape[2]
-        exact = knn_index.KnnStore(1, heads, dim, index="Flat", dtype=torch.float32)
+        exact = knn_index.KnnStore(1, heads, dim, "Flat", dtype=torch.float32)
         exact.add(keys, keys)
         attention = torch.softmax((queries @ keys.transpose(-1, -2)) / dim**0.5, dim=-1)  # dense memory attention
         stores = {}  # (factory, build-time params, settings) -> a store filled (and trained) once, searched for every k
@@ -545,13 +544,14 @@ def exp_recall(scale: Scale) -> None:
             for label, factory, param, values, fixed in sweeps:
                 for value in values:
                     params = {**fixed, param: value} if value is not None else dict(scale.indices.get(label, (None, {}))[1])
-                    search_params, settings = split_store_params(params)
-                    built = {name: v for name, v in search_params.items() if name not in SEARCH_TIME_PARAMS}
-                    key = (factory, json.dumps(built, sort_keys=True), json.dumps(settings, sort_keys=True))
+                    spec = memory_spec(factory, params, k)
+                    search_params = spec.index_params
+                    built = spec.replace(k=1, index_params={name: v for name, v in search_params.items()
+                                                             if name not in SEARCH_TIME_PARAMS})
+                    key = str(built)
                     store = stores.get(key)
                     if store is None:
-                        store = knn_index.KnnStore(1, heads, dim, index=factory, index_params=search_params or None,
-                                                   dtype=torch.float32, **settings)
+                        store = knn_index.KnnStore(1, heads, dim, built, dtype=torch.float32)
                         store.add(keys, keys)
                         stores[key] = store
                     searched = {name: v for name, v in search_params.items() if name in SEARCH_TIME_PARAMS}
@@ -562,7 +562,7 @@ def exp_recall(scale: Scale) -> None:
                     search_ms = 1000 * (time.perf_counter() - start)
                     hits = (found[..., :, None] == truth[..., None, :]).any(-1).float().mean().item()
                     kept = attention.gather(-1, found.clamp(min=0)).masked_fill(found < 0, 0).sum(-1).mean().item()
-                    rows.append({"text": text, "index": factory, "faiss_metric": settings["faiss_metric"],
+                    rows.append({"text": text, "index": factory, "faiss_metric": spec.metric,
                                  "param": param if value is not None else json.dumps(params),
                                  "value": value if value is not None else "-", "k": k, "recall_at_k": round(hits, 4),
                                  "attention_mass_kept": round(kept, 4), "search_ms": round(search_ms, 1),

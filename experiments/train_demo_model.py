@@ -444,7 +444,7 @@ def write_model_card(out_dir: str) -> None:
     sections = {
         "dense": "Dense memory (as trained, `load_demo()`)",
         "no_memory": "No memory layers (`load_demo(mem_layers=[])`): a plain LLaMA with the same weights",
-        "faiss": "Faiss kNN memory (`load_demo(mem_backend=\"faiss\", mem_knn_k=32)`)",
+        "faiss": "Faiss kNN memory (`load_demo(memory_spec=\"Flat k=32\")`)",
     }
     notes = ""
     if os.path.isfile(os.path.join(out_dir, "training_notes.md")):
@@ -521,7 +521,7 @@ filler's characters per token; `x window` is the target length over the {window}
 
 {tables}
 
-Reproduce: `python -m knn_longllama.passkey --lengths 1024 4096 --trials 20` (add `--mem-layers` with no value for the
+Reproduce: `knn-longllama passkey --memory dense --lengths 1024 4096 --trials 20` (add `--mem-layers` with no value for the
 no-memory ablation).
 {notes}"""
     with open(os.path.join(out_dir, "MODEL_CARD.md"), "w") as f:
@@ -735,7 +735,7 @@ def main(argv=None) -> None:
         print(json.dumps({key: v for key, v in summary.items() if key != "history"}, indent=1), flush=True)
 
     # passkey evaluation: one (memory setting, length) curve point per job, `--eval-jobs` processes of one thread
-    knn = {"mem_backend": "faiss", "mem_index": "Flat", "mem_knn_k": 32}
+    knn = {"memory_spec": "Flat k=32"}
     settings = {"dense": {}, "faiss": knn, "no_memory": {"mem_layers": []}}
     points = [(name, length) for name, lengths in [("dense", args.eval_lengths), ("faiss", args.eval_lengths),
                                                     ("no_memory", args.nomem_lengths)] for length in lengths]

@@ -11,16 +11,12 @@ import io
 import faiss
 import numpy as np
 
+from .spec import METRICS as FAISS_METRICS
+from .spec import SCANS as FAISS_SEARCHES
+from .spec import check_index_string
+
 EXAMPLES = ("Flat", "IVF256,Flat", "HNSW32", "IVF256,PQ16", "SQ8")
-# How the Faiss index finds inner-product neighbours: "ip" indexes the keys with METRIC_INNER_PRODUCT; "l2" indexes
-# norm-augmented keys with METRIC_L2 (the reduction of maximum inner product search to L2 search).
-FAISS_METRICS = ("ip", "l2")
-# How a search scans an IVF index: "index" with the index's own search (per query, list by list); "big_batch" with
-# faiss.contrib.big_batch_search (per list, all queries probing it in one distance matrix): faster on large indices
-# with many queries a search and a high nprobe, slower on small ones (a fixed cost per list; see
-# experiments/bench_ivf_scan.py). Only for these IVF index classes, on the CPU, and for PQ / SQ codes (residuals)
-# only with the L2 metric.
-FAISS_SEARCHES = ("index", "big_batch")
+# The classes scan="big_batch" (faiss.contrib.big_batch_search) can search; see MemorySpec and check_search.
 BIG_BATCH_CLASSES = (faiss.IndexIVFFlat, faiss.IndexIVFPQ, faiss.IndexIVFScalarQuantizer)
 # "l2": the augmentation norm is this factor times the largest key norm the index is first built from, so that
 # later keys of a document rarely exceed it.
@@ -40,10 +36,8 @@ def make_index(spec: str, d: int, metric: str = "ip") -> faiss.Index:
     Raises ValueError naming the ``index`` argument if Faiss rejects ``spec``.
     """
     if metric not in FAISS_METRICS:
-        raise ValueError(f"faiss_metric={metric!r} is unknown; accepted values: {FAISS_METRICS}")
-    if not isinstance(spec, str) or not spec:
-        raise ValueError(f"index must be a non-empty Faiss index_factory string, got {spec!r}; "
-                         f"examples: {', '.join(EXAMPLES)}")
+        raise ValueError(f"metric={metric!r} is unknown; accepted values: {FAISS_METRICS}")
+    check_index_string(spec)  # strings that would crash or hang Faiss never reach it
     try:
         if metric == "l2":
             return faiss.index_factory(d + 1, spec, faiss.METRIC_L2)
@@ -51,7 +45,7 @@ def make_index(spec: str, d: int, metric: str = "ip") -> faiss.Index:
     except RuntimeError as e:
         raise ValueError(f"index={spec!r} was rejected by faiss.index_factory for d={d}: {e}. "
                          f"Accepted examples: {', '.join(repr(x) for x in EXAMPLES)} "
-                         "(or backend='torch' for exact search in torch)") from None
+                         "(or 'exact' for exact search in torch)") from None
 
 
 def augmentation_norm(x: np.ndarray) -> float:
@@ -194,18 +188,18 @@ def to_gpu(index: faiss.Index, resources, device_id: int) -> faiss.Index:
         return index  # e.g. HNSW has no GPU implementation: stay on CPU
 
 
-def check_search(search: str, index: faiss.Index) -> None:
-    """Raise ValueError naming ``faiss_search`` unless ``search`` is one of FAISS_SEARCHES and can search ``index``."""
-    if search not in FAISS_SEARCHES:
-        raise ValueError(f"faiss_search={search!r} is unknown; accepted values: {FAISS_SEARCHES}")
-    if search == "big_batch" and type(index) not in BIG_BATCH_CLASSES:
-        raise ValueError(f"faiss_search='big_batch' needs an IVF index with Flat, PQ or SQ codes "
+def check_search(scan: str, index: faiss.Index) -> None:
+    """Raise ValueError naming ``scan`` unless ``scan`` is one of FAISS_SEARCHES and can search ``index``."""
+    if scan not in FAISS_SEARCHES:
+        raise ValueError(f"scan={scan!r} is unknown; accepted values: {FAISS_SEARCHES}")
+    if scan == "big_batch" and type(index) not in BIG_BATCH_CLASSES:
+        raise ValueError(f"scan='big_batch' needs an IVF index with Flat, PQ or SQ codes "
                          f"({', '.join(c.__name__ for c in BIG_BATCH_CLASSES)}), got {type(index).__name__}; "
-                         "use faiss_search='index'")
-    if search == "big_batch" and index.by_residual and index.metric_type == faiss.METRIC_INNER_PRODUCT:
+                         "use scan='index'")
+    if scan == "big_batch" and index.by_residual and index.metric_type == faiss.METRIC_INNER_PRODUCT:
         # big_batch_search scores a residual-encoded list by <q - centroid, residual>, not <q, centroid + residual>
-        raise ValueError(f"faiss_search='big_batch' scores residual-encoded lists ({type(index).__name__}) right "
-                         "only with the L2 metric: use faiss_metric='l2' or faiss_search='index'")
+        raise ValueError(f"scan='big_batch' scores residual-encoded lists ({type(index).__name__}) right "
+                         "only with the L2 metric: use metric=l2 or scan=index")
 
 
 def big_batch_search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

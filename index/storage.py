@@ -38,7 +38,7 @@ class RowStorage:
         B, H, d = self.shape
         for name in ("keys", "values"):
             old = getattr(self, name)
-            new = torch.empty(B, H, new_cap, d, dtype=self.dtype, device=self.device)
+            new = torch.zeros(B, H, new_cap, d, dtype=self.dtype, device=self.device)  # past a row's end: zeros
             new[:, :, :used] = old[:, :, :used]
             setattr(self, name, new)
 

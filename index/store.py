@@ -7,20 +7,26 @@ import torch
 from . import checks, factory
 from .exact import exact_topk
 from .result import SearchResult, empty_result, rescore
+from .spec import MemorySpec
 from .storage import RowStorage
-
-BACKENDS = ("faiss", "torch")
-METRICS = ("ip",)
-
 
 class KnnStore:
     """Keys/values of a batch of sequences, searchable by inner product.
 
     Each batch row ``b`` and head ``h`` has its own index; rows grow
     independently (padding is never stored). Ids are positions in the row's
-    storage. Search returns candidates from the index (exact for "Flat" and the
-    "torch" backend, approximate for IVF/HNSW/PQ/SQ), re-scored exactly in
-    float32 from the stored keys and sorted by that score.
+    storage. Search returns candidates from the index (exact for "Flat" and
+    "exact", approximate for IVF/HNSW/PQ/SQ), re-scored exactly in float32
+    from the stored keys and sorted by that score.
+
+    ``spec`` (a ``MemorySpec``, its text form or dict) says how: the index
+    ("exact" for exact top-k in torch, or a Faiss ``index_factory`` string),
+    the default k, ``k_factor`` (fetch ``k_factor * k`` candidates and keep
+    the k best by exact score, as faiss.IndexRefine), ``metric`` ("l2" indexes
+    keys augmented to a common norm M, ``factory.augment_keys``; M per
+    (row, head) is 1.1 x the largest key norm the index is first built from),
+    ``scan`` ("big_batch": faiss.contrib.big_batch_search, IVF on the CPU)
+    and the Faiss search parameters (nprobe, efSearch, ...).
 
     Trainable indices (IVF, PQ, SQ...) start untrained: a row's keys are
     searched exactly until ``train_size`` of them have arrived, then each of the
@@ -31,87 +37,56 @@ class KnnStore:
 
     The index receives the stored keys (after rounding to ``dtype``), cast to
     float32, so exact indices rank keys exactly as the returned scores do.
-
-    ``k_factor`` (as in faiss.IndexRefine): fetch ``k_factor * k`` candidates
-    from the index and keep the ``k`` best by exact score; raises the recall of
-    compressed indices (PQ, SQ) at the cost of a larger re-score.
-
-    ``faiss_metric``: "ip" indexes the keys with Faiss' inner-product metric;
-    "l2" indexes keys augmented to a common norm M with the L2 metric
-    (``factory.augment_keys``; M per (row, head): 1.1 x the largest key norm
-    the index is first built from), where HNSW and IVF reach a much higher
-    recall of the inner-product top-k for the same search parameters.
-
-    ``faiss_search``: "index" searches with the index's own ``search``;
-    "big_batch" (IVF with Flat codes, or PQ/SQ codes with faiss_metric "l2";
-    on the CPU) with ``faiss.contrib.big_batch_search``, which scans each
-    inverted list once for all the queries probing it: the same neighbours,
-    faster on large indices at a high nprobe, slower on small ones
-    (``experiments/bench_ivf_scan.py``).
     """
 
-    def __init__(self, batch_size: int, num_heads: int, head_dim: int, *, index: str = "Flat",
-                 backend: str = "faiss", index_params: dict | None = None, train_size: int | None = None,
+    def __init__(self, batch_size: int, num_heads: int, head_dim: int, spec: MemorySpec | str | dict = "Flat", *,
                  dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", seed: int = 0,
-                 metric: str = "ip", k_factor: int = 1, faiss_metric: str = "ip", faiss_search: str = "index"):
+                 train_size: int | None = None):
         self.batch_size = checks.positive_int("batch_size", batch_size)
         self.num_heads = checks.positive_int("num_heads", num_heads)
         self.head_dim = checks.positive_int("head_dim", head_dim)
-        self.k_factor = checks.positive_int("k_factor", k_factor)
-        if metric not in METRICS:
-            raise ValueError(f"metric={metric!r} is not supported; accepted values: {METRICS}")
-        if index == "torch":  # shorthand for the exact torch backend
-            index, backend = "Flat", "torch"
-        if backend not in BACKENDS:
-            raise ValueError(f"backend={backend!r} is unknown; accepted values: {BACKENDS}")
-        if faiss_metric not in factory.FAISS_METRICS:
-            raise ValueError(f"faiss_metric={faiss_metric!r} is unknown; accepted values: {factory.FAISS_METRICS}")
-        if backend == "torch" and faiss_metric != "ip":
-            raise ValueError(f"faiss_metric={faiss_metric!r}: the 'torch' backend searches exactly; use 'ip'")
+        self.spec = spec = MemorySpec.coerce(spec)
+        if spec.kind == "dense":
+            raise ValueError("spec: a KnnStore searches; 'dense' memory (attend to every entry) is not a kNN index")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-        self.index, self.backend, self.index_params = index, backend, dict(index_params or {})
         self.dtype, self.device, self.seed = dtype, torch.device(device), int(seed)
-        self.faiss_metric = faiss_metric
-        self._proto = factory.make_index(index, self.head_dim, faiss_metric)
-        if backend == "torch" and (index != "Flat" or self.index_params):
-            raise ValueError(f"index={index!r} / index_params: the 'torch' backend is exact; use index='Flat' "
-                             "and no index_params")
-        factory.apply_params(self._proto, self.index_params)  # validates the names early
-        factory.check_search(faiss_search, self._proto)
-        if faiss_search == "big_batch" and (backend != "faiss" or self.device.type != "cpu"):
-            raise ValueError(f"faiss_search='big_batch' scans Faiss indexes on the CPU; got backend={backend!r}, "
-                             f"device={str(self.device)!r}")
-        self.faiss_search = faiss_search
+        self.exact = spec.kind == "exact"
+        self._proto = None if self.exact else factory.make_index(spec.index, self.head_dim, spec.metric)
+        if self._proto is not None:
+            factory.apply_params(self._proto, spec.index_params)  # validates the names against this index
+            factory.check_search(spec.scan, self._proto)
+            if spec.scan == "big_batch" and self.device.type != "cpu":
+                raise ValueError(f"scan='big_batch' scans Faiss indexes on the CPU; got device={str(self.device)!r}")
+            factory.prepare_training(self._proto, self.seed)
         self.train_size = self._check_train_size(train_size)
-        factory.prepare_training(self._proto, self.seed)
         self._gpu = None
-        if backend == "faiss" and self.device.type == "cuda" and factory.gpu_available():
+        if not self.exact and self.device.type == "cuda" and factory.gpu_available():
             self._gpu = faiss.StandardGpuResources()
         self._storage = RowStorage(self.batch_size, self.num_heads, self.head_dim, dtype, self.device)
         self._reset_indexes()
 
     def _check_train_size(self, train_size) -> int:
-        if self._proto.is_trained or self.backend == "torch":
+        if self.exact or self._proto.is_trained:
             return 0
         if train_size is None:
             return factory.default_train_size(self._proto)
         train_size = checks.positive_int("train_size", train_size)
         need = factory.min_train_size(self._proto)
         if train_size < need:
-            raise ValueError(f"train_size={train_size} is below the {need} keys index={self.index!r} needs to train")
+            raise ValueError(f"train_size={train_size} is below the {need} keys index={self.spec.index!r} needs to train")
         return train_size
 
     def _new_index(self) -> faiss.Index:
         idx = faiss.clone_index(self._proto)
         if self._gpu is not None:
             idx = factory.to_gpu(idx, self._gpu, self.device.index or 0)
-        factory.apply_params(idx, self.index_params)
+        factory.apply_params(idx, self.spec.index_params)
         return idx
 
     def _reset_indexes(self) -> None:
         B, H = self.batch_size, self.num_heads
-        faiss_path = self.backend == "faiss"
+        faiss_path = not self.exact
         self._indexes = [[self._new_index() for _ in range(H)] for _ in range(B)] if faiss_path else None
         self._trained = [faiss_path and self.train_size == 0] * B  # row's keys live in its indexes
         self._indexed = [0] * B  # keys of the row already added to its indexes
@@ -147,9 +122,15 @@ class KnnStore:
         self._storage.reset()
         self._reset_indexes()
 
+    def entries(self, heads: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every stored entry of ``heads``: keys and values [B, h, N, d] (views of the storage, N = ``len(self)``)
+        and valid bool [B, N] (False past a shorter row's end)."""
+        st, n = self._storage, len(self)
+        valid = torch.arange(n, device=self.device)[None, :] < torch.tensor(st.sizes, device=self.device)[:, None]
+        return st.keys[:, heads, :n], st.values[:, heads, :n], valid
+
     def __repr__(self) -> str:
-        return (f"KnnStore(B={self.batch_size}, H={self.num_heads}, d={self.head_dim}, index={self.index!r}, "
-                f"backend={self.backend!r}, faiss_metric={self.faiss_metric!r}, faiss_search={self.faiss_search!r}, "
+        return (f"KnnStore(B={self.batch_size}, H={self.num_heads}, d={self.head_dim}, spec='{self.spec}', "
                 f"dtype={self.dtype}, device={self.device}, sizes={self.sizes()})")
 
     # ---------------------------------------------------------------- add
@@ -172,7 +153,7 @@ class KnnStore:
             for b in range(B):
                 sel = slice(None) if mask is None else mask[b]
                 st.append_row(b, keys[b][:, sel], values[b][:, sel])
-        if self.backend == "faiss":
+        if not self.exact:
             for b in range(B):
                 self._sync_row(b)
 
@@ -193,7 +174,7 @@ class KnnStore:
     def _indexable(self, b: int, h: int, x: np.ndarray) -> np.ndarray:
         """Keys [n, d] as the index of (row b, head h) takes them: as they are ("ip") or norm-augmented ("l2",
         fixing the row's augmentation norm from the first keys it sees)."""
-        if self.faiss_metric == "ip":
+        if self.spec.metric == "ip":
             return x
         if self._norms[b, h] == 0:
             self._norms[b, h] = factory.augmentation_norm(x)
@@ -209,12 +190,12 @@ class KnnStore:
             for h, idx in enumerate(self._indexes[b]):
                 idx.train(np.ascontiguousarray(self._indexable(b, h, x[h])))
         except RuntimeError as e:  # the row stays buffered (searched exactly); no key is lost
-            raise ValueError(f"train_size={self.train_size}: Faiss could not train index={self.index!r}: {e}") from None
+            raise ValueError(f"train_size={self.train_size}: Faiss could not train index={self.spec.index!r}: {e}") from None
         self._trained[b] = True
 
     # ---------------------------------------------------------------- search
-    def search(self, queries: torch.Tensor, k: int, heads: slice | None = None) -> SearchResult:
-        """Top-k stored keys by inner product for queries [B, h, Q, d].
+    def search(self, queries: torch.Tensor, k: int | None = None, heads: slice | None = None) -> SearchResult:
+        """Top-k stored keys by inner product for queries [B, h, Q, d] (k: the spec's by default).
 
         ``heads`` selects the storage heads searched (default: all, h = H), e.g.
         slice(h0, h1) for a block of KV heads. K = min(k, largest row size): a
@@ -226,16 +207,16 @@ class KnnStore:
         hsel, hs = self._head_selection(heads)
         checks.float_tensor("queries", queries, 4)
         checks.shape("queries", queries, {0: ("batch", B), 1: ("heads", len(hs)), 3: ("head_dim", d)})
-        k = checks.k_value(k)
+        k = self.spec.k if k is None else checks.k_value(k)
         checks.finite("queries", queries)
         Q, K = queries.shape[2], min(k, len(self))
         if K == 0 or Q == 0:
             return empty_result(B, len(hs), Q, d, self.dtype, self.device)
         q = queries.detach().to(self.device, torch.float32).contiguous()
-        if self.backend == "torch":
+        if self.exact:
             ids = self._exact_ids(q, list(range(B)), hsel, K)
         else:
-            ids = self._faiss_ids(q, hsel, hs, min(K * self.k_factor, len(self)))
+            ids = self._faiss_ids(q, hsel, hs, min(K * self.spec.k_factor, len(self)))
         return rescore(q, ids, self._storage.keys, self._storage.values, hs, K)
 
     def _head_selection(self, heads) -> tuple[slice | list[int], list[int]]:
@@ -270,12 +251,12 @@ class KnnStore:
         indexed = [b for b in range(B) if self._trained[b] and self._indexed[b] > 0]
         if indexed:
             qn = q.cpu().numpy()
-            if self.faiss_metric == "l2":
+            if self.spec.metric == "l2":
                 qn = factory.augment_queries(qn)
             dist = np.empty((Q, K), dtype=np.float32)
             for b in indexed:
                 for j, h in enumerate(hs):
-                    if self.faiss_search == "big_batch":
+                    if self.spec.scan == "big_batch":
                         ids[b, j] = factory.big_batch_search(self._indexes[b][h], qn[b, j], K)[1]
                     else:
                         self._indexes[b][h].search(qn[b, j], K, D=dist, I=ids[b, j])
@@ -284,3 +265,117 @@ class KnnStore:
         if buffered:
             out[buffered] = self._exact_ids(q, buffered, hsel, K)
         return out
+
+    # ---------------------------------------------------------------- persistence
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything needed to rebuild this store with ``load_state_dict``: keys, values, row sizes and, for
+        Faiss, the indexes as ``faiss.serialize_index`` bytes in uint8 tensors (GPU indexes copied to the CPU
+        first). Nothing is pickled."""
+        st = self._storage
+        used = len(self)
+        state = {
+            "sizes": torch.tensor(st.sizes, dtype=torch.int64),
+            "keys": st.keys[:, :, :used].contiguous(),  # zeros past a shorter row's end (RowStorage)
+            "values": st.values[:, :, :used].contiguous(),
+        }
+        if self.exact:
+            return state
+        state["trained"] = torch.tensor(self._trained, dtype=torch.bool)
+        state["indexed"] = torch.tensor(self._indexed, dtype=torch.int64)
+        if self.spec.metric != "ip":  # the norm that later keys are augmented to
+            state["augmentation_norms"] = torch.from_numpy(self._norms.copy())
+        for b, row in enumerate(self._indexes):
+            for h, index in enumerate(row):
+                if self._gpu is not None:
+                    index = faiss.index_gpu_to_cpu(index)
+                state[f"index.{b}.{h}"] = torch.from_numpy(faiss.serialize_index(index).copy())
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace this store's contents with ``state_dict`` output of a store with the same spec and shape.
+
+        Every tensor and every Faiss index is checked against this store before anything changes (names, shapes,
+        dtypes, row sizes; index type, dimension, metric, training and size); a mismatch raises ValueError.
+        """
+        B, H, d = self.batch_size, self.num_heads, self.head_dim
+        expected = {"sizes", "keys", "values"}
+        if not self.exact:
+            expected |= {"trained", "indexed"} | {f"index.{b}.{h}" for b in range(B) for h in range(H)}
+            if self.spec.metric != "ip":
+                expected.add("augmentation_norms")
+        if set(state) != expected:
+            raise ValueError(f"state does not fit a store with spec '{self.spec}': missing "
+                             f"{sorted(expected - set(state))}, unexpected {sorted(set(state) - expected)}")
+        sizes = _int_list(state, "sizes", B)
+        n = max(sizes)
+        for name in ("keys", "values"):
+            t = state[name]
+            if not t.is_floating_point() or tuple(t.shape) != (B, H, n, d):
+                raise ValueError(f"state[{name!r}] has shape {tuple(t.shape)} ({t.dtype}); this store needs a "
+                                 f"floating tensor of shape {(B, H, n, d)}")
+        if min(sizes) < 0:
+            raise ValueError(f"state['sizes'] holds negative sizes: {sizes}")
+        for b, size in enumerate(sizes):
+            checks.finite("state['keys']", state["keys"][b, :, :size])
+        indexes = None
+        if not self.exact:
+            trained, indexed = _bool_list(state, "trained", B), _int_list(state, "indexed", B)
+            norms = None
+            if "augmentation_norms" in state:
+                norms = state["augmentation_norms"]
+                if tuple(norms.shape) != (B, H) or not norms.is_floating_point() or not bool((norms >= 0).all()):
+                    raise ValueError("state['augmentation_norms'] must be non-negative floats of shape "
+                                     f"{(B, H)}, got {tuple(norms.shape)}")
+                norms = norms.double().numpy().copy()
+            indexes = [[self._load_index(state[f"index.{b}.{h}"], f"index.{b}.{h}", trained[b], indexed[b], sizes[b])
+                        for h in range(H)] for b in range(B)]
+        self.reset()
+        st = self._storage
+        for b, size in enumerate(sizes):
+            st.append_row(b, state["keys"][b, :, :size].to(st.device, st.dtype),
+                          state["values"][b, :, :size].to(st.device, st.dtype))
+        if indexes is not None:
+            self._indexes, self._trained, self._indexed = indexes, trained, indexed
+            if norms is not None:
+                self._norms = norms
+
+    def _load_index(self, data: torch.Tensor, name: str, trained: bool, indexed: int, size: int) -> faiss.Index:
+        """Deserialize one head's index and check it against this store's prototype and the row's bookkeeping."""
+        if data.dtype != torch.uint8 or data.dim() != 1:
+            raise ValueError(f"state[{name!r}] must be uint8 bytes of faiss.serialize_index, got {data.dtype} "
+                             f"of shape {tuple(data.shape)}")
+        try:
+            index = faiss.deserialize_index(np.ascontiguousarray(data.numpy()))
+        except RuntimeError as e:
+            raise ValueError(f"state[{name!r}] is not a readable Faiss index: {str(e).splitlines()[0]}") from None
+        proto = self._proto
+        # the class a serialized prototype reads back as (faiss.index_factory may return a base class)
+        want = (type(faiss.deserialize_index(faiss.serialize_index(proto))).__name__, proto.d, proto.metric_type)
+        got = (type(index).__name__, index.d, index.metric_type)
+        if got != want:
+            raise ValueError(f"state[{name!r}] is a {got[0]} of dimension {got[1]} and metric {got[2]}; this "
+                             f"store's spec '{self.spec}' makes a {want[0]} of dimension {want[1]} and metric {want[2]}")
+        if getattr(index, "nlist", None) != getattr(proto, "nlist", None):
+            raise ValueError(f"state[{name!r}] has nlist {index.nlist}, the spec '{self.spec}' {proto.nlist}")
+        if index.is_trained != (trained or self.train_size == 0) or not 0 <= indexed <= size or \
+                index.ntotal != (indexed if trained else 0) or (not trained and indexed != 0):
+            raise ValueError(f"state[{name!r}] holds {index.ntotal} keys (trained: {index.is_trained}) but the row "
+                             f"records {indexed} indexed of {size} stored (trained: {trained})")
+        if self._gpu is not None:
+            index = factory.to_gpu(index, self._gpu, self.device.index or 0)
+        factory.apply_params(index, self.spec.index_params)
+        return index
+
+
+def _int_list(state: dict, name: str, length: int) -> list[int]:
+    t = state[name]
+    if t.dtype != torch.int64 or tuple(t.shape) != (length,):
+        raise ValueError(f"state[{name!r}] must be int64 of shape ({length},), got {t.dtype} {tuple(t.shape)}")
+    return t.tolist()
+
+
+def _bool_list(state: dict, name: str, length: int) -> list[bool]:
+    t = state[name]
+    if t.dtype != torch.bool or tuple(t.shape) != (length,):
+        raise ValueError(f"state[{name!r}] must be bool of shape ({length},), got {t.dtype} {tuple(t.shape)}")
+    return t.tolist()

@@ -1,55 +1,81 @@
 """The `knn-longllama` command line: passkey runs, reading documents into memory, asking them, generating.
 
-    knn-longllama passkey                                 # demo model, dense vs Faiss Flat, 512..8192 tokens
-    knn-longllama passkey --lengths 4096 65536 --index dense Flat IVF256,Flat HNSW32 --k 8 32
-    knn-longllama read book.txt -o book.memory --index Flat --k 32
-    knn-longllama ask book.memory "What is the pass key?" --index Flat --k 32
+    knn-longllama passkey                                 # demo model, dense vs Faiss Flat k=32, 512..8192 tokens
+    knn-longllama passkey --lengths 4096 65536 --memory dense "Flat k=8" "IVF256,Flat k=32 nprobe=16" "HNSW32 k=32"
+    knn-longllama read book.txt -o book.memory --memory "Flat k=32"
+    knn-longllama ask book.memory "What is the pass key?"      # the memory file knows its memory spec
     knn-longllama generate "Once upon a time" --max-new-tokens 40
+
+A memory spec is a `knn_index.MemorySpec` in text form: `dense`, `exact k=32`, or a Faiss index_factory string with
+options (k, k_factor, metric=ip|l2, scan=index|big_batch, nprobe, efSearch, ...). Every error is one line on
+stderr and exit status 2.
 """
 
 import argparse
 import json
+import os
 import sys
 
-import torch
+MEMORY_HELP = ("memory spec: 'dense' (official: attend to all memory), 'exact k=32' (exact top-k in torch) or a Faiss "
+               "index_factory string with options, e.g. 'IVF1024,Flat k=32 nprobe=32 metric=l2'")
+# Memory a passkey prompt needs besides the memory layers' entries: token ids, text, per-token bookkeeping.
+PROMPT_BYTES_PER_TOKEN = 256
 
-INDEX_HELP = ("memory backend: 'dense' (official, attends to all memory), 'torch' (exact top-k in torch) or any "
-              "Faiss index_factory string such as 'Flat', 'IVF1024,Flat', 'HNSW32', 'IVF1024,PQ16', 'SQ8'")
+
+class UsageError(ValueError):
+    """A bad command line: printed as one line, exit status 2."""
 
 
-def memory_overrides(index: str, k: int | None, index_params: str | None, k_factor: int | None = None,
-                     faiss_metric: str | None = None, torch_attention: bool = False,
-                     faiss_search: str | None = None) -> dict:
-    """Config fields for an --index / --k / --index-params / --k-factor / --faiss-metric / --torch-attention /
-    --faiss-search choice."""
-    overrides = {"torch_attention": True} if torch_attention else {}
-    if index == "dense":
-        overrides["mem_backend"] = "dense"
-    elif index == "torch":
-        overrides["mem_backend"] = "torch_topk"
-    else:
-        overrides.update(mem_backend="faiss", mem_index=index)
-    if k is not None:
-        overrides["mem_knn_k"] = k
-    if index_params:
-        params = {}
-        for item in index_params.split(","):
-            name, _, value = item.partition("=")
-            if not value:
-                raise SystemExit(f"--index-params: expected name=value[,name=value], got {index_params!r}")
-            params[name.strip()] = int(value) if value.strip().isdigit() else float(value)
-        overrides["mem_index_params"] = params
-    if k_factor is not None:
-        overrides["mem_knn_k_factor"] = k_factor
-    if faiss_metric is not None:
-        overrides["mem_faiss_metric"] = faiss_metric
-    if faiss_search is not None:
-        overrides["mem_faiss_search"] = faiss_search
-    return overrides
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise UsageError(message)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def thread_count(text: str) -> int:
+    value, cores = positive_int(text), os.cpu_count() or 1
+    if value > cores:
+        raise argparse.ArgumentTypeError(f"expected 1 to {cores} (this machine's CPUs), got {text!r}")
+    return value
+
+
+def memory_spec(text: str) -> str:
+    from knn_index import MemorySpec
+
+    try:
+        return str(MemorySpec.parse(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def device_name(text: str) -> str:
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected a torch device such as 'cpu' or 'cuda', got {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("'cuda' was asked for but torch sees no CUDA GPU here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected 'cpu' or 'cuda[:N]', got {text!r}")
+    return str(device)
 
 
 def load_model(name: str | None, device: str, **overrides):
     """The embedded demo model (default), or an official LongLLaMA / Hugging Face LLaMA folder."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # stderr is for errors; the reading progress bar goes there on its own
     if name in (None, "demo"):
         from .demo import load_demo
 
@@ -59,62 +85,102 @@ def load_model(name: str | None, device: str, **overrides):
 
         from .modeling_longllama import LongLlamaForCausalLM
 
-        model = LongLlamaForCausalLM.from_pretrained(name, **overrides)
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        if not os.path.isdir(name):
+            raise ValueError(f"--model {name!r}: expected 'demo' or a checkpoint folder")
+        model = LongLlamaForCausalLM.from_pretrained(name, local_files_only=True, **overrides)
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
     return model.to(device).eval(), tokenizer
 
 
-def apply_memory_settings(model, overrides: dict) -> None:
-    for key, value in overrides.items():
-        setattr(model.config, key, value)
-    model.config.validate_longllama()
+def available_ram() -> int:
+    """Bytes of RAM available now (MemAvailable), or total physical RAM where /proc/meminfo is missing."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def passkey_ram(config, spec: str, tokens: int) -> int:
+    """Estimated peak bytes of one passkey prompt of `tokens` tokens: memory entries in every memory layer (keys
+    and values, capacity doubling, a float32 Faiss copy), dense attention's score blocks, and the prompt itself."""
+    import torch
+
+    from knn_index import MemorySpec
+
+    kind = MemorySpec.parse(spec).kind
+    entry = 2 * config.num_key_value_heads * config.head_dim * torch.finfo(getattr(torch, config.mem_dtype)).bits // 8
+    per_token = len(config.mem_layers) * (2 * entry + (4 * config.num_key_value_heads * (config.head_dim + 1)
+                                                        if kind == "faiss" else 0))
+    scores = 0
+    if kind == "dense" and config.mem_layers:  # [heads, window, memory] float32 scores and probabilities
+        heads, queries = config.num_attention_heads, config.max_position_embeddings
+        if config.mem_attention_grouping is not None:
+            heads, queries = min(heads, config.mem_attention_grouping[0]), min(queries, config.mem_attention_grouping[1])
+        scores = 2 * 4 * heads * queries * tokens
+    return tokens * (per_token + PROMPT_BYTES_PER_TOKEN) + scores
 
 
 def cmd_passkey(args) -> int:
-    from .passkey import passkey_accuracy
+    from .passkey import fixed_prompt_tokens, passkey_accuracy
 
-    model, tokenizer = load_model(args.model, args.device)
+    overrides = {} if args.mem_layers is None else {"mem_layers": args.mem_layers}
+    model, tokenizer = load_model(args.model, args.device, **overrides)
+    shortest = fixed_prompt_tokens(tokenizer)
+    if min(args.lengths) <= shortest:
+        raise UsageError(f"--lengths: a passkey prompt holds at least {shortest} tokens without filler; got "
+                         f"{min(args.lengths)}")
+    longest, budget = max(args.lengths), available_ram()
+    for spec in args.memory:
+        need = passkey_ram(model.config, spec, longest)
+        if need > budget and not args.force:
+            raise UsageError(f"--lengths {longest} with memory '{spec}' needs about {need / 2**30:.1f} GiB of RAM; "
+                             f"{budget / 2**30:.1f} GiB are available (pass --force to try anyway)")
     rows = []
-    for index in args.index:
-        ks = [None] if index == "dense" else args.k
-        for k in ks:
-            apply_memory_settings(model, memory_overrides(index, k, args.index_params, args.k_factor, args.faiss_metric,
-                                                         args.torch_attention, faiss_search=args.faiss_search))
-            for length in args.lengths:
-                result = passkey_accuracy(model, tokenizer, length, trials=args.trials, seed=args.seed)
-                row = {"index": index, "k": k if k is not None else "-", "tokens": length,
-                       "mean_prompt_tokens": round(result["mean_prompt_tokens"]), "accuracy": result["accuracy"],
-                       "correct": result["correct"], "trials": result["trials"],
-                       "seconds": round(result["seconds"], 2)}
-                rows.append(row)
-                if not args.json:
-                    print(f"{index:>14} k={str(row['k']):>4} {length:>8} tokens: accuracy {row['accuracy']:.2f} "
-                          f"({row['correct']}/{row['trials']}) in {row['seconds']}s", flush=True)
+    for spec in args.memory:
+        for length in args.lengths:
+            result = passkey_accuracy(model, tokenizer, length, trials=args.trials, seed=args.seed, memory_spec=spec)
+            row = {"memory": spec, "tokens": length, "mean_prompt_tokens": round(result["mean_prompt_tokens"]),
+                   "accuracy": result["accuracy"], "correct": result["correct"], "trials": result["trials"],
+                   "seconds": round(result["seconds"], 2)}
+            rows.append(row)
+            if not args.json:
+                print(f"{spec:>24} {length:>8} tokens: accuracy {row['accuracy']:.2f} "
+                      f"({row['correct']}/{row['trials']}) in {row['seconds']}s", flush=True)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print("\n| index | k | tokens | accuracy | seconds |\n|---|---|---|---|---|")
+        print("\n| memory | tokens | accuracy | seconds |\n|---|---|---|---|")
         for row in rows:
-            print(f"| {row['index']} | {row['k']} | {row['tokens']} | {row['accuracy']:.2f} | {row['seconds']} |")
+            print(f"| {row['memory']} | {row['tokens']} | {row['accuracy']:.2f} | {row['seconds']} |")
     return 0
 
 
 def cmd_read(args) -> int:
-    model, tokenizer = load_model(args.model, args.device, **memory_overrides(
-        args.index, args.k, args.index_params, args.k_factor, args.faiss_metric, args.torch_attention,
-        faiss_search=args.faiss_search))
-    doc = model.read(args.file, tokenizer, progress=not args.quiet)
+    from .document import Document, check_output_path
+
+    if not os.path.isfile(args.file):
+        raise UsageError(f"file {args.file!r} " + ("is not a regular file" if os.path.exists(args.file)
+                                                    else "does not exist"))
+    check_output_path(args.output, args.file)
+    model, tokenizer = load_model(args.model, args.device, **attention(args))
+    doc = Document.read(model, tokenizer=tokenizer, path=args.file, memory_spec=args.memory,
+                        progress=not args.quiet)
     doc.save(args.output)
-    print(f"read {doc.num_tokens} tokens into {args.output}")
+    print(f"read {doc.num_tokens} tokens into {args.output} (memory '{doc.memory_spec}')")
     return 0
 
 
 def cmd_ask(args) -> int:
     from .document import Document
 
-    model, tokenizer = load_model(args.model, args.device, **memory_overrides(
-        args.index, args.k, args.index_params, args.k_factor, args.faiss_metric, args.torch_attention,
-        faiss_search=args.faiss_search))
+    if not os.path.isfile(args.memory):
+        raise UsageError(f"memory file {args.memory!r} " + ("is not a regular file" if os.path.exists(args.memory)
+                                                            else "does not exist"))
+    model, tokenizer = load_model(args.model, args.device, **attention(args))
     doc = Document.load(args.memory, model, tokenizer)
     for question in args.questions:
         answer = doc.ask(question, max_new_tokens=args.max_new_tokens, do_sample=False)
@@ -123,97 +189,108 @@ def cmd_ask(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    model, tokenizer = load_model(args.model, args.device, **memory_overrides(
-        args.index, args.k, args.index_params, args.k_factor, args.faiss_metric, args.torch_attention,
-        faiss_search=args.faiss_search))
-    prompt = open(args.file, encoding="utf-8").read() if args.file else args.prompt
-    if prompt is None:
-        raise SystemExit("generate: give a PROMPT or --file FILE")
+    import torch
+
+    if (args.prompt is None) == (args.file is None):
+        raise UsageError("generate: give a PROMPT or --file FILE (one of them)")
+    if args.file is not None:
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                prompt = f.read()
+        except (OSError, UnicodeDecodeError) as error:
+            raise UsageError(f"--file {args.file!r}: {error}") from None
+    else:
+        prompt = args.prompt
+    model, tokenizer = load_model(args.model, args.device, **attention(args))
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(args.device)
+    if ids.shape[1] == 0:
+        raise UsageError("generate: the prompt holds no tokens")
     sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.sample else {}
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                             **sampling)
+                             memory_spec=args.memory, **sampling)
     print(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
     return 0
 
 
+def attention(args) -> dict:
+    return {"torch_attention": True} if args.torch_attention else {}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="knn-longllama",
         description="LongLLaMA with kNN (Faiss) memory: read documents of millions of tokens into memory, "
                     "ask them questions, and measure passkey retrieval.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__,
     )
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument("--model", default=None,
                         help="'demo' (default: the small model shipped in the package) or a checkpoint folder "
                              "(official LongLLaMA or Hugging Face LLaMA)")
-    common.add_argument("--device", default="cpu", help="torch device, e.g. cpu (default) or cuda")
-    common.add_argument("--threads", type=int, default=None,
-                        help="threads for torch and Faiss together (default: their own defaults)")
-    common.add_argument("--index-params", default=None, help="Faiss search parameters, e.g. nprobe=32 or efSearch=64")
-    common.add_argument("--k-factor", type=int, default=None,
-                        help="fetch k-factor x k candidates and keep the k best by exact score (for PQ/SQ indices)")
-    common.add_argument("--faiss-metric", choices=["ip", "l2"], default=None,
-                        help="ip: keys in an inner-product index (default); l2: norm-augmented keys in an L2 index "
-                             "(higher recall for HNSW/IVF)")
-    common.add_argument("--faiss-search", choices=["index", "big_batch"], default=None,
-                        help="index: the Faiss index's own search (default); big_batch: IVF lists scanned once for "
-                             "all queries of a window (faiss.contrib.big_batch_search; faster on large indices at a high "
-                             "nprobe)")
+    common.add_argument("--device", type=device_name, default="cpu", help="torch device: cpu (default) or cuda[:N]")
+    common.add_argument("--threads", type=thread_count, default=None,
+                        help="threads for torch and Faiss together, 1 to the number of CPUs (default: their own)")
     common.add_argument("--torch-attention", action="store_true",
-                        help="fused SDPA instead of matmul + fp32 softmax in non-memory layers and, with --index dense, "
-                             "in memory layers (faster reading; same math up to float rounding)")
-    sub = parser.add_subparsers(dest="command", required=True)
+                        help="fused SDPA instead of matmul + fp32 softmax in non-memory layers and, with dense "
+                             "memory, in memory layers (faster; the same math up to float rounding)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    p = sub.add_parser("passkey", parents=[common], help="passkey retrieval accuracy (spec section 4) per length")
-    p.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192], help="prompt lengths in tokens")
-    p.add_argument("--index", nargs="+", default=["dense", "Flat"], help=INDEX_HELP + " (several allowed)")
-    p.add_argument("--k", type=int, nargs="+", default=[32], help="top-k values for the kNN indices")
-    p.add_argument("--trials", type=int, default=10, help="prompts per length (fixed seeds)")
+    p = sub.add_parser("passkey", parents=[common],
+                       help="passkey retrieval accuracy per length (docs/semantics.md, 'Passkey evaluation')")
+    p.add_argument("--lengths", type=positive_int, nargs="+", default=[512, 2048, 8192], help="prompt lengths in tokens")
+    p.add_argument("--memory", type=memory_spec, nargs="+", default=["dense", "Flat k=32"],
+                   help=MEMORY_HELP + " (several allowed)")
+    p.add_argument("--mem-layers", type=int, nargs="*", default=None,
+                   help="override the model's memory layers (no value: none, the ablation without memory)")
+    p.add_argument("--trials", type=positive_int, default=10, help="prompts per length (fixed seeds)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="run even where the RAM estimate exceeds the available RAM")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.set_defaults(func=cmd_passkey)
 
-    for name, helptext in (("read", "read a text file into memory and save it"),
-                           ("ask", "ask questions to a saved memory"),
-                           ("generate", "generate a continuation of a prompt or file")):
-        p = sub.add_parser(name, parents=[common], help=helptext)
-        p.add_argument("--index", default="dense", help=INDEX_HELP)
-        p.add_argument("--k", type=int, default=None, help="top-k for the kNN indices (default: the model's)")
-        if name == "read":
-            p.add_argument("file", help="UTF-8 text file")
-            p.add_argument("-o", "--output", required=True, help="memory file to write (safetensors)")
-            p.add_argument("--quiet", action="store_true", help="no progress bar")
-            p.set_defaults(func=cmd_read)
-        elif name == "ask":
-            p.add_argument("memory", help="memory file written by `knn-longllama read`")
-            p.add_argument("questions", nargs="+", help="one or more questions, each answered from the read state")
-            p.add_argument("--max-new-tokens", type=int, default=32)
-            p.set_defaults(func=cmd_ask)
-        else:
-            p.add_argument("prompt", nargs="?", default=None)
-            p.add_argument("--file", default=None, help="read the prompt from this file")
-            p.add_argument("--max-new-tokens", type=int, default=64)
-            p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-            p.add_argument("--temperature", type=float, default=1.0)
-            p.add_argument("--top-p", type=float, default=0.95)
-            p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("read", parents=[common], help="read a text file into memory and save it")
+    p.add_argument("file", help="UTF-8 text file")
+    p.add_argument("-o", "--output", required=True, help="memory file to write (safetensors)")
+    p.add_argument("--memory", type=memory_spec, default=None, help=MEMORY_HELP + " (default: the model's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_read)
+
+    p = sub.add_parser("ask", parents=[common], help="ask questions to a saved memory (read with its own spec)")
+    p.add_argument("memory", help="memory file written by `knn-longllama read`")
+    p.add_argument("questions", nargs="+", help="one or more questions, each answered from the read state")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("generate", parents=[common], help="generate a continuation of a prompt or file")
+    p.add_argument("prompt", nargs="?", default=None)
+    p.add_argument("--file", default=None, help="read the prompt from this file")
+    p.add_argument("--memory", type=memory_spec, default=None, help=MEMORY_HELP + " (default: the model's)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.set_defaults(func=cmd_generate)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.threads:
-        import knn_index
-
-        knn_index.set_num_threads(args.threads)
+    prog = "knn-longllama"
     try:
+        args = build_parser().parse_args(argv)
+        prog += f" {args.command}"
+        if args.threads:
+            import knn_index
+
+            knn_index.set_num_threads(args.threads)
         return args.func(args)
-    except ValueError as error:
-        print(f"knn-longllama {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:  # UsageError too: everything a user can type
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -3,10 +3,13 @@
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 
+from knn_index.spec import MemorySpec
+
 MEM_DTYPES = ("float32", "bfloat16", "float16")
-MEM_BACKENDS = ("dense", "faiss", "torch_topk")
-FAISS_METRICS = ("ip", "l2")  # as knn_index.KnnStore(faiss_metric=...); the config does not import Faiss
-FAISS_SEARCHES = ("index", "big_batch")  # as knn_index.KnnStore(faiss_search=...)
+# Memory fields of earlier versions, folded into `memory_spec` when a config or override carries them.
+LEGACY_MEMORY_FIELDS = ("mem_backend", "mem_index", "mem_knn_k", "mem_knn_k_factor", "mem_faiss_metric",
+                        "mem_faiss_search", "mem_index_params")
+LEGACY_BACKENDS = ("dense", "faiss", "torch_topk")
 
 
 @strict
@@ -30,21 +33,12 @@ class LongLlamaConfig(PreTrainedConfig):
     Added by this project:
 
     - `num_key_value_heads`: grouped-query attention (defaults to `num_attention_heads`, plain multi-head).
-    - `mem_backend`: `"dense"` (official: attend to the whole memory), `"faiss"` (top-k search in per-head Faiss
-      indices) or `"torch_topk"` (exact top-k in plain torch, any device).
-    - `mem_knn_k`: number of memory entries retrieved per query and head by the kNN backends.
-    - `mem_knn_k_factor`: the Faiss backend fetches `mem_knn_k_factor * mem_knn_k` candidates and keeps the
-      `mem_knn_k` with the best exact scores (as `faiss.IndexRefine`); raises the recall of compressed indices
-      (PQ, SQ). 1 (default): keep the index's own top-k, still with exact scores.
-    - `mem_faiss_metric`: how the Faiss index finds the inner-product top-k: `"ip"` (default: the keys in an
-      inner-product index) or `"l2"` (keys augmented to a common norm in an L2 index, the reduction of maximum
-      inner product search to L2 search; much higher recall for HNSW and IVF at the same search parameters).
-    - `mem_faiss_search`: how the Faiss backend searches: `"index"` (default: the index's own search) or
-      `"big_batch"` (IVF indices on the CPU: each inverted list scanned once for all the queries of a window that
-      probe it, `faiss.contrib.big_batch_search`; the same neighbours, faster on large indices at a high nprobe,
-      slower on small ones).
-    - `mem_index`: Faiss `index_factory` string (`"Flat"`, `"IVF1024,Flat"`, `"HNSW32"`, `"IVF1024,PQ16"`, `"SQ8"`...).
-    - `mem_index_params`: Faiss search parameters, e.g. `{"nprobe": 32}` or `{"efSearch": 64}`.
+    - `memory_spec`: how memory layers store and search their entries, one `knn_index.MemorySpec` in text form:
+      `"dense"` (official: attend to the whole memory), `"exact k=32"` (exact top-k in torch) or a Faiss
+      `index_factory` string with options, e.g. `"IVF1024,Flat k=32 nprobe=32 metric=l2"`. Validated here;
+      `read`, `generate` and `forward` also take a `memory_spec` per call. The fields of earlier versions
+      (`mem_backend`, `mem_index`, `mem_knn_k`, `mem_knn_k_factor`, `mem_faiss_metric`, `mem_faiss_search`,
+      `mem_index_params`) are still read and folded into it.
     """
 
     model_type = "longllama"
@@ -74,15 +68,12 @@ class LongLlamaConfig(PreTrainedConfig):
     mem_attention_grouping: list[int] | tuple[int, int] | None = None
     torch_attention: bool = False
     gradient_checkpoint_every_ith: int = 1
-    mem_backend: str = "dense"
-    mem_knn_k: int = 32
-    mem_knn_k_factor: int = 1
-    mem_faiss_metric: str = "ip"
-    mem_faiss_search: str = "index"
-    mem_index: str = "Flat"
-    mem_index_params: dict | None = None
+    memory_spec: str | dict | None = None
 
     def __post_init__(self, **kwargs):
+        legacy = {name: kwargs.pop(name) for name in LEGACY_MEMORY_FIELDS if name in kwargs}
+        if self.memory_spec is None:
+            self.memory_spec = legacy_memory_spec(legacy)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         self.mem_layers = [] if self.mem_layers is None else list(self.mem_layers)
@@ -131,16 +122,10 @@ class LongLlamaConfig(PreTrainedConfig):
                     "`mem_attention_grouping` must be null or a pair of positive ints (heads, queries), "
                     f"got {self.mem_attention_grouping!r}."
                 )
-        if self.mem_backend not in MEM_BACKENDS:
-            raise ValueError(f"`mem_backend` must be one of {MEM_BACKENDS}, got {self.mem_backend!r}.")
-        if not isinstance(self.mem_knn_k, int) or self.mem_knn_k <= 0:
-            raise ValueError(f"`mem_knn_k` must be a positive int, got {self.mem_knn_k!r}.")
-        if not isinstance(self.mem_knn_k_factor, int) or isinstance(self.mem_knn_k_factor, bool) or self.mem_knn_k_factor <= 0:
-            raise ValueError(f"`mem_knn_k_factor` must be a positive int (1: no re-ranking), got {self.mem_knn_k_factor!r}.")
-        if self.mem_faiss_metric not in FAISS_METRICS:
-            raise ValueError(f"`mem_faiss_metric` must be one of {FAISS_METRICS}, got {self.mem_faiss_metric!r}.")
-        if self.mem_faiss_search not in FAISS_SEARCHES:
-            raise ValueError(f"`mem_faiss_search` must be one of {FAISS_SEARCHES}, got {self.mem_faiss_search!r}.")
+        try:
+            self.memory_spec = str(MemorySpec.coerce(self.memory_spec))
+        except ValueError as error:
+            raise ValueError(f"`memory_spec`: {error}") from None
         if self.gradient_checkpoint_every_ith <= 0:
             raise ValueError(
                 f"`gradient_checkpoint_every_ith` must be a positive int, got {self.gradient_checkpoint_every_ith!r}."
@@ -171,6 +156,24 @@ class LongLlamaConfig(PreTrainedConfig):
         kwargs["rope_theta"] = rope.get("rope_theta", source.get("rope_theta", 10000.0))
         kwargs.update(overrides)
         return cls(**kwargs)
+
+
+def legacy_memory_spec(fields: dict) -> str:
+    """The `memory_spec` text equal to the memory fields of earlier versions (`LEGACY_MEMORY_FIELDS`)."""
+    backend = fields.get("mem_backend", "dense")
+    if backend not in LEGACY_BACKENDS:
+        raise ValueError(f"`mem_backend` must be one of {LEGACY_BACKENDS}, got {backend!r}.")
+    if backend == "dense":
+        return "dense"
+    spec = dict(index="exact" if backend == "torch_topk" else fields.get("mem_index", "Flat"),
+                k=fields.get("mem_knn_k", 32))
+    if backend == "faiss":
+        spec.update(k_factor=fields.get("mem_knn_k_factor", 1), metric=fields.get("mem_faiss_metric", "ip"),
+                    scan=fields.get("mem_faiss_search", "index"), index_params=fields.get("mem_index_params") or {})
+    try:
+        return str(MemorySpec(**spec))
+    except ValueError as error:
+        raise ValueError(f"`mem_backend`/`mem_index`/`mem_knn_k`...: {error}") from None
 
 
 def check_last_context_length(value) -> int:

@@ -1,83 +1,113 @@
 """Read a very long document into memory once, then ask it many questions; save and reload the memory.
 
-    doc = Document.read(model, "book.txt", tokenizer)     # or model.read(...)
+    doc = Document.read(model, tokenizer=tokenizer, path="book.txt", memory_spec="IVF1024,Flat k=32 nprobe=32")
     doc.ask("Who is Emma's friend?", max_new_tokens=20)
-    doc.save("book.memory")                                 # one safetensors file, written atomically
-    doc = Document.load("book.memory", model, tokenizer)
+    doc.save("book.memory")                                 # one safetensors file, written atomically and fsynced
+    doc = Document.load("book.memory", model, tokenizer)    # verified end to end before anything is used
 
 Reading streams the text window by window: full windows go straight into memory, so RAM beyond the memory itself
 stays bounded. `ask` equals `generate` on the concatenated tokens (document + question): reading only consumes
 whole windows that would be prefix windows of the concatenated input, and keeps the rest as pending tokens that
 each question feeds again. Every question starts from the read state: its own windows and evictions go to a
 private overlay (see `OverlayMemory`), never to the document's memory.
+
+A memory file is a safetensors file: the tensors of every memory layer (`layer{i}.*`) and the pending tokens, plus a
+JSON manifest in the metadata (format version, model fingerprint, memory spec, memory layers, token counts and the
+SHA-256 of every tensor) and a digest of that manifest: SHA-256, or HMAC-SHA256 with the key in the environment
+variable `KNN_LONGLLAMA_MEMORY_KEY` when it is set. See README, "Safety".
 """
 
 import hashlib
+import hmac
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterable, Iterator
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from knn_index import MemorySpec
+
+from .configuration_longllama import check_last_context_length
 from .memory import OverlayMemory
 from .modeling_longllama import LongLlamaCache
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 TEXT_CHUNK_CHARS = 1 << 16
+MANIFEST_KEY, DIGEST_KEY = "knn_longllama_manifest", "knn_longllama_digest"
+KEY_ENV = "KNN_LONGLLAMA_MEMORY_KEY"
+MANIFEST_FIELDS = {"format_version": int, "model_fingerprint": str, "memory_spec": str, "mem_layers": list,
+                   "num_tokens": int, "last_context_length": int, "checksums": dict}
+FINGERPRINT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                      "num_key_value_heads", "max_position_embeddings", "rope_theta", "rms_norm_eps", "hidden_act",
+                      "mem_layers", "mem_positionals", "mem_dtype")
 
 
 def model_fingerprint(model) -> str:
-    """What a memory depends on: the architecture and memory settings, and the weights that make memory keys."""
+    """SHA-256 of what shapes a memory's keys and values: the architecture fields and every weight up to the last
+    memory layer (embeddings, attention, MLPs and norms of layers 0..max(mem_layers))."""
     config = model.config
-    fields = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "max_position_embeddings", "rope_theta", "mem_layers", "mem_positionals",
-              "mem_dtype", "mem_backend", "mem_index"]
-    digest = hashlib.sha256(json.dumps({f: getattr(config, f) for f in fields}, sort_keys=True).encode())
-    for idx in config.mem_layers:
-        attn = model.model.layers[idx].self_attn
-        for proj in (attn.k_proj, attn.v_proj):
-            digest.update(proj.weight.detach().float().cpu().numpy().tobytes())
+    digest = hashlib.sha256(json.dumps({f: getattr(config, f) for f in FINGERPRINT_FIELDS}, sort_keys=True).encode())
+    last = max(config.mem_layers, default=-1)
+    for name, param in model.model.named_parameters():
+        parts = name.split(".")
+        if parts[0] == "embed_tokens" or (parts[0] == "layers" and int(parts[1]) <= last):
+            digest.update(name.encode())
+            digest.update(param.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
-def iter_token_chunks(source, tokenizer) -> Iterator[list[int]]:
-    """Token ids of a document, chunk by chunk: a path, a string, token ids, or an iterable of strings.
+def check_output_path(path, *inputs) -> str:
+    """`path` as a string if a memory file can be written there: its folder exists, it is not a folder, and it is
+    none of `inputs` (never overwrite what is being read). Raises ValueError naming the path otherwise."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"output {path!r}: the folder {folder!r} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"output {path!r} is a folder; give a file name such as {os.path.join(path, 'doc.memory')!r}")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"output {path!r}: the folder {folder!r} is not writable")
+    for other in inputs:
+        if other is not None and os.path.exists(path) and os.path.exists(other) and os.path.samefile(path, other):
+            raise ValueError(f"output {path!r} is the input file; choose another output path")
+    return path
 
-    Text is tokenized incrementally in pieces of about 64k characters cut after a newline, without special tokens;
-    the first piece gets the tokenizer's BOS token if it adds one.
-    """
-    if isinstance(source, torch.Tensor):
-        yield source.flatten().tolist()
+
+def iter_token_chunks(tokenizer, *, path=None, text=None, ids=None, texts=None) -> Iterator[list[int]]:
+    """Token ids of a document, chunk by chunk, from exactly one of a file `path`, a `text`, token `ids` or an
+    iterable of `texts`. Text is tokenized incrementally in pieces of about 64k characters cut after a newline,
+    without special tokens except the tokenizer's BOS on the first piece."""
+    if ids is not None:
+        yield ids
         return
-    if isinstance(source, (list, tuple)) and source and isinstance(source[0], int):
-        yield list(source)
-        return
-    if isinstance(source, (str, os.PathLike)) and os.path.isfile(source):
-        texts = _file_pieces(source)
-    elif isinstance(source, str):
-        texts = [source]
-    elif isinstance(source, Iterable):
-        texts = source
-    else:
-        raise ValueError(f"`source` must be a path, a string, token ids or an iterable of strings, got {type(source)}.")
     if tokenizer is None:
         raise ValueError("`tokenizer` is required to read text; pass token ids to read without one.")
+    pieces = _file_pieces(path) if path is not None else [text] if text is not None else texts
     first = True
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=first)["input_ids"]
+    for piece in pieces:
+        if not isinstance(piece, str):
+            raise ValueError(f"`source` must yield strings, got {type(piece).__name__}")
+        chunk = tokenizer(piece, add_special_tokens=first)["input_ids"]
         first = False
-        if ids:
-            yield ids
+        if chunk:
+            yield chunk
 
 
 def _file_pieces(path) -> Iterator[str]:
     with open(path, encoding="utf-8") as f:
         carry = ""
-        while chunk := f.read(TEXT_CHUNK_CHARS):
+        while True:
+            try:
+                chunk = f.read(TEXT_CHUNK_CHARS)
+            except UnicodeDecodeError as error:
+                raise ValueError(f"path {os.fspath(path)!r} is not UTF-8 text: {error.reason} at byte {error.start} "
+                                 "of a chunk") from None
+            if not chunk:
+                break
             text = carry + chunk
             cut = text.rfind("\n") + 1
             if cut == 0:
@@ -89,39 +119,88 @@ def _file_pieces(path) -> Iterator[str]:
             yield carry
 
 
+def _source_kwargs(source, path, text, vocab_size: int) -> dict:
+    """Exactly one source, as keyword arguments of `iter_token_chunks`."""
+    if sum(x is not None for x in (source, path, text)) != 1:
+        raise ValueError("Give exactly one of `source` (a Path, token ids or an iterable of strings), `path=` or "
+                         "`text=`.")
+    if isinstance(source, str):
+        raise ValueError("A str `source` is ambiguous: pass `path=` to read a file or `text=` to read the string.")
+    if isinstance(source, os.PathLike):
+        path = source
+    if path is not None:
+        if not os.path.exists(path):
+            raise ValueError(f"path {os.fspath(path)!r} does not exist")
+        if not os.path.isfile(path):
+            raise ValueError(f"path {os.fspath(path)!r} is not a regular file")
+        return dict(path=path)
+    if text is not None:
+        if not isinstance(text, str):
+            raise ValueError(f"`text` must be a str, got {type(text).__name__}")
+        return dict(text=text)
+    if isinstance(source, torch.Tensor) or (isinstance(source, (list, tuple)) and source and
+                                            all(isinstance(i, int) for i in source)):
+        return dict(ids=token_ids(source, vocab_size))
+    if isinstance(source, Iterable) and not isinstance(source, (bytes, dict)):
+        return dict(texts=source)
+    raise ValueError(f"`source` must be a Path, token ids or an iterable of strings, got {type(source).__name__}; "
+                     "pass `path=` or `text=` for a file or a string.")
+
+
+def token_ids(ids, vocab_size: int) -> list[int]:
+    """`ids` (a tensor or a list of ints, any shape) as a flat list, checked to lie in [0, vocab_size)."""
+    try:
+        t = torch.as_tensor(ids).flatten()
+    except (TypeError, ValueError, RuntimeError):
+        t = None
+    if t is None or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool or \
+            (t.numel() and (t.min() < 0 or t.max() >= vocab_size)):
+        raise ValueError(f"token ids must be integers in [0, {vocab_size}) (the model's vocab_size)")
+    return t.tolist()
+
+
 class Document:
     """A document in memory: per-layer memories of its full windows plus the pending tail tokens."""
 
     def __init__(self, model, tokenizer, memories: dict, pending: list[int], num_tokens: int,
-                 last_context_length: int):
+                 last_context_length: int, memory_spec: str):
         self.model, self.tokenizer = model, tokenizer
         self.memories, self.pending = memories, pending
         self.num_tokens, self.last_context_length = num_tokens, last_context_length
+        self.memory_spec = memory_spec
 
     @classmethod
     @torch.no_grad()
-    def read(cls, model, source, tokenizer=None, *, last_context_length: int | None = None,
-             progress: bool = True) -> "Document":
-        """Stream `source` into memory window by window (see module docstring)."""
+    def read(cls, model, source=None, tokenizer=None, *, path=None, text=None, memory_spec=None,
+             last_context_length: int | None = None, progress: bool = True) -> "Document":
+        """Stream a document into memory window by window (see the module docstring).
+
+        The document is one of: `path=` (a UTF-8 text file), `text=` (a string), or `source`: a `pathlib.Path`,
+        token ids (tensor or list of ints) or an iterable of strings. A plain `str` source is refused: it could be
+        either a path or text. `memory_spec` (default: the model config's) says how memory layers store and search.
+        """
         config = model.config
         lctx = config.max_position_embeddings
-        tail = last_context_length if last_context_length is not None else config.last_context_length
+        tail = check_last_context_length(config.last_context_length if last_context_length is None
+                                         else last_context_length)
+        chunks = iter_token_chunks(tokenizer, **_source_kwargs(source, path, text, config.vocab_size))
+        spec = config.memory_spec if memory_spec is None else memory_spec
         device = model.device
-        memories = {idx: model.model.new_memory(1, device, model.dtype) for idx in config.mem_layers}
+        memories = {idx: model.model.new_memory(1, device, spec) for idx in config.mem_layers}
         buffer, total = [], 0
-        bar = tqdm(desc="reading", unit="tok", disable=not progress)
-        for chunk in iter_token_chunks(source, tokenizer):
-            buffer.extend(chunk)
-            total += len(chunk)
-            ready = (len(buffer) - tail) // lctx * lctx  # whole windows that stay prefix windows however it ends
-            if ready > 0:
-                model.model.write_memory(torch.tensor([buffer[:ready]], device=device), memories)
-                del buffer[:ready]
-                bar.update(ready)
-        bar.close()
+        with tqdm(desc="reading", unit="tok", disable=not progress) as bar:
+            for chunk in chunks:
+                buffer.extend(chunk)
+                total += len(chunk)
+                ready = (len(buffer) - tail) // lctx * lctx  # whole windows that stay prefix windows however it ends
+                for beg in range(0, max(ready, 0), lctx):
+                    model.model.write_memory(torch.tensor([buffer[beg:beg + lctx]], device=device), memories)
+                    bar.update(lctx)
+                if ready > 0:
+                    del buffer[:ready]
         if total == 0:
-            raise ValueError("`source` holds no tokens.")
-        return cls(model, tokenizer, memories, buffer, total, tail)
+            raise ValueError("the document holds no tokens")
+        return cls(model, tokenizer, memories, buffer, total, tail, str(MemorySpec.coerce(spec)))
 
     def new_cache(self) -> LongLlamaCache:
         """A generation cache over this document's memory; what it adds goes to a private overlay."""
@@ -141,8 +220,10 @@ class Document:
                 raise ValueError("`question` is text but the document has no tokenizer; pass token ids.")
             question_ids = self.tokenizer(question, add_special_tokens=False)["input_ids"]
         else:
-            question_ids = torch.as_tensor(question).flatten().tolist()
+            question_ids = token_ids(question, self.model.config.vocab_size)
         ids = torch.tensor([self.pending + question_ids], device=self.model.device)
+        if ids.shape[1] == 0:
+            raise ValueError("`question` is empty and nothing of the document is pending")
         generate_kwargs.setdefault("last_context_length", self.last_context_length)
         out = self.model.generate(ids, attention_mask=torch.ones_like(ids), cache=self.new_cache(), **generate_kwargs)
         new = out[:, ids.shape[1] :]
@@ -150,70 +231,167 @@ class Document:
 
     # -- persistence -----------------------------------------------------------------------------------------
     def save(self, path) -> None:
-        """Write the memory of every layer to one safetensors file, atomically (temp file + rename)."""
+        """Write the memory of every layer to one safetensors file: a temporary file in the same folder, fsynced,
+        renamed over `path`, then the folder fsynced. The file gets the permissions the umask gives."""
+        path = check_output_path(path)
         tensors = {}
         for idx, memory in self.memories.items():
             for name, tensor in memory.state_dict().items():
                 tensors[f"layer{idx}.{name}"] = tensor.detach().cpu().contiguous()
         tensors["pending"] = torch.tensor(self.pending, dtype=torch.int64)
-        config = self.model.config
-        manifest = {
+        manifest = json.dumps({
             "format_version": FORMAT_VERSION,
             "model_fingerprint": model_fingerprint(self.model),
-            "backend": config.mem_backend,
-            "index": config.mem_index if config.mem_backend == "faiss" else None,
-            "mem_layers": list(config.mem_layers),
+            "memory_spec": self.memory_spec,
+            "mem_layers": list(self.model.config.mem_layers),
             "num_tokens": self.num_tokens,
             "last_context_length": self.last_context_length,
             "checksums": {name: _sha256(t) for name, t in tensors.items()},
-        }
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"knn_longllama_manifest": json.dumps(manifest)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        }, sort_keys=True)
+        _atomic_save(tensors, path, {MANIFEST_KEY: manifest, DIGEST_KEY: _digest(manifest)})
 
     @classmethod
     def load(cls, path, model, tokenizer=None) -> "Document":
-        """Load a saved memory; refuses (ValueError) another model or config, corruption, or an unknown version."""
+        """Load a saved memory, verified end to end before use: the manifest digest (or HMAC), every tensor's
+        checksum (no tensor missing or extra), the model fingerprint, and every manifest field and tensor against
+        the model and the memory spec. Anything else raises ValueError naming the file."""
         path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise ValueError(f"memory file {path!r} does not exist" if not os.path.exists(path) else
+                             f"memory file {path!r} is not a regular file")
         try:
-            tensors = load_file(path)
-            from safetensors import safe_open
-
             with safe_open(path, framework="pt") as f:
                 metadata = f.metadata() or {}
-        except (SafetensorError, OSError, RuntimeError) as error:
+            tensors = load_file(path)
+        except (SafetensorError, OSError, RuntimeError, ValueError) as error:
             raise ValueError(f"{path!r} is not a readable knn_longllama memory file (truncated or corrupted?): "
-                             f"{error}") from error
-        if "knn_longllama_manifest" not in metadata:
-            raise ValueError(f"{path!r} has no knn_longllama manifest; not a memory saved by Document.save.")
-        manifest = json.loads(metadata["knn_longllama_manifest"])
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path!r} has memory format version {manifest.get('format_version')!r}; "
-                             f"this version of knn_longllama reads version {FORMAT_VERSION}.")
+                             f"{error}") from None
+        try:
+            manifest = _verified_manifest(metadata, tensors)
+            return cls._from_verified(manifest, tensors, model, tokenizer)
+        except ValueError as error:
+            raise ValueError(f"{path!r}: {error}") from None
+
+    @classmethod
+    def _from_verified(cls, manifest: dict, tensors: dict, model, tokenizer) -> "Document":
+        config = model.config
         if manifest["model_fingerprint"] != model_fingerprint(model):
-            raise ValueError(f"{path!r} was made by another model or memory configuration "
-                             f"(backend {manifest['backend']!r}, index {manifest['index']!r}, "
-                             f"mem_layers {manifest['mem_layers']}); load it with the model that wrote it.")
-        for name, digest in manifest["checksums"].items():
-            if name not in tensors or _sha256(tensors[name]) != digest:
-                raise ValueError(f"{path!r} is corrupted: checksum mismatch for {name!r}.")
-        device = model.device
+            raise ValueError(f"made by another model or memory configuration (mem_layers {manifest['mem_layers']}, "
+                             f"memory_spec {manifest['memory_spec']!r}); load it with the model that wrote it")
+        if manifest["mem_layers"] != list(config.mem_layers):
+            raise ValueError(f"memory layers {manifest['mem_layers']} differ from the model's {config.mem_layers}")
+        spec = str(MemorySpec.coerce(manifest["memory_spec"]))
+        tail, num_tokens = manifest["last_context_length"], manifest["num_tokens"]
+        lctx = config.max_position_embeddings
+        pending = tensors.pop("pending", None)
+        if pending is None or pending.dtype != torch.int64 or pending.dim() != 1:
+            raise ValueError("the tensor 'pending' must be int64 token ids of one dimension")
+        pending = token_ids(pending, config.vocab_size)
+        unknown = [name for name in tensors if not any(name.startswith(f"layer{i}.") for i in config.mem_layers)]
+        if unknown:
+            raise ValueError(f"holds tensors of no memory layer: {unknown}")
         memories = {}
-        for idx in model.config.mem_layers:
+        for idx in config.mem_layers:
             prefix = f"layer{idx}."
-            memory = model.model.new_memory(1, device, model.dtype)
-            memory.load_state_dict({k[len(prefix):]: v.to(device) for k, v in tensors.items() if k.startswith(prefix)})
+            memory = model.model.new_memory(1, model.device, spec)
+            memory.load_state_dict({k[len(prefix):]: v.to(model.device) for k, v in tensors.items()
+                                    if k.startswith(prefix)})
+            if len(memory) + len(pending) != num_tokens:
+                raise ValueError(f"layer {idx} holds {len(memory)} tokens and {len(pending)} are pending, but the "
+                                 f"manifest says num_tokens={num_tokens}")
             memories[idx] = memory
-        return cls(model, tokenizer, memories, tensors["pending"].tolist(), manifest["num_tokens"],
-                   manifest["last_context_length"])
+        stored = num_tokens - len(pending)
+        if stored % lctx or not min(num_tokens, tail) <= len(pending) < tail + lctx:
+            raise ValueError(f"{stored} tokens in memory and {len(pending)} pending are not a read state for "
+                             f"windows of {lctx} and last_context_length={tail}")
+        return cls(model, tokenizer, memories, pending, num_tokens, tail, spec)
+
+
+def _verified_manifest(metadata: dict, tensors: dict) -> dict:
+    """The manifest, once its digest, schema and every tensor checksum are verified."""
+    if MANIFEST_KEY not in metadata:
+        raise ValueError("no knn_longllama manifest; not a memory saved by Document.save")
+    text = metadata[MANIFEST_KEY]
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"the manifest is not valid JSON: {error}") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"the manifest must be a JSON object, got {type(manifest).__name__}")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        hint = "; its manifest is not covered by a digest, so read the document again" if version == 1 else ""
+        raise ValueError(f"memory format version {version!r}; this version of knn_longllama reads version "
+                         f"{FORMAT_VERSION}{hint}")
+    scheme, _, stored = metadata.get(DIGEST_KEY, "").partition(":")
+    key = os.environ.get(KEY_ENV)
+    if scheme == "hmac-sha256" and not key:
+        raise ValueError(f"the file is signed with a key; set {KEY_ENV} to the key it was saved with")
+    if scheme == "sha256" and key:
+        raise ValueError(f"the file is not signed, and {KEY_ENV} is set: only files signed with that key load")
+    if scheme not in ("sha256", "hmac-sha256") or not hmac.compare_digest(stored, _digest(text).partition(":")[2]):
+        raise ValueError("the manifest does not match its digest (edited or corrupted)" if scheme != "hmac-sha256"
+                         else f"the manifest does not match its HMAC (edited, or signed with another {KEY_ENV})")
+    if set(manifest) != set(MANIFEST_FIELDS) or any(
+            not isinstance(manifest[f], t) or isinstance(manifest[f], bool) for f, t in MANIFEST_FIELDS.items()):
+        raise ValueError(f"the manifest must hold exactly {', '.join(MANIFEST_FIELDS)} with types "
+                         f"{[t.__name__ for t in MANIFEST_FIELDS.values()]}")
+    if manifest["num_tokens"] < 1 or manifest["last_context_length"] < 1 or \
+            not all(isinstance(i, int) and not isinstance(i, bool) for i in manifest["mem_layers"]):
+        raise ValueError("the manifest's num_tokens and last_context_length must be positive and mem_layers ints")
+    checksums = manifest["checksums"]
+    if set(checksums) != set(tensors):
+        raise ValueError(f"every tensor must have a checksum: missing for {sorted(set(tensors) - set(checksums))}, "
+                         f"no tensor for {sorted(set(checksums) - set(tensors))}")
+    for name, tensor in tensors.items():
+        if not hmac.compare_digest(str(checksums[name]), _sha256(tensor)):
+            raise ValueError(f"corrupted: checksum mismatch for {name!r}")
+    return manifest
+
+
+def _digest(text: str) -> str:
+    """"hmac-sha256:<hex>" of `text` with the key in KNN_LONGLLAMA_MEMORY_KEY when set, else "sha256:<hex>"."""
+    key = os.environ.get(KEY_ENV)
+    if key:
+        return "hmac-sha256:" + hmac.new(key.encode(), text.encode(), hashlib.sha256).hexdigest()
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def _atomic_save(tensors: dict, path: str, metadata: dict) -> None:
+    folder, name = os.path.split(os.path.abspath(path))
+    prefix = f".{name}.tmp-"
+    for stale in os.listdir(folder):  # left by a save that was killed: its process is gone
+        pid = stale[len(prefix):].partition("-")[0]
+        if stale.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+            os.remove(os.path.join(folder, stale))
+    tmp = os.path.join(folder, f"{prefix}{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _sha256(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+    return hashlib.sha256(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()

@@ -130,23 +130,15 @@ class DenseMemory:
 class KnnMemory:
     """Top-k memory: per (row, KV head) kNN search, exact re-scoring of the retrieved keys, one joint softmax.
 
-    With k >= the number of stored tokens it offers every entry and equals `DenseMemory`.
+    With k >= the number of stored tokens it offers every entry, as `DenseMemory` does, without searching or
+    gathering a copy of the values per query.
     """
 
-    def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, *, k: int, backend: str, index: str,
-                 index_params: dict | None, dtype: torch.dtype, device, k_factor: int = 1, faiss_metric: str = "ip",
-                 faiss_search: str = "index"):
+    def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, spec, *, dtype: torch.dtype, device):
         import knn_index  # the Faiss side is only needed by the kNN backends
 
-        self.k = k
-        if backend == "torch_topk":  # exact: the Faiss index settings do not apply
-            index, index_params, k_factor, faiss_metric, faiss_search = "Flat", None, 1, "ip", "index"
-        self.store = knn_index.KnnStore(
-            batch_size, num_kv_heads, head_dim,
-            index=index, backend="torch" if backend == "torch_topk" else "faiss",
-            index_params=index_params, dtype=dtype, device=device, k_factor=k_factor, faiss_metric=faiss_metric,
-            faiss_search=faiss_search,
-        )
+        self.store = knn_index.KnnStore(batch_size, num_kv_heads, head_dim, spec, dtype=dtype, device=device)
+        self.k = self.store.spec.k
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
         self.store.add(keys.detach(), values.detach(), mask.bool())
@@ -154,7 +146,11 @@ class KnnMemory:
     def lookup(self, queries: torch.Tensor, h0: int, h1: int) -> MemoryLookup | None:
         if len(self.store) == 0:
             return None
-        found = self.store.search(queries.detach(), self.k, heads=slice(h0, h1))
+        if self.k >= len(self.store):  # the top-k is the whole memory
+            keys, values, valid = self.store.entries(slice(h0, h1))
+            return MemoryLookup(scores=queries @ keys.to(queries.dtype).transpose(-1, -2),
+                                valid=valid[:, None, None, :], values=values)
+        found = self.store.search(queries.detach(), heads=slice(h0, h1))
         return MemoryLookup(scores=found.scores.to(queries.dtype), valid=found.ids >= 0, values=found.values)
 
     def __len__(self) -> int:
@@ -167,14 +163,22 @@ class KnnMemory:
         self.store.reset()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        from knn_index.state import store_state
-
-        return store_state(self.store)
+        return self.store.state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        from knn_index.state import load_store_state
+        self.store.load_state_dict(state)
 
-        load_store_state(self.store, state)
+
+def make_memory(spec, batch_size: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype, device):
+    """An empty memory for one memory layer: `DenseMemory` for spec "dense", else a `KnnMemory`.
+
+    spec: a `knn_index.MemorySpec` (or its text / dict form, validated here)."""
+    from knn_index import MemorySpec
+
+    spec = MemorySpec.coerce(spec)
+    if spec.kind == "dense":
+        return DenseMemory(dtype)
+    return KnnMemory(batch_size, num_kv_heads, head_dim, spec, dtype=dtype, device=device)
 
 
 def crossbatch_sources(batch_size: int, extra_contexts: int, device=None) -> torch.Tensor:
@@ -231,20 +235,21 @@ class OverlayMemory:
         self.overlay.add(keys, values, mask)
 
     def lookup(self, queries: torch.Tensor, h0: int, h1: int) -> MemoryLookup | None:
-        base = self.base.lookup(queries, h0, h1)
         extra = self.overlay.lookup(queries, h0, h1)
-        if base is None or extra is None:
-            return base if extra is None else extra
-        if base.values.dim() == 4:  # dense base: plain concatenation
-            valid = torch.cat([base.valid, extra.valid], dim=-1)  # both [B, 1, 1, n]
-            return MemoryLookup(torch.cat([base.scores, extra.scores], -1), valid, torch.cat([base.values, extra.values], 2))
+        base = self.base.lookup(queries, h0, h1)
+        if extra is None:
+            return base
+        parts = [extra] if base is None else [base, extra]
+        scores = torch.cat([p.scores for p in parts], dim=-1)
+        k = getattr(self.base, "k", None)  # kNN base: keep the top-k of base and overlay together
+        if all(p.values.dim() == 4 for p in parts) and (k is None or k >= scores.shape[-1]):  # every entry
+            valid = torch.cat([p.valid for p in parts], dim=-1)  # each [B, 1, 1, n]
+            return MemoryLookup(scores, valid, torch.cat([p.values.to(extra.values.dtype) for p in parts], dim=2))
         q = queries.shape[2]
-        extra_values = extra.values[:, :, None].expand(-1, -1, q, -1, -1)
-        scores = torch.cat([base.scores, extra.scores], dim=-1)
-        valid = torch.cat([base.valid.expand_as(base.scores), extra.valid.expand_as(extra.scores)], dim=-1)
-        values = torch.cat([base.values.to(extra_values.dtype), extra_values], dim=3)
-        k = min(self.base.k, scores.shape[-1])
-        top = scores.masked_fill(~valid, float("-inf")).topk(k, dim=-1).indices
+        per_query = lambda v: v if v.dim() == 5 else v[:, :, None].expand(-1, -1, q, -1, -1)  # noqa: E731
+        valid = torch.cat([p.valid.expand_as(p.scores) for p in parts], dim=-1)
+        values = torch.cat([per_query(p.values).to(extra.values.dtype) for p in parts], dim=3)
+        top = scores.masked_fill(~valid, float("-inf")).topk(min(k, scores.shape[-1]), dim=-1).indices
         gather = lambda t: t.gather(-1, top)  # noqa: E731
         values = values.gather(3, top[..., None].expand(-1, -1, -1, -1, values.shape[-1]))
         return MemoryLookup(gather(scores), gather(valid), values)

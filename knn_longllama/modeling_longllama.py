@@ -17,8 +17,9 @@ from transformers.cache_utils import Cache
 from transformers.generation.stopping_criteria import MaxLengthCriteria
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .configuration_longllama import LongLlamaConfig, check_last_context_length
-from .memory import CrossBatchMemory, DenseMemory, KnnMemory
+from .configuration_longllama import (LEGACY_MEMORY_FIELDS, LongLlamaConfig, check_last_context_length,
+                                     legacy_memory_spec)
+from .memory import CrossBatchMemory, make_memory
 
 
 def split_windows(num_tokens: int, window: int, last_context_length: int) -> list[tuple[int, int]]:
@@ -296,10 +297,16 @@ class LongLlamaPreTrainedModel(PreTrainedModel):
         """Load an official LongLLaMA folder (`model_type: "longllama"`, no `trust_remote_code` needed) or a plain
         Hugging Face LLaMA folder or GGUF file (`model_type: "llama"`, GQA allowed), whose memory layers are then
         those given as `mem_layers=[...]` (none by default). Config fields passed as keyword arguments
-        (`mem_layers`, `mem_dtype`, `mem_attention_grouping`, `last_context_length`, `mem_backend`, ...) override
+        (`mem_layers`, `mem_dtype`, `mem_attention_grouping`, `last_context_length`, `memory_spec`, ...) override
         the stored config."""
         if config is None:
-            overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in LongLlamaConfig.__annotations__}
+            fields = set(LongLlamaConfig.__annotations__) | set(LEGACY_MEMORY_FIELDS)
+            overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in fields}
+            legacy = {key: overrides.pop(key) for key in LEGACY_MEMORY_FIELDS if key in overrides}
+            if legacy and "memory_spec" in overrides:
+                raise ValueError(f"Pass `memory_spec` alone, not together with {sorted(legacy)}.")
+            if legacy:
+                overrides["memory_spec"] = legacy_memory_spec(legacy)
             if kwargs.get("gguf_file"):
                 # transformers maps GGUF tensor names by model type: load as LLaMA, then convert.
                 llama = LlamaForCausalLM.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
@@ -347,19 +354,12 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def new_memory(self, batch_size: int, device, dtype: torch.dtype):
-        """An empty memory for one memory layer, as configured (`mem_backend`, `mem_dtype`, `mem_knn_k`, ...)."""
-        config = self.config
-        config.validate_longllama()  # memory settings may have been changed on the loaded model
-        mem_dtype = getattr(torch, config.mem_dtype)
-        if config.mem_backend == "dense":
-            return DenseMemory(mem_dtype)
-        return KnnMemory(
-            batch_size, config.num_key_value_heads, config.head_dim, k=config.mem_knn_k, backend=config.mem_backend,
-            index=config.mem_index, index_params=config.mem_index_params, dtype=mem_dtype, device=device,
-            k_factor=config.mem_knn_k_factor, faiss_metric=config.mem_faiss_metric,
-            faiss_search=config.mem_faiss_search,
-        )
+    def new_memory(self, batch_size: int, device, memory_spec=None):
+        """An empty memory for one memory layer: `memory_spec` (a `knn_index.MemorySpec` or its text form), or the
+        config's `memory_spec`; keys and values stored in `mem_dtype`."""
+        spec = self.config.memory_spec if memory_spec is None else memory_spec
+        return make_memory(spec, batch_size, self.config.num_key_value_heads, self.config.head_dim,
+                           dtype=getattr(torch, self.config.mem_dtype), device=device)
 
     def forward(
         self,
@@ -374,13 +374,16 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         return_dict: bool | None = None,
         keep_last: int = 0,
         crossbatch_contexts: int = 0,
+        memory_spec=None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        """Run N new tokens through the model, window by window (spec: long inputs, cache and generation).
+        """Run N new tokens through the model, window by window (docs/semantics.md, "Windows" and "Eviction and generation").
 
         keep_last: if > 0, only the hidden states of the last `keep_last` tokens are returned (saves memory on
         very long inputs).
-        crossbatch_contexts: FoT training (spec section 5). If > 0, the input is one window per row and each
+        memory_spec: how memories created for this call store and search (default: the config's `memory_spec`);
+        a cache that already holds memories keeps them.
+        crossbatch_contexts: FoT training (docs/semantics.md, "FoT cross-batch training"). If > 0, the input is one window per row and each
         memory layer attends, with gradients, to the un-rotated keys/values of the previous `crossbatch_contexts`
         rows of the batch instead of a memory.
         """
@@ -432,7 +435,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         memories = cache.memories if cache is not None else {}
         for idx in config.mem_layers if not crossbatch_contexts else ():
             if idx not in memories:
-                memories[idx] = self.new_memory(bsz, device, inputs_embeds.dtype)
+                memories[idx] = self.new_memory(bsz, device, memory_spec)
 
         windows = split_windows(num_tokens, lctx, last_context_length)
         kept_hidden, all_hidden = [], []
@@ -557,13 +560,6 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
             # Without it, transformers caps the default length at max_position_embeddings (our window length).
             self.generation_config.max_new_tokens = 20
 
-    def read(self, source, tokenizer=None, **kwargs):
-        """Read a long document (path, text, token ids or iterable of text) into memory once; returns a
-        `Document` to `ask` many questions, `save` and `Document.load` again. See `knn_longllama.document`."""
-        from .document import Document
-
-        return Document.read(self, source, tokenizer, **kwargs)
-
     def _get_stopping_criteria(self, *args, **kwargs):
         # transformers warns when generation passes `max_position_embeddings`; for LongLLaMA that is the window
         # length, and going past it is the point.
@@ -599,12 +595,14 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
         last_context_length: int | None = None,
         logits_to_keep: int = 0,
         crossbatch_contexts: int = 0,
+        memory_spec=None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits for all input tokens (or the last `logits_to_keep`); `labels` give the full-sequence loss.
 
         last_context_length: trailing tokens kept in the local cache instead of memory (default: the config's).
         crossbatch_contexts: FoT cross-batch training, see `LongLlamaModel.forward`.
+        memory_spec: the memory of a new cache (a `knn_index.MemorySpec` or its text form); default the config's.
         """
         if labels is not None and logits_to_keep:
             raise ValueError("`labels` need the logits of every token; do not combine them with `logits_to_keep`.")
@@ -619,6 +617,7 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             keep_last=logits_to_keep,
             crossbatch_contexts=crossbatch_contexts,
+            memory_spec=memory_spec,
         )
         logits = self.lm_head(outputs.last_hidden_state)
         loss = None

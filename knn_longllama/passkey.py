@@ -6,14 +6,12 @@ length is uniform in [0, n_garbage] and the suffix takes the rest; the key is un
 greedily generates as many tokens as the answer has, and a trial is correct iff the generated ids equal the answer's
 ids (the key tokenized on its own, without special tokens).
 
-    python -m knn_longllama.passkey --lengths 512 2048 8192 --trials 20            # the demo model
-    python -m knn_longllama.passkey --model path/to/checkpoint --lengths 16384
+    knn-longllama passkey --lengths 512 2048 8192 --trials 20                      # the demo model
+    knn-longllama passkey --model path/to/checkpoint --lengths 16384 --memory dense "IVF1024,Flat k=32 nprobe=32"
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import time
 from collections.abc import Iterator
@@ -80,12 +78,16 @@ def chars_per_token(tokenizer, filler: str = FILLER, n_chars: int = 20000) -> fl
     return len(text) / len(tokenizer(text, add_special_tokens=False).input_ids)
 
 
+def fixed_prompt_tokens(tokenizer) -> int:
+    """Tokens of a prompt without filler (with a typical 5-digit key): the shortest passkey prompt."""
+    fixed, _ = make_passkey_prompt(0, random.Random(0), key=12345)
+    return len(tokenizer(fixed).input_ids)
+
+
 def n_garbage_for_tokens(tokenizer, target_tokens: int, filler: str = FILLER) -> int:
     """Filler characters that make a prompt of about `target_tokens` tokens: the tokens left after the fixed parts
-    (prompt with no filler, plus a typical 5-digit key) times the filler's characters per token."""
-    fixed, _ = make_passkey_prompt(0, random.Random(0), key=12345)
-    fixed_tokens = len(tokenizer(fixed).input_ids)
-    return max(0, int((target_tokens - fixed_tokens) * chars_per_token(tokenizer, filler)))
+    (`fixed_prompt_tokens`) times the filler's characters per token."""
+    return max(0, int((target_tokens - fixed_prompt_tokens(tokenizer)) * chars_per_token(tokenizer, filler)))
 
 
 @torch.no_grad()
@@ -109,6 +111,8 @@ def passkey_accuracy(model, tokenizer, target_tokens: int, trials: int = 20, see
                      n_garbage: int | None = None, **generate_kwargs) -> dict:
     """Accuracy over `trials` seeded passkey prompts of about `target_tokens` tokens (or exactly `n_garbage` filler
     characters). The trials of one (seed, length) pair are the same for every model and tokenizer."""
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise ValueError(f"trials must be a positive int, got {trials!r}")
     if n_garbage is None:
         n_garbage = n_garbage_for_tokens(tokenizer, target_tokens)
     was_training = model.training
@@ -142,48 +146,6 @@ def passkey_curve(model, tokenizer, lengths, trials: int = 20, seed: int = 0, ve
     return rows
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Passkey retrieval accuracy per prompt length (docs/semantics.md, 'Passkey evaluation').")
-    parser.add_argument("--model", default=None, help="checkpoint folder (default: the demo model in the package)")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096, 8192])
-    parser.add_argument("--trials", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--mem-layers", type=int, nargs="*", default=None, help="override mem_layers ([] = none)")
-    parser.add_argument("--mem-backend", default=None, help="dense, faiss or torch_topk")
-    parser.add_argument("--mem-knn-k", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--json", default=None, help="write the rows to this file")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    overrides = {}
-    if args.mem_layers is not None:
-        overrides["mem_layers"] = args.mem_layers
-    if args.mem_backend is not None:
-        overrides["mem_backend"] = args.mem_backend
-    if args.mem_knn_k is not None:
-        overrides["mem_knn_k"] = args.mem_knn_k
-    if args.model is None:
-        from .demo import load_demo
-
-        model, tokenizer = load_demo(**overrides)
-    else:
-        from transformers import AutoTokenizer
-
-        from .modeling_longllama import LongLlamaForCausalLM
-
-        model = LongLlamaForCausalLM.from_pretrained(args.model, **overrides).eval()
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-    rows = passkey_curve(model, tokenizer, args.lengths, trials=args.trials, seed=args.seed)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(overrides=overrides, rows=rows), f, indent=2)
-
-
-if __name__ == "__main__":
-    main()
-
-
 __all__ = [
     "FILLER",
     "INFO_TEMPLATE",
@@ -191,6 +153,7 @@ __all__ = [
     "TASK_DESCRIPTION",
     "answer_ids",
     "chars_per_token",
+    "fixed_prompt_tokens",
     "make_passkey_prompt",
     "n_garbage_for_tokens",
     "passkey_accuracy",

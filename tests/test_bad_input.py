@@ -19,9 +19,12 @@ from conftest import tiny_config, tiny_model
         (dict(mem_attention_grouping=(0, 4)), r"`mem_attention_grouping`"),
         (dict(num_key_value_heads=3), r"`num_key_value_heads` must divide"),
         (dict(mem_backend="annoy"), r"`mem_backend` must be one of"),
-        (dict(mem_knn_k=0), r"`mem_knn_k` must be a positive int"),
-        (dict(mem_faiss_metric="cosine"), r"`mem_faiss_metric` must be one of \('ip', 'l2'\)"),
-        (dict(mem_faiss_search="fast"), r"`mem_faiss_search` must be one of \('index', 'big_batch'\)"),
+        (dict(mem_backend="faiss", mem_knn_k=0), r"k must be an int in \[1, "),
+        (dict(memory_spec="Flat k=0"), r"`memory_spec`: k must be an int in \[1, "),
+        (dict(memory_spec="Flat metric=cosine"), r"metric='cosine' is unknown; accepted values: \('ip', 'l2'\)"),
+        (dict(memory_spec="IVF4,Flat scan=fast"), r"scan='fast' is unknown; accepted values: \('index', 'big_batch'\)"),
+        (dict(memory_spec="HNSW1"), r"HNSW needs M >= 2"),
+        (dict(memory_spec={"index": "Flat", "nprobe": 3}), r"unknown fields \['nprobe'\]"),
     ],
 )
 def test_bad_config_values(overrides, pattern):

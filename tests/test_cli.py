@@ -23,29 +23,26 @@ def test_help_and_console_script():
     out = run("--help").stdout
     for command in ("passkey", "read", "ask", "generate"):
         assert command in out
-    assert "--index" in run("passkey", "--help").stdout
+    assert "--memory" in run("passkey", "--help").stdout
     assert shutil.which("knn-longllama") is not None  # installed by `pip install -e .`
 
 
 def test_passkey_json_on_the_demo_model():
-    rows = json.loads(run("passkey", "--lengths", "300", "--trials", "3", "--index", "dense", "Flat",
-                          "--k", "8", "--json", "--threads", "1").stdout)
-    assert [(r["index"], r["k"]) for r in rows] == [("dense", "-"), ("Flat", 8)]
+    rows = json.loads(run("passkey", "--lengths", "300", "--trials", "3", "--memory", "dense", "Flat k=8",
+                          "--json", "--threads", "1").stdout)
+    assert [r["memory"] for r in rows] == ["dense", "Flat k=8"]
     assert all(r["trials"] == 3 and 0.0 <= r["accuracy"] <= 1.0 and r["mean_prompt_tokens"] > 200 for r in rows)
 
 
-def test_read_then_ask_and_a_mismatched_index_is_refused(tmp_path):
+def test_read_then_ask_with_the_memory_files_own_spec(tmp_path):
     text = tmp_path / "doc.txt"
     text.write_text("The grass is green. The sky is blue.\n" * 60 + "The pass key is 4242. Remember it.\n"
                     + "The sun is yellow. Here we go.\n" * 60)
     memory = tmp_path / "doc.memory"
-    out = run("read", str(text), "-o", str(memory), "--index", "Flat", "--k", "16", "--quiet").stdout
-    assert "tokens into" in out and memory.exists()
-    answer = run("ask", str(memory), "What is the pass key? The pass key is", "--index", "Flat", "--k", "16",
-                 "--max-new-tokens", "4").stdout
+    out = run("read", str(text), "-o", str(memory), "--memory", "Flat k=16", "--quiet").stdout
+    assert "tokens into" in out and "memory 'Flat k=16'" in out and memory.exists()
+    answer = run("ask", str(memory), "What is the pass key? The pass key is", "--max-new-tokens", "4").stdout
     assert answer.strip() != ""
-    refused = run("ask", str(memory), "What is the pass key?", "--index", "dense", check=False)
-    assert refused.returncode == 2 and "another model or memory configuration" in refused.stderr
 
 
 def test_dense_memory_read_with_fused_sdpa_is_asked_with_either_attention(tmp_path):
@@ -53,12 +50,12 @@ def test_dense_memory_read_with_fused_sdpa_is_asked_with_either_attention(tmp_pa
     text.write_text("The grass is green. The sky is blue.\n" * 40 + "The pass key is 7316. Remember it.\n"
                     + "The sun is yellow. Here we go.\n" * 40)
     memory, plain_memory = tmp_path / "doc.memory", tmp_path / "plain.memory"
-    run("read", str(text), "-o", str(memory), "--index", "dense", "--torch-attention", "--quiet")
-    run("read", str(text), "-o", str(plain_memory), "--index", "dense", "--quiet")
+    run("read", str(text), "-o", str(memory), "--memory", "dense", "--torch-attention", "--quiet")
+    run("read", str(text), "-o", str(plain_memory), "--memory", "dense", "--quiet")
     fused_keys, plain_keys = (safetensors.torch.load_file(str(m))["layer1.keys"] for m in (memory, plain_memory))
     assert not torch.equal(fused_keys, plain_keys)  # the flag reached the model: other kernels, other rounding
     assert torch.allclose(fused_keys, plain_keys, atol=1e-4, rtol=1e-4)  # the same math
-    question = ["ask", str(memory), "What is the pass key? The pass key is", "--index", "dense", "--max-new-tokens", "4"]
+    question = ["ask", str(memory), "What is the pass key? The pass key is", "--max-new-tokens", "4"]
     fused, plain = run(*question, "--torch-attention").stdout, run(*question).stdout
     assert fused.strip() != "" and fused == plain
 
@@ -68,17 +65,10 @@ def test_generate():
     assert len(out.strip()) > 0
 
 
-def test_faiss_search_flag_reaches_the_config(capsys):
-    """--faiss-search is parsed by every command and becomes mem_faiss_search (in process: no model run)."""
-    from knn_longllama.cli import build_parser, memory_overrides
+def test_memory_flag_is_parsed_into_one_spec():
+    """--memory takes a MemorySpec's text form and hands it on canonical (in process: no model run)."""
+    from knn_longllama.cli import build_parser
 
-    args = build_parser().parse_args(["ask", "doc.memory", "q?", "--index", "IVF64,Flat", "--index-params", "nprobe=8",
-                                      "--faiss-search", "big_batch", "--faiss-metric", "l2"])
-    overrides = memory_overrides(args.index, args.k, args.index_params, args.k_factor, args.faiss_metric,
-                                 args.torch_attention, faiss_search=args.faiss_search)
-    assert overrides == {"mem_backend": "faiss", "mem_index": "IVF64,Flat", "mem_index_params": {"nprobe": 8},
-                         "mem_faiss_metric": "l2", "mem_faiss_search": "big_batch"}
-    assert "mem_faiss_search" not in memory_overrides("IVF64,Flat", None, None)
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["read", "doc.txt", "-o", "x.memory", "--faiss-search", "fast"])
-    assert "invalid choice: 'fast'" in capsys.readouterr().err
+    args = build_parser().parse_args(["read", "doc.txt", "-o", "x.memory", "--memory",
+                                      "IVF64,Flat nprobe=8 scan=big_batch metric=l2 k=16"])
+    assert args.memory == "IVF64,Flat k=16 metric=l2 scan=big_batch nprobe=8"

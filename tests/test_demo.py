@@ -81,7 +81,7 @@ def whole_key_prompts(tokenizer, window, target_tokens, count, seed):
     return prompts
 
 
-@pytest.mark.parametrize("memory", [{}, {"mem_backend": "faiss", "mem_index": "Flat", "mem_knn_k": 32}],
+@pytest.mark.parametrize("memory", [{}, {"memory_spec": "Flat k=32"}],
                          ids=["dense", "faiss-flat-k32"])
 def test_retrieves_a_passkey_from_memory_windows_back(memory):
     from knn_longllama.passkey import passkey_trial

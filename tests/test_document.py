@@ -11,12 +11,12 @@ from knn_longllama.document import Document
 
 from conftest import tiny_model
 
-BACKENDS = [dict(mem_backend="dense"), dict(mem_backend="dense", torch_attention=True),  # fused SDPA over memory
-            dict(mem_backend="faiss", mem_index="Flat", mem_knn_k=1000)]
+BACKENDS = [dict(memory_spec="dense"), dict(memory_spec="dense", torch_attention=True),  # fused SDPA over memory
+            dict(memory_spec="Flat k=1000"), dict(memory_spec="exact k=3")]
 
 
 def backend_id(backend: dict) -> str:
-    return backend["mem_backend"] + ("-sdpa" if backend.get("torch_attention") else "")
+    return backend["memory_spec"] + (" sdpa" if backend.get("torch_attention") else "")
 
 
 def concatenated_generate(model, doc_ids, question_ids, steps):
@@ -31,7 +31,7 @@ def test_read_then_ask_equals_generate_on_concatenated_tokens(backend, doc_len):
     model = tiny_model(mem_layers=[1], **backend)
     doc_ids = torch.randint(3, 61, (1, doc_len))
     question = torch.randint(3, 61, (1, 6))
-    doc = model.read(doc_ids, progress=False)
+    doc = Document.read(model, doc_ids, progress=False)
     assert doc.num_tokens == doc_len and len(doc.pending) < 16 + 8
     answer = doc.ask(question, max_new_tokens=25, do_sample=False)  # 25 > window: evictions during the answer
     assert torch.equal(answer, concatenated_generate(model, doc_ids, question, 25))
@@ -39,7 +39,7 @@ def test_read_then_ask_equals_generate_on_concatenated_tokens(backend, doc_len):
 
 def test_questions_do_not_change_the_memory():
     model = tiny_model(mem_layers=[1])
-    doc = model.read(torch.randint(3, 61, (1, 90)), progress=False)
+    doc = Document.read(model, torch.randint(3, 61, (1, 90)), progress=False)
     q1, q2 = torch.randint(3, 61, (1, 5)), torch.randint(3, 61, (1, 9))
     size = len(doc.memories[1])
     alone = doc.ask(q2, max_new_tokens=30, do_sample=False)
@@ -62,8 +62,10 @@ def test_text_is_read_incrementally_from_a_file(tmp_path, monkeypatch):
     path.write_text(text)
     monkeypatch.setattr(document_module, "TEXT_CHUNK_CHARS", 100)  # many pieces
     model = tiny_model(mem_layers=[1])
-    from_file = model.read(path, tokenizer, progress=False)
-    from_ids = model.read(tokenizer(text)["input_ids"], progress=False)
+    from_file = Document.read(model, tokenizer=tokenizer, path=path, progress=False)
+    from_ids = Document.read(model, tokenizer(text)["input_ids"], progress=False)
+    from_text = Document.read(model, tokenizer=tokenizer, text=text, progress=False)
+    assert from_text.pending == from_file.pending
     assert from_file.num_tokens == from_ids.num_tokens == 3000
     q = torch.randint(3, 13, (1, 4))
     assert torch.equal(from_file.ask(q, max_new_tokens=5, do_sample=False),
@@ -73,7 +75,7 @@ def test_text_is_read_incrementally_from_a_file(tmp_path, monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS, ids=backend_id)
 def test_save_load_ask_gives_identical_outputs(tmp_path, backend):
     model = tiny_model(mem_layers=[0, 2], **backend)
-    doc = model.read(torch.randint(3, 61, (1, 120)), progress=False)
+    doc = Document.read(model, torch.randint(3, 61, (1, 120)), progress=False)
     question = torch.randint(3, 61, (1, 6))
     expected = doc.ask(question, max_new_tokens=10, do_sample=False)
     doc.save(tmp_path / "doc.memory")
@@ -85,7 +87,7 @@ def test_save_load_ask_gives_identical_outputs(tmp_path, backend):
 def test_interrupted_save_leaves_the_previous_file_intact(tmp_path, monkeypatch):
     model = tiny_model(mem_layers=[1])
     path = tmp_path / "doc.memory"
-    model.read(torch.randint(3, 61, (1, 60)), progress=False).save(path)
+    Document.read(model, torch.randint(3, 61, (1, 60)), progress=False).save(path)
     before = path.read_bytes()
 
     def crash(tensors, filename, metadata=None):
@@ -95,7 +97,7 @@ def test_interrupted_save_leaves_the_previous_file_intact(tmp_path, monkeypatch)
 
     monkeypatch.setattr(document_module, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
-        model.read(torch.randint(3, 61, (1, 90)), progress=False).save(path)
+        Document.read(model, torch.randint(3, 61, (1, 90)), progress=False).save(path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["doc.memory"]  # no temp file left behind
 
@@ -103,7 +105,7 @@ def test_interrupted_save_leaves_the_previous_file_intact(tmp_path, monkeypatch)
 def test_corrupted_truncated_mismatched_and_unknown_version_files_are_refused(tmp_path):
     model = tiny_model(mem_layers=[1])
     path = tmp_path / "doc.memory"
-    model.read(torch.randint(3, 61, (1, 60)), progress=False).save(path)
+    Document.read(model, torch.randint(3, 61, (1, 60)), progress=False).save(path)
     data = path.read_bytes()
 
     (tmp_path / "truncated").write_bytes(data[: len(data) // 2])
@@ -123,9 +125,11 @@ def test_corrupted_truncated_mismatched_and_unknown_version_files_are_refused(tm
 
     tensors = safetensors.torch.load_file(path)
     with safetensors.safe_open(path, framework="pt") as f:
-        manifest = json.loads(f.metadata()["knn_longllama_manifest"])
+        metadata = f.metadata()
+    manifest = json.loads(metadata["knn_longllama_manifest"])
     manifest["format_version"] = 99
-    safetensors.torch.save_file(tensors, tmp_path / "future", metadata={"knn_longllama_manifest": json.dumps(manifest)})
+    metadata["knn_longllama_manifest"] = json.dumps(manifest)
+    safetensors.torch.save_file(tensors, tmp_path / "future", metadata=metadata)
     with pytest.raises(ValueError, match="format version 99"):
         Document.load(tmp_path / "future", model)
 

@@ -36,17 +36,14 @@ def _rows(path):
 
 def test_memory_settings(runner):
     scale = runner.SCALES["tiny"]
-    assert runner.memory_settings("dense", scale) == {"mem_backend": "dense", "torch_attention": False}
-    assert runner.memory_settings("dense sdpa", scale) == {"mem_backend": "dense", "torch_attention": True}
-    assert runner.memory_settings("torch", scale, 8) == {"mem_backend": "torch_topk", "mem_knn_k": 8,
-                                                         "torch_attention": False}
-    assert runner.memory_settings("IVF4,Flat", scale, 8) == {
-        "mem_backend": "faiss", "mem_index": "IVF4,Flat", "mem_index_params": {"nprobe": 2}, "mem_knn_k": 8,
-        "mem_knn_k_factor": 1, "mem_faiss_metric": "ip", "mem_faiss_search": "index", "torch_attention": False}
+    assert runner.memory_settings("dense", scale) == {"memory_spec": "dense", "torch_attention": False}
+    assert runner.memory_settings("dense sdpa", scale) == {"memory_spec": "dense", "torch_attention": True}
+    assert runner.memory_settings("torch", scale, 8) == {"memory_spec": "exact k=8", "torch_attention": False}
+    assert runner.memory_settings("IVF4,Flat", scale, 8) == {"memory_spec": "IVF4,Flat k=8 nprobe=2",
+                                                             "torch_attention": False}
     pq = runner.replace(scale, indices={"PQ": ("IVF4,PQ4x4", {"nprobe": 2, "k_factor": 4, "faiss_metric": "l2"})})
     assert runner.memory_settings("PQ", pq, 8) == {  # k_factor and faiss_metric are memory settings, not Faiss ones
-        "mem_backend": "faiss", "mem_index": "IVF4,PQ4x4", "mem_index_params": {"nprobe": 2}, "mem_knn_k": 8,
-        "mem_knn_k_factor": 4, "mem_faiss_metric": "l2", "mem_faiss_search": "index", "torch_attention": False}
+        "memory_spec": "IVF4,PQ4x4 k=8 k_factor=4 metric=l2 nprobe=2", "torch_attention": False}
     assert pq.indices["PQ"][1] == {"nprobe": 2, "k_factor": 4, "faiss_metric": "l2"}  # the scale is left as it was
 
 
@@ -158,11 +155,11 @@ def test_passkey_runs_fused_dense_only_when_asked_for_alone(runner, tmp_path, mo
     assert [(r["index"], r["search"]) for r in rows] == [("dense sdpa", "dense")]
     depth = _rows(tmp_path / "passkey_depth_tiny.csv")
     assert [(r["index"], float(r["depth"])) for r in depth] == [("dense sdpa", 0.0), ("dense sdpa", 1.0)]
-    assert configured == [{"mem_backend": "dense", "torch_attention": True}] * 2  # length sweep, depth sweep
+    assert configured == [{"memory_spec": "dense", "torch_attention": True}] * 2  # length sweep, depth sweep
     configured.clear()
     runner.exp_passkey(runner.replace(scale, dense=True, depths=[]))
     assert [r["index"] for r in _rows(tmp_path / "passkey_tiny.csv")] == ["dense"]
-    assert configured == [{"mem_backend": "dense", "torch_attention": False}]
+    assert configured == [{"memory_spec": "dense", "torch_attention": False}]
 
 
 def test_cuda_device_refused_without_gpu(runner, monkeypatch, capsys):
@@ -606,7 +603,7 @@ def test_child_peak_rss_is_its_own(runner):
 def test_recall_keys_are_those_the_last_window_searches(runner):
     """Ground truth is searched among the entries the recorded queries saw: not their own window's keys."""
     scale = runner.SCALES["tiny"]
-    model, tokenizer = runner.load(mem_backend="dense", mem_dtype="float32")
+    model, tokenizer = runner.load(memory_spec="dense", mem_dtype="float32")
     from knn_longllama.passkey import n_garbage_for_tokens, passkey_prompts
 
     texts = runner.recall_texts(scale, tokenizer)
@@ -635,7 +632,7 @@ def test_recall_keys_are_those_the_last_window_searches(runner):
             self.asked.append(q.clone())
             return self.inner.lookup(q, h0, h1)
 
-    memories = {idx: model.model.new_memory(1, model.device, torch.float32) for idx in model.config.mem_layers}
+    memories = {idx: model.model.new_memory(1, model.device) for idx in model.config.mem_layers}
     model.model.write_memory(torch.tensor([ids[:-window]]), memories)
     dense_keys = memories[layer].keys.view().clone()
     memories[layer] = Spy(memories[layer])

@@ -66,11 +66,13 @@ def unit(x):
     return x / x.norm(dim=-1, keepdim=True)
 
 
+SPEC_FIELDS = ("index_params", "k_factor", "metric", "scan")
+
+
 def make_store(kind, B, H, d=D, **kw):
-    """kind: 'torch' or a Faiss factory string (+ kw)."""
-    if kind == "torch":
-        return knn_index.KnnStore(B, H, d, backend="torch", **kw)
-    return knn_index.KnnStore(B, H, d, index=kind, **kw)
+    """kind: 'torch' (exact) or a Faiss factory string; MemorySpec fields and KnnStore keywords in kw."""
+    spec = knn_index.MemorySpec(index=kind, **{name: kw.pop(name) for name in SPEC_FIELDS if name in kw})
+    return knn_index.KnnStore(B, H, d, spec, **kw)
 
 
 # ----------------------------------------------------------------- exactness
@@ -179,7 +181,7 @@ def test_approximate_recall(kind, kw, min_recall):
 
 
 def test_augmented_keys_turn_l2_order_into_inner_product_order():
-    """faiss_metric="l2": every augmented key has norm M, so L2 distance to a zero-padded query ranks keys by <q, k>."""
+    """metric="l2": every augmented key has norm M, so L2 distance to a zero-padded query ranks keys by <q, k>."""
     gen = np.random.default_rng(0)
     keys = gen.standard_normal((500, 8)) * gen.uniform(0.2, 3.0, (500, 1))  # very different norms
     queries = gen.standard_normal((20, 8))
@@ -202,7 +204,7 @@ def test_l2_faiss_metric_finds_the_inner_product_top_k(kind, kw, min_recall):
     keys = torch.randn(1, 2, 3000, D, generator=gen) * torch.empty(1, 2, 3000, 1).uniform_(0.2, 3.0, generator=gen)
     keys[:, :, :1000, 0] += 10.0  # the first part holds the longest keys: the norm M is fixed from them
     queries = torch.randn(1, 2, 40, D, generator=gen)
-    store = make_store(kind, 1, 2, dtype=torch.float32, faiss_metric="l2", train_size=2000 if "IVF" in kind else None,
+    store = make_store(kind, 1, 2, dtype=torch.float32, metric="l2", train_size=2000 if "IVF" in kind else None,
                        **kw)
     store.add(keys[:, :, :2000], keys[:, :, :2000])
     store.add(keys[:, :, 2000:], keys[:, :, 2000:])
@@ -221,7 +223,7 @@ def test_l2_faiss_metric_finds_the_inner_product_top_k(kind, kw, min_recall):
 @pytest.mark.parametrize("kind,metric,k_factor", [("IVF16,Flat", "ip", 1), ("IVF16,Flat", "l2", 1),
                                                    ("IVF16,PQ17x4", "l2", 4), ("IVF16,SQ8", "l2", 1)])
 def test_big_batch_search_finds_what_the_index_search_finds(kind, metric, k_factor):
-    """faiss_search="big_batch" (all queries probing a list scanned at once) returns the index search's neighbours
+    """scan="big_batch" (all queries probing a list scanned at once) returns the index search's neighbours
     and scores, rows of different sizes and missing neighbours (-1) included; probing every list, IVF-Flat's are the
     brute-force top-k."""
     gen = torch.Generator().manual_seed(1)
@@ -229,9 +231,9 @@ def test_big_batch_search_finds_what_the_index_search_finds(kind, metric, k_fact
     mask = torch.ones(2, 1500, dtype=torch.bool)
     mask[1, 700:] = False  # row 1 holds 700 keys
     queries = torch.randn(2, 2, 50, D, generator=gen)
-    kw = dict(dtype=torch.float32, faiss_metric=metric, k_factor=k_factor, train_size=640, seed=3)
+    kw = dict(dtype=torch.float32, metric=metric, k_factor=k_factor, train_size=640, seed=3)
     for nprobe in (2, 16):
-        stores = [make_store(kind, 2, 2, faiss_search=search, index_params={"nprobe": nprobe}, **kw)
+        stores = [make_store(kind, 2, 2, scan=search, index_params={"nprobe": nprobe}, **kw)
                   for search in ("index", "big_batch")]
         for store in stores:
             store.add(keys, keys, mask)
@@ -249,14 +251,14 @@ def test_big_batch_search_finds_what_the_index_search_finds(kind, metric, k_fact
 
 
 def test_big_batch_search_is_refused_where_it_cannot_scan():
-    with pytest.raises(ValueError, match="faiss_search='big_batch' needs an IVF index .* got IndexHNSWFlat"):
-        _store(index="HNSW16", faiss_search="big_batch")
+    with pytest.raises(ValueError, match="scan='big_batch' needs an IVF index .* got IndexHNSWFlat"):
+        _store(index="HNSW16", scan="big_batch")
     with pytest.raises(ValueError, match="got IndexFlat"):
-        _store(index="Flat", faiss_search="big_batch")
-    with pytest.raises(ValueError, match="only with the L2 metric: use faiss_metric='l2'"):  # residual codes
-        _store(index="IVF16,SQ8", faiss_search="big_batch")
-    with pytest.raises(ValueError, match="on the CPU; got backend='faiss', device='cuda'"):
-        _store(index="IVF16,Flat", faiss_search="big_batch", device="cuda")
+        _store(index="Flat", scan="big_batch")
+    with pytest.raises(ValueError, match="only with the L2 metric: use metric=l2"):  # residual codes
+        _store(index="IVF16,SQ8", scan="big_batch")
+    with pytest.raises(ValueError, match="on the CPU; got device='cuda'"):
+        _store(index="IVF16,Flat", scan="big_batch", device="cuda")
 
 
 def test_k_factor_rescoring_raises_pq_recall():
@@ -325,7 +327,7 @@ def test_training_loses_no_keys():
     """IVF: results just before and just after the train point match brute force (all keys)."""
     B, H, T, nlist = 2, 2, 100, 4
     gen = torch.Generator().manual_seed(2)
-    store = knn_index.KnnStore(B, H, D, index=f"IVF{nlist},Flat", index_params={"nprobe": nlist},
+    store = make_store(f"IVF{nlist},Flat", B, H, index_params={"nprobe": nlist},
                                train_size=40 * nlist, dtype=torch.float32)
     ref = BruteForce(B, H, torch.float32)
     mask = torch.ones(B, T, dtype=torch.bool)
@@ -354,7 +356,7 @@ def test_training_is_deterministic():
     keys, queries = planted_data(3000, 32, D, 5)
     results = []
     for _ in range(2):
-        store = knn_index.KnnStore(1, 1, D, index="IVF32,Flat", index_params={"nprobe": 1}, seed=3)
+        store = make_store("IVF32,Flat", 1, 1, index_params={"nprobe": 1}, seed=3)
         store.add(keys[None, None], keys[None, None])
         results.append(store.search(queries[None, None], 5).ids)
     assert all(store.trained) and torch.equal(results[0], results[1])
@@ -364,7 +366,7 @@ def test_default_train_size_buffers_then_trains():
     assert knn_index.default_train_size(faiss.index_factory(D, "IVF8,Flat")) == 1024  # floor
     assert knn_index.default_train_size(faiss.index_factory(D, "IVF8,PQ4")) == 40 * 256
     assert knn_index.default_train_size(faiss.index_factory(D, "Flat")) == 0
-    store = knn_index.KnnStore(1, 1, D, index="IVF64,Flat")
+    store = make_store("IVF64,Flat", 1, 1)
     assert store.train_size == 40 * 64
     store.add(*random_batch(1, 1, 40 * 64 - 1))
     assert store.trained == [False]
@@ -450,7 +452,7 @@ def test_nbytes_grows_and_reset_empties(kind):
 
 
 def test_reset_makes_trainable_again():
-    store = knn_index.KnnStore(1, 1, D, index="IVF4,Flat", train_size=160)
+    store = make_store("IVF4,Flat", 1, 1, train_size=160)
     store.add(*random_batch(1, 1, 200))
     assert store.trained == [True]
     store.reset()
@@ -471,15 +473,13 @@ def test_set_num_threads():
 
 
 # ----------------------------------------------------------------- errors
-def _store(**kw):
-    return knn_index.KnnStore(2, 2, D, **kw)
+def _store(index="Flat", **kw):
+    return make_store(index, 2, 2, **kw)
 
 
 BAD = [
     ("index", lambda: _store(index="NotAnIndex7")),
     ("index", lambda: _store(index="PQ5")),  # 16 not divisible by 5
-    ("metric", lambda: _store(metric="l2")),
-    ("backend", lambda: _store(backend="annoy")),
     ("index_params", lambda: _store(index="HNSW32", index_params={"nprobe": 3})),
     ("train_size", lambda: _store(index="IVF64,Flat", train_size=10)),
     ("train_size", lambda: _store(index="OPQ4,IVF4,PQ4x4", train_size=200)),  # OPQ learns a 256-centroid PQ
@@ -493,10 +493,10 @@ BAD = [
     ("mask", lambda: _store().add(torch.randn(2, 2, 3, D), torch.randn(2, 2, 3, D), torch.ones(2, 4, dtype=torch.bool))),
     ("mask", lambda: _store().add(torch.randn(2, 2, 3, D), torch.randn(2, 2, 3, D), torch.ones(2, 3))),
     ("k_factor", lambda: _store(k_factor=0)),
-    ("faiss_metric", lambda: _store(faiss_metric="cosine")),
-    ("faiss_metric", lambda: _store(backend="torch", faiss_metric="l2")),
-    ("faiss_search", lambda: _store(faiss_search="batched")),
-    ("faiss_search", lambda: _store(backend="torch", faiss_search="big_batch")),
+    ("metric", lambda: _store(metric="cosine")),
+    ("metric", lambda: _store(index="exact", metric="l2")),
+    ("scan", lambda: _store(scan="batched")),
+    ("scan", lambda: _store(index="exact", scan="big_batch")),
     ("queries", lambda: _store().search(torch.randn(2, 2, 1, D + 1), 1)),
     ("queries", lambda: _store().search(torch.randn(2, 3, 1, D), 1)),
 ]
@@ -513,9 +513,7 @@ def test_bad_index_message_has_faiss_reason_and_examples():
         _store(index="NotAnIndex7")
     msg = str(e.value)
     assert "could not parse" in msg and all(x in msg for x in ("'Flat'", "'IVF256,Flat'", "'HNSW32'", "'SQ8'"))
-    with pytest.raises(ValueError, match="faiss") as e:
-        _store(backend="annoy")
-    assert "torch" in str(e.value)
+    assert "'exact'" in msg
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
+from knn_index import MemorySpec
 from knn_longllama.memory import DenseMemory, KnnMemory
 
 from conftest import tiny_model
 
-KNN_BACKENDS = [dict(mem_backend="faiss", mem_index="Flat"), dict(mem_backend="torch_topk"),
-                dict(mem_backend="faiss", mem_index="Flat", mem_faiss_metric="l2")]
+KNN_SPECS = ["Flat", "exact", "Flat metric=l2"]
 
 
 def padded_batch(n, pad, seed=0):
@@ -21,12 +21,12 @@ def padded_batch(n, pad, seed=0):
     return ids, mask
 
 
-@pytest.mark.parametrize("backend", KNN_BACKENDS, ids=lambda b: "-".join(map(str, b.values())))
+@pytest.mark.parametrize("spec", KNN_SPECS)
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_knn_with_k_covering_memory_equals_dense(backend, kv_heads):
+def test_knn_with_k_covering_memory_equals_dense(spec, kv_heads):
     ids, mask = padded_batch(90, pad=7)  # 5 windows of 16 into memory, last 8 local
     dense = tiny_model(mem_layers=[1], num_key_value_heads=kv_heads)
-    knn = tiny_model(mem_layers=[1], num_key_value_heads=kv_heads, mem_knn_k=200, **backend)
+    knn = tiny_model(mem_layers=[1], num_key_value_heads=kv_heads, memory_spec=f"{spec} k=200")
     with torch.no_grad():
         a = dense(ids, attention_mask=mask).logits
         b = knn(ids, attention_mask=mask).logits
@@ -34,38 +34,41 @@ def test_knn_with_k_covering_memory_equals_dense(backend, kv_heads):
     assert (a[real] - b[real]).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("backend", KNN_BACKENDS, ids=lambda b: b["mem_backend"])
-def test_memory_can_be_switched_on_a_loaded_model(backend):
+@pytest.mark.parametrize("spec", KNN_SPECS)
+def test_memory_is_chosen_per_call_and_the_config_stays_as_loaded(spec):
     ids, mask = padded_batch(60, pad=3)
     model = tiny_model(mem_layers=[1])
     with torch.no_grad():
         dense = model(ids, attention_mask=mask).logits
-        for key, value in dict(backend, mem_knn_k=4).items():
-            setattr(model.config, key, value)
-        small_k = model(ids, attention_mask=mask).logits
-        model.config.mem_knn_k = 1000
-        big_k = model(ids, attention_mask=mask).logits
+        small_k = model(ids, attention_mask=mask, memory_spec=f"{spec} k=4").logits
+        big_k = model(ids, attention_mask=mask, memory_spec=f"{spec} k=1000").logits
+        generated = model.generate(ids[:1], max_new_tokens=3, do_sample=False, memory_spec=f"{spec} k=4",
+                                   return_dict_in_generate=True)
     real = mask.bool()
     assert (dense[real] - big_k[real]).abs().max() <= 1e-5
     assert (dense[real] - small_k[real]).abs().max() > 1e-4  # k=4 of up to 48 entries: really top-k
-    model.config.mem_backend = "bogus"
+    assert model.config.memory_spec == "dense"
+    assert isinstance(generated.past_key_values.memories[1], KnnMemory)
+    assert str(generated.past_key_values.memories[1].store.spec) == str(MemorySpec.parse(f"{spec} k=4"))
+    with pytest.raises(ValueError, match="unknown option 'bogus'"):
+        model(ids, memory_spec="Flat bogus=1")
+
+
+def test_legacy_memory_fields_still_load():
+    """Configs saved by earlier versions carry mem_backend / mem_index / ...; they fold into memory_spec."""
+    model = tiny_model(mem_layers=[1], mem_backend="faiss", mem_index="IVF4,Flat", mem_index_params={"nprobe": 2},
+                       mem_knn_k=8, mem_knn_k_factor=2, mem_faiss_metric="l2", mem_faiss_search="big_batch")
+    assert model.config.memory_spec == "IVF4,Flat k=8 k_factor=2 metric=l2 scan=big_batch nprobe=2"
+    assert tiny_model(mem_layers=[1], mem_backend="torch_topk", mem_index="IVF4,Flat", mem_knn_k=3).config.memory_spec \
+        == "exact k=3"  # exact search ignores Faiss fields, as it always did
+    assert "mem_backend" not in model.config.to_dict() and model.config.to_dict()["memory_spec"] == \
+        model.config.memory_spec
     with pytest.raises(ValueError, match="`mem_backend` must be one of"):
-        model(ids)
+        tiny_model(mem_layers=[1], mem_backend="bogus")
 
 
-def test_torch_topk_ignores_faiss_index_settings_left_on_the_config():
-    ids, mask = padded_batch(60, pad=3)
-    model = tiny_model(mem_layers=[1], mem_backend="faiss", mem_index="IVF4,Flat", mem_index_params={"nprobe": 2})
-    with torch.no_grad():
-        dense = tiny_model(mem_layers=[1])(ids, attention_mask=mask).logits
-        model.config.mem_backend, model.config.mem_knn_k = "torch_topk", 1000
-        exact = model(ids, attention_mask=mask).logits
-    real = mask.bool()
-    assert (dense[real] - exact[real]).abs().max() <= 1e-5
-
-
-@pytest.mark.parametrize("backend", ["faiss", "torch_topk"])
-def test_memory_layer_keeps_exactly_the_top_k_entries_in_one_joint_softmax(backend):
+@pytest.mark.parametrize("index", ["Flat", "exact"])
+def test_memory_layer_keeps_exactly_the_top_k_entries_in_one_joint_softmax(index):
     """Attention of one memory layer with k < memory size against a brute-force top-k in the test."""
     torch.manual_seed(0)
     model = tiny_model(mem_layers=[1], num_key_value_heads=2)
@@ -74,8 +77,7 @@ def test_memory_layer_keeps_exactly_the_top_k_entries_in_one_joint_softmax(backe
     mem_k, mem_v = torch.randn(bsz, kv_heads, n_mem, d), torch.randn(bsz, kv_heads, n_mem, d)
     mem_mask = torch.ones(bsz, n_mem, dtype=torch.bool)
     mem_mask[1, :9] = False  # row 1 has padding in memory
-    knn = KnnMemory(bsz, kv_heads, d, k=k, backend=backend, index="Flat", index_params=None,
-                    dtype=torch.float32, device="cpu")
+    knn = KnnMemory(bsz, kv_heads, d, MemorySpec(index, k=k), dtype=torch.float32, device="cpu")
     knn.add(mem_k, mem_v, mem_mask)
     q = torch.randn(bsz, kv_heads * groups, n_local, d)
     local_k, local_v = torch.randn(bsz, kv_heads, n_local, d), torch.randn(bsz, kv_heads, n_local, d)
@@ -101,17 +103,17 @@ def test_dense_and_knn_memories_offer_the_same_entries():
     mask = torch.ones(1, 30, dtype=torch.bool)
     dense = DenseMemory(torch.float32)
     dense.add(keys, values, mask)
-    knn = KnnMemory(1, 2, 8, k=30, backend="faiss", index="Flat", index_params=None, dtype=torch.float32, device="cpu")
+    knn = KnnMemory(1, 2, 8, "Flat k=30", dtype=torch.float32, device="cpu")
     knn.add(keys, values, mask)
     q = torch.randn(1, 2, 4, 8)
     a, b = dense.lookup(q, 0, 2), knn.lookup(q, 0, 2)
     assert torch.allclose(a.scores.sort(-1).values, b.scores.sort(-1).values, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", KNN_BACKENDS, ids=lambda b: b["mem_backend"])
-def test_a_window_never_retrieves_itself(backend, monkeypatch):
+@pytest.mark.parametrize("spec", KNN_SPECS)
+def test_a_window_never_retrieves_itself(spec, monkeypatch):
     """Window w (of 16 tokens) searches a memory holding exactly the windows before it."""
-    model = tiny_model(mem_layers=[1], mem_knn_k=1000, **backend)
+    model = tiny_model(mem_layers=[1], memory_spec=f"{spec} k=1000")
     sizes = []
     original = KnnMemory.lookup
 
@@ -136,8 +138,7 @@ def test_k_factor_reranks_candidates_of_a_compressed_index_by_exact_score():
     exact = (q[0, 0] @ keys[0, 0].T).topk(k, dim=-1)
 
     def top_ids(k_factor):
-        mem = KnnMemory(1, 1, d, k=k, backend="faiss", index="PQ2x4", index_params=None, dtype=torch.float32,
-                        device="cpu", k_factor=k_factor)
+        mem = KnnMemory(1, 1, d, MemorySpec("PQ2x4", k=k, k_factor=k_factor), dtype=torch.float32, device="cpu")
         mem.add(keys, values, mask)
         found = mem.store.search(q, k)
         return found.ids[0, 0], found.scores[0, 0]
@@ -150,37 +151,27 @@ def test_k_factor_reranks_candidates_of_a_compressed_index_by_exact_score():
         assert torch.allclose(scores[t].sort(descending=True).values, exact.values[t], atol=1e-5)
 
 
-def test_k_factor_comes_from_the_config():
-    model = tiny_model(mem_layers=[1], mem_backend="faiss", mem_index="Flat", mem_knn_k_factor=4)
-    assert model.model.new_memory(1, "cpu", torch.float32).store.k_factor == 4
-    model.config.mem_backend = "torch_topk"  # exact: nothing to re-rank
-    assert model.model.new_memory(1, "cpu", torch.float32).store.k_factor == 1
-    with pytest.raises(ValueError, match="`mem_knn_k_factor` must be a positive int"):
-        tiny_model(mem_layers=[1], mem_knn_k_factor=0)
+def test_k_factor_metric_and_scan_come_from_the_memory_spec():
+    model = tiny_model(mem_layers=[1], memory_spec="HNSW8 k=4 k_factor=4 metric=l2")
+    store = model.model.new_memory(1, "cpu").store
+    assert store.spec.k_factor == 4 and store.spec.metric == "l2"
+    assert store.faiss_index(0, 0).d == model.config.head_dim + 1  # norm-augmented keys
+    assert model.model.new_memory(1, "cpu", "exact k=4").store.faiss_index(0, 0) is None
+    with pytest.raises(ValueError, match="k_factor must be an int"):
+        tiny_model(mem_layers=[1], memory_spec="Flat k_factor=0")
 
 
 def test_big_batch_faiss_search_gives_the_index_search_outputs():
-    """mem_faiss_search="big_batch" (IVF lists scanned once per window for all its queries) finds what the index's
-    own search finds: the same logits, with an IVF index past its training size (1024 keys)."""
+    """scan=big_batch (IVF lists scanned once per window for all its queries) finds what the index's own search
+    finds: the same logits, with an IVF index past its training size (1024 keys)."""
     ids, mask = padded_batch(1200, pad=5)
-    settings = dict(mem_layers=[1], mem_backend="faiss", mem_index="IVF4,Flat", mem_index_params={"nprobe": 2},
-                    mem_knn_k=8, mem_faiss_metric="l2")
-    plain = tiny_model(**settings)
-    batched = tiny_model(**settings, mem_faiss_search="big_batch")
-    assert batched.model.new_memory(1, "cpu", torch.float32).store.faiss_search == "big_batch"
+    model = tiny_model(mem_layers=[1])
+    spec = "IVF4,Flat k=8 nprobe=2 metric=l2"
     with torch.no_grad():
-        a = plain(ids, attention_mask=mask, use_cache=True)
-        b = batched(ids, attention_mask=mask, use_cache=True)
-    assert all(b.cache.memories[1].store.trained)
+        a = model(ids, attention_mask=mask, use_cache=True, memory_spec=spec)
+        b = model(ids, attention_mask=mask, use_cache=True, memory_spec=spec + " scan=big_batch")
+    assert all(b.cache.memories[1].store.trained) and b.cache.memories[1].store.spec.scan == "big_batch"
     real = mask.bool()
     assert (a.logits[real] - b.logits[real]).abs().max() <= 1e-5
-    with pytest.raises(ValueError, match="faiss_search='big_batch' needs an IVF index"):
-        tiny_model(mem_layers=[1], mem_backend="faiss", mem_index="HNSW8", mem_faiss_search="big_batch")(ids)
-
-
-def test_faiss_metric_comes_from_the_config():
-    model = tiny_model(mem_layers=[1], mem_backend="faiss", mem_index="HNSW8", mem_faiss_metric="l2")
-    store = model.model.new_memory(1, "cpu", torch.float32).store
-    assert store.faiss_metric == "l2" and store.faiss_index(0, 0).d == model.config.head_dim + 1
-    model.config.mem_backend = "torch_topk"  # exact in torch: no Faiss index
-    assert model.model.new_memory(1, "cpu", torch.float32).store.faiss_metric == "ip"
+    with pytest.raises(ValueError, match="scan='big_batch' needs an IVF index"):
+        model(ids, memory_spec="HNSW8 scan=big_batch")

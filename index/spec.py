@@ -1,0 +1,202 @@
+"""MemorySpec: how a memory stores and searches its entries, one value validated once.
+
+    MemorySpec.parse("IVF1024,Flat k=32 nprobe=32 metric=l2")
+    MemorySpec(index="HNSW32", k=16, index_params={"efSearch": 64})
+    MemorySpec.coerce("exact k=8")        # str, dict or MemorySpec -> MemorySpec
+
+The text form is the index (``dense``, ``exact`` or a Faiss ``index_factory`` string, no spaces) followed by
+``name=value`` options: ``k``, ``k_factor``, ``metric`` (ip, l2), ``scan`` (index, big_batch) and the Faiss search
+parameters in ``SEARCH_PARAMS``. ``str(spec)`` gives it back. Everything that can be checked without knowing the
+vector dimension is checked here, including the factory strings that make Faiss abort, crash or hang; what depends
+on the dimension (``PQ16`` needs d divisible by 16) is checked when a store builds its index.
+This module imports neither torch nor Faiss.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from dataclasses import dataclass, field
+
+DENSE, EXACT = "dense", "exact"
+EXACT_ALIASES = ("torch", "torch_topk")  # earlier spellings of exact search
+METRICS = ("ip", "l2")
+SCANS = ("index", "big_batch")
+# Faiss index parameters a spec may set (faiss.ParameterSpace names) and their largest accepted value.
+SEARCH_PARAMS = {"nprobe": 1 << 20, "efSearch": 1 << 20, "efConstruction": 1 << 16, "quantizer_efSearch": 1 << 20,
+                 "max_codes": 1 << 40}
+MAX_K = 1 << 24
+MAX_K_FACTOR = 1 << 10
+
+
+@dataclass(frozen=True)
+class MemorySpec:
+    """How one memory layer stores and searches its (key, value) entries.
+
+    index:    "dense" (attend to every entry, the official behaviour), "exact" (exact top-k in torch) or a Faiss
+              ``index_factory`` string ("Flat", "IVF1024,Flat", "HNSW32", "IVF1024,PQ16", "SQ8", ...).
+    k:        entries retrieved per query and KV head (kNN indices).
+    k_factor: fetch ``k_factor * k`` candidates from the index, keep the k best by exact score (as IndexRefine).
+    metric:   "ip" (inner-product index) or "l2" (norm-augmented keys in an L2 index; higher recall for IVF/HNSW).
+    scan:     "index" (the index's own search) or "big_batch" (IVF lists scanned once for all queries of a window).
+    index_params: Faiss search parameters, e.g. {"nprobe": 32} or {"efSearch": 64}; positive integers.
+    """
+
+    index: str = DENSE
+    k: int = 32
+    k_factor: int = 1
+    metric: str = "ip"
+    scan: str = "index"
+    index_params: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        index = self.index.strip() if isinstance(self.index, str) else self.index
+        if index in EXACT_ALIASES:
+            index = EXACT
+        check_index_string(index)
+        set_ = object.__setattr__
+        set_(self, "index", index)
+        set_(self, "k", _int("k", self.k, MAX_K))
+        set_(self, "k_factor", _int("k_factor", self.k_factor, MAX_K_FACTOR))
+        _choice("metric", self.metric, METRICS)
+        _choice("scan", self.scan, SCANS)
+        set_(self, "index_params", _search_params(self.index_params))
+        if self.index != DENSE and self.index != EXACT:
+            return
+        extra = {name: value for name, value in (("k_factor", self.k_factor), ("metric", self.metric),
+                                                  ("scan", self.scan)) if value != getattr(MemorySpec, name)}
+        extra.update(self.index_params)
+        if extra:
+            raise ValueError(f"memory {self.index!r} takes no Faiss options, got {extra}; they apply to Faiss "
+                             "indices such as 'IVF1024,Flat'")
+
+    @property
+    def kind(self) -> str:
+        """"dense", "exact" or "faiss"."""
+        return self.index if self.index in (DENSE, EXACT) else "faiss"
+
+    @classmethod
+    def parse(cls, text: str) -> "MemorySpec":
+        """A spec from its text form, e.g. "IVF1024,Flat k=32 nprobe=32 metric=l2"."""
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"memory must be a non-empty string such as 'dense', 'exact k=32' or "
+                             f"'IVF1024,Flat k=32 nprobe=32', got {text!r}")
+        index, *options = text.split()
+        fields, params = {}, {}
+        for option in options:
+            name, sep, value = option.partition("=")
+            if not sep or not name or not value:
+                raise ValueError(f"memory {text!r}: options are name=value, got {option!r}")
+            if name in fields or name in params:
+                raise ValueError(f"memory {text!r}: {name!r} is given twice")
+            if name in ("k", "k_factor"):
+                fields[name] = _number(name, value)
+            elif name in ("metric", "scan"):
+                fields[name] = value
+            elif name in SEARCH_PARAMS:
+                params[name] = _number(name, value)
+            else:
+                raise ValueError(f"memory {text!r}: unknown option {name!r}; accepted: k, k_factor, metric, scan, "
+                                 f"{', '.join(SEARCH_PARAMS)}")
+        return cls(index=index, index_params=params, **fields)
+
+    @classmethod
+    def coerce(cls, value) -> "MemorySpec":
+        """A MemorySpec from a MemorySpec, its text form or its dict form (``to_dict``)."""
+        if isinstance(value, MemorySpec):
+            return value
+        if isinstance(value, str):
+            return cls.parse(value)
+        if isinstance(value, dict):
+            unknown = set(value) - {"index", "k", "k_factor", "metric", "scan", "index_params"}
+            if unknown:
+                raise ValueError(f"memory: unknown fields {sorted(unknown)}; accepted: index, k, k_factor, metric, "
+                                 "scan, index_params")
+            return cls(**value)
+        raise ValueError(f"memory must be a MemorySpec, a string such as 'IVF1024,Flat k=32 nprobe=32' or a dict, "
+                         f"got {type(value).__name__}")
+
+    def replace(self, **changes) -> "MemorySpec":
+        """A copy with ``changes`` applied (validated again)."""
+        fields = dict(index=self.index, k=self.k, k_factor=self.k_factor, metric=self.metric, scan=self.scan,
+                      index_params=dict(self.index_params))
+        fields.update(changes)
+        return MemorySpec(**fields)
+
+    def to_dict(self) -> dict:
+        return dict(index=self.index, k=self.k, k_factor=self.k_factor, metric=self.metric, scan=self.scan,
+                    index_params=dict(self.index_params))
+
+    def __str__(self) -> str:
+        if self.index == DENSE:
+            return DENSE
+        options = [f"k={self.k}"]
+        options += [f"{name}={getattr(self, name)}" for name in ("k_factor", "metric", "scan")
+                    if getattr(self, name) != getattr(MemorySpec, name)]
+        options += [f"{name}={value}" for name, value in sorted(self.index_params.items())]
+        return " ".join([self.index, *options])
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+
+def check_index_string(index) -> None:
+    """Refuse, without calling Faiss, index strings that Faiss would abort, crash or hang on.
+
+    Faiss itself rejects most malformed strings with an exception, but a few well-formed ones kill the process
+    (measured with faiss-cpu 1.x): ``HNSW0`` aborts and ``HNSW1`` segfaults on add, ``PQ4x0`` divides by zero,
+    ``RR0`` segfaults, ``NSG1``/``NSG2`` never return, ``IVF0`` fails only at search time.
+    """
+    if not isinstance(index, str) or not index or any(c.isspace() for c in index):
+        raise ValueError(f"index must be 'dense', 'exact' or a Faiss index_factory string without spaces such as "
+                         f"'Flat', 'IVF1024,Flat', 'HNSW32', got {index!r}")
+    if index in (DENSE, EXACT):
+        return
+    zero = re.search(r"(?<![0-9])0+(?![0-9])", index)
+    if zero:
+        raise ValueError(f"index={index!r}: every size in a factory string must be at least 1 "
+                         f"(found {zero.group()!r})")
+    for match in re.finditer(r"HNSW(\d+)", index):
+        if int(match.group(1)) < 2:
+            raise ValueError(f"index={index!r}: HNSW needs M >= 2 neighbours per node, got {match.group(1)}")
+    if "NSG" in index:
+        raise ValueError(f"index={index!r}: NSG graphs are built once and cannot grow window by window; use HNSW")
+
+
+def _int(name: str, value, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= high:
+        raise ValueError(f"{name} must be an int in [1, {high}], got {value!r}")
+    return int(value)
+
+
+def _number(name: str, text: str):
+    """An option's text value as an int if it is one (``32``, ``1e3``), else the text (refused by the checks)."""
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return int(value) if math.isfinite(value) and value == int(value) else value
+
+
+def _choice(name: str, value, accepted: tuple) -> None:
+    if value not in accepted:
+        raise ValueError(f"{name}={value!r} is unknown; accepted values: {accepted}")
+
+
+def _search_params(params) -> dict:
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise ValueError(f"index_params (Faiss search parameters) must be a dict such as {{'nprobe': 32}}, got {params!r}")
+    checked = {}
+    for name, value in params.items():
+        if name not in SEARCH_PARAMS:
+            raise ValueError(f"index_params: unknown Faiss search parameter {name!r}; accepted: "
+                             f"{', '.join(SEARCH_PARAMS)}")
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= SEARCH_PARAMS[name]:
+            raise ValueError(f"index_params: {name} must be an int in [1, {SEARCH_PARAMS[name]}], got {value!r}")
+        checked[str(name)] = int(value)
+    return checked
