@@ -85,8 +85,9 @@ def apply_params(index: faiss.Index, params: dict | None) -> None:
     for name, value in params.items():
         try:
             space.set_index_parameter(index, str(name), float(value))
-        except (RuntimeError, TypeError, ValueError) as e:
-            raise ValueError(f"index_params: cannot set {name}={value!r} on this index: {e}") from None
+        except (RuntimeError, TypeError, ValueError):
+            raise ValueError(f"index_params: cannot set {name}={value!r}: {type(faiss.downcast_index(index)).__name__} "
+                             f"has no parameter {name!r}") from None
 
 
 def _parameter_space(index: faiss.Index):

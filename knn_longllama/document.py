@@ -366,7 +366,10 @@ def _atomic_save(tensors: dict, path: str, metadata: dict) -> None:
             os.remove(os.path.join(folder, stale))
     tmp = os.path.join(folder, f"{prefix}{os.getpid()}-{secrets.token_hex(4)}")
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except SafetensorError as error:
+            raise OSError(f"cannot write the memory file {path!r}: {error}") from None
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         umask = os.umask(0)

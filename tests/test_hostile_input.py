@@ -236,6 +236,9 @@ def test_10_the_output_path_is_checked_before_any_work(tmp_path, capsys):
                            (text, "is the input file")):
         assert_one_line_error(cli_in_process(capsys, "read", str(text), "-o", str(output), "--quiet"), needle)
     assert text.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["doc.txt"]
+    if os.path.isdir("/proc"):  # a folder that refuses new files although access() says it is writable
+        assert_one_line_error(cli_in_process(capsys, "read", str(text), "-o", "/proc/doc.memory", "--quiet"),
+                              "cannot write the memory file")
 
 
 # 12 -----------------------------------------------------------------------------------------------------------
