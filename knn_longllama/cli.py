@@ -214,7 +214,7 @@ def cmd_generate(args) -> int:
 
 
 def attention(args) -> dict:
-    return {"torch_attention": True} if args.torch_attention else {}
+    return {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,9 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--device", type=device_name, default="cpu", help="torch device: cpu (default) or cuda[:N]")
     common.add_argument("--threads", type=thread_count, default=None,
                         help="threads for torch and Faiss together, 1 to the number of CPUs (default: their own)")
-    common.add_argument("--torch-attention", action="store_true",
-                        help="fused SDPA instead of matmul + fp32 softmax in non-memory layers and, with dense "
-                             "memory, in memory layers (faster; the same math up to float rounding)")
+    common.add_argument("--attn-implementation", choices=["eager", "sdpa"], default=None,
+                        help="eager: matmul + fp32 softmax, the official math (default); sdpa: fused attention in "
+                             "non-memory layers and, with dense memory, in memory layers (faster; the same math up "
+                             "to float rounding)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = sub.add_parser("passkey", parents=[common],

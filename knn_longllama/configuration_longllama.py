@@ -10,6 +10,7 @@ MEM_DTYPES = ("float32", "bfloat16", "float16")
 LEGACY_MEMORY_FIELDS = ("mem_backend", "mem_index", "mem_knn_k", "mem_knn_k_factor", "mem_faiss_metric",
                         "mem_faiss_search", "mem_index_params")
 LEGACY_BACKENDS = ("dense", "faiss", "torch_topk")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 
 
 @strict
@@ -26,13 +27,15 @@ class LongLlamaConfig(PreTrainedConfig):
     - `mem_dtype`: dtype of stored memory keys and values (`"bfloat16"`, `"float16"` or `"float32"`).
     - `mem_positionals`: if false, memory layers use no RoPE at all.
     - `mem_attention_grouping`: `(heads, queries)` chunking of memory-layer attention; changes peak memory only.
-    - `torch_attention`: fused SDPA instead of matmul + fp32 softmax in non-memory layers and in memory layers
-      with dense memory (over local keys and every memory entry; kNN memory layers keep matmul + fp32 softmax).
+    - `torch_attention` (the official field, an alias of `attn_implementation`): true is `"sdpa"`, false `"eager"`.
     - `gradient_checkpoint_every_ith`: with gradient checkpointing on, checkpoint every i-th non-memory layer.
 
     Added by this project:
 
     - `num_key_value_heads`: grouped-query attention (defaults to `num_attention_heads`, plain multi-head).
+    - `attn_implementation` (transformers' own setting): `"eager"` (default, the official math: matmul + fp32
+      softmax) or `"sdpa"` (fused scaled_dot_product_attention in non-memory layers and in memory layers with dense
+      memory, over local keys and every memory entry; kNN memory layers keep matmul + fp32 softmax).
     - `memory_spec`: how memory layers store and search their entries, one `knn_index.MemorySpec` in text form:
       `"dense"` (official: attend to the whole memory), `"exact k=32"` (exact top-k in torch) or a Faiss
       `index_factory` string with options, e.g. `"IVF1024,Flat k=32 nprobe=32 metric=l2"`. Validated here;
@@ -66,19 +69,35 @@ class LongLlamaConfig(PreTrainedConfig):
     mem_positionals: bool = True
     mem_dtype: str = "bfloat16"
     mem_attention_grouping: list[int] | tuple[int, int] | None = None
-    torch_attention: bool = False
     gradient_checkpoint_every_ith: int = 1
     memory_spec: str | dict | None = None
 
     def __post_init__(self, **kwargs):
         legacy = {name: kwargs.pop(name) for name in LEGACY_MEMORY_FIELDS if name in kwargs}
+        fused = kwargs.pop("torch_attention", False)
         if self.memory_spec is None:
             self.memory_spec = legacy_memory_spec(legacy)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         self.mem_layers = [] if self.mem_layers is None else list(self.mem_layers)
         super().__post_init__(**kwargs)
+        if fused and self._attn_implementation is None:
+            self._attn_implementation = "sdpa"
         self.validate_longllama()
+
+    @property
+    def torch_attention(self) -> bool:
+        """The official field: whether attention uses fused SDPA (`attn_implementation == "sdpa"`)."""
+        return self._attn_implementation == "sdpa"
+
+    @torch_attention.setter
+    def torch_attention(self, value: bool) -> None:
+        self._attn_implementation = "sdpa" if value else "eager"
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out["torch_attention"] = self.torch_attention  # official LongLLaMA code reads this field
+        return out
 
     @property
     def head_dim(self) -> int:

@@ -8,7 +8,7 @@ earlier windows. The attention layer talks to it through two calls:
   inner products `<q, k_i>` for the entries this memory offers, which of them are valid, and their values.
 
 `DenseMemory` offers every stored entry (the official LongLLaMA behaviour); it also hands them out whole
-(`entries()`, flagged by `all_entries`) for attention with fused SDPA (`torch_attention=True`). `KnnMemory` offers
+(`entries()`, flagged by `all_entries`) for attention with fused SDPA (`attn_implementation="sdpa"`). `KnnMemory` offers
 the top-k entries per query found in per-(row, head) Faiss indices (or exact torch top-k) with exact re-scored inner
 products.
 """

@@ -17,8 +17,8 @@ from transformers.cache_utils import Cache
 from transformers.generation.stopping_criteria import MaxLengthCriteria
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .configuration_longllama import (LEGACY_MEMORY_FIELDS, LongLlamaConfig, check_last_context_length,
-                                     legacy_memory_spec)
+from .configuration_longllama import (ATTN_IMPLEMENTATIONS, LEGACY_MEMORY_FIELDS, LongLlamaConfig,
+                                     check_last_context_length, legacy_memory_spec)
 from .memory import CrossBatchMemory, make_memory
 
 
@@ -141,7 +141,7 @@ class LongLlamaAttention(nn.Module):
             k = apply_rotary(k, cos, sin)
 
         fusable = not self.is_memory_layer or memory is None or getattr(memory, "all_entries", False)
-        if self.config.torch_attention and fusable:
+        if self.config._attn_implementation == "sdpa" and fusable:
             out = self._attend_sdpa(q, k, v, window.allowed, memory.entries() if memory is not None else None)
         else:
             out = self._attend_eager(q, k, v, window.allowed, memory)
@@ -288,6 +288,16 @@ class LongLlamaPreTrainedModel(PreTrainedModel):
         if isinstance(module, LongLlamaRotaryEmbedding):  # a computed buffer, never stored in checkpoints
             module.inv_freq.copy_(module.compute_inv_freq())
 
+    _can_set_attn_implementation_cached_value = True  # attention reads config._attn_implementation at every call
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs) -> str:
+        """"eager" (the official matmul + fp32 softmax) unless "sdpa" is asked for; transformers would pick "sdpa"."""
+        if attn_implementation is None:
+            return "eager"
+        if attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"`attn_implementation` must be one of {ATTN_IMPLEMENTATIONS}, got {attn_implementation!r}.")
+        return attn_implementation
+
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the model creates its own LongLlamaCache
@@ -301,6 +311,9 @@ class LongLlamaPreTrainedModel(PreTrainedModel):
         the stored config."""
         if config is None:
             fields = set(LongLlamaConfig.__annotations__) | set(LEGACY_MEMORY_FIELDS)
+            if "torch_attention" in kwargs:  # the official field, an alias of attn_implementation
+                if kwargs.pop("torch_attention") and kwargs.get("attn_implementation") is None:
+                    kwargs["attn_implementation"] = "sdpa"
             overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in fields}
             legacy = {key: overrides.pop(key) for key in LEGACY_MEMORY_FIELDS if key in overrides}
             if legacy and "memory_spec" in overrides:
@@ -371,16 +384,15 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         use_cache: bool | None = None,
         last_context_length: int | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        keep_last: int = 0,
+        logits_to_keep: int = 0,
         crossbatch_contexts: int = 0,
         memory_spec=None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """Run N new tokens through the model, window by window (docs/semantics.md, "Windows" and "Eviction and generation").
 
-        keep_last: if > 0, only the hidden states of the last `keep_last` tokens are returned (saves memory on
-        very long inputs).
+        logits_to_keep: if > 0, only the hidden states of the last `logits_to_keep` tokens are returned (saves
+        memory on very long inputs; the causal LM computes logits of those only).
         memory_spec: how memories created for this call store and search (default: the config's `memory_spec`);
         a cache that already holds memories keeps them.
         crossbatch_contexts: FoT training (docs/semantics.md, "FoT cross-batch training"). If > 0, the input is one window per row and each
@@ -448,8 +460,9 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             )
             if output_hidden_states:
                 all_hidden.append(layer_states)
-            if keep_last <= 0 or end > num_tokens - keep_last:
-                kept_hidden.append(hidden[:, max(0, num_tokens - keep_last - beg) :] if keep_last > 0 else hidden)
+            if logits_to_keep <= 0 or end > num_tokens - logits_to_keep:
+                kept_hidden.append(hidden[:, max(0, num_tokens - logits_to_keep - beg) :] if logits_to_keep > 0
+                                   else hidden)
 
         if cache is not None:
             cache.seen_tokens += num_tokens
@@ -591,7 +604,6 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         last_context_length: int | None = None,
         logits_to_keep: int = 0,
         crossbatch_contexts: int = 0,
@@ -615,7 +627,7 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             last_context_length=last_context_length,
             output_hidden_states=output_hidden_states,
-            keep_last=logits_to_keep,
+            logits_to_keep=logits_to_keep,
             crossbatch_contexts=crossbatch_contexts,
             memory_spec=memory_spec,
         )

@@ -50,13 +50,13 @@ def test_dense_memory_read_with_fused_sdpa_is_asked_with_either_attention(tmp_pa
     text.write_text("The grass is green. The sky is blue.\n" * 40 + "The pass key is 7316. Remember it.\n"
                     + "The sun is yellow. Here we go.\n" * 40)
     memory, plain_memory = tmp_path / "doc.memory", tmp_path / "plain.memory"
-    run("read", str(text), "-o", str(memory), "--memory", "dense", "--torch-attention", "--quiet")
+    run("read", str(text), "-o", str(memory), "--memory", "dense", "--attn-implementation", "sdpa", "--quiet")
     run("read", str(text), "-o", str(plain_memory), "--memory", "dense", "--quiet")
     fused_keys, plain_keys = (safetensors.torch.load_file(str(m))["layer1.keys"] for m in (memory, plain_memory))
     assert not torch.equal(fused_keys, plain_keys)  # the flag reached the model: other kernels, other rounding
     assert torch.allclose(fused_keys, plain_keys, atol=1e-4, rtol=1e-4)  # the same math
     question = ["ask", str(memory), "What is the pass key? The pass key is", "--max-new-tokens", "4"]
-    fused, plain = run(*question, "--torch-attention").stdout, run(*question).stdout
+    fused, plain = run(*question, "--attn-implementation", "sdpa").stdout, run(*question).stdout
     assert fused.strip() != "" and fused == plain
 
 

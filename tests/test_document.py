@@ -11,12 +11,12 @@ from knn_longllama.document import Document
 
 from conftest import tiny_model
 
-BACKENDS = [dict(memory_spec="dense"), dict(memory_spec="dense", torch_attention=True),  # fused SDPA over memory
+BACKENDS = [dict(memory_spec="dense"), dict(memory_spec="dense", attn_implementation="sdpa"),  # fused SDPA over memory
             dict(memory_spec="Flat k=1000"), dict(memory_spec="exact k=3")]
 
 
 def backend_id(backend: dict) -> str:
-    return backend["memory_spec"] + (" sdpa" if backend.get("torch_attention") else "")
+    return backend["memory_spec"] + (" sdpa" if backend.get("attn_implementation") else "")
 
 
 def concatenated_generate(model, doc_ids, question_ids, steps):

@@ -32,9 +32,9 @@ def llama_twin(model: LongLlamaForCausalLM) -> LlamaForCausalLM:
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
-@pytest.mark.parametrize("torch_attention", [False, True])
-def test_no_memory_equals_transformers_llama(kv_heads, torch_attention):
-    model = tiny_model(mem_layers=[], num_key_value_heads=kv_heads, torch_attention=torch_attention,
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_no_memory_equals_transformers_llama(kv_heads, attn_implementation):
+    model = tiny_model(mem_layers=[], num_key_value_heads=kv_heads, attn_implementation=attn_implementation,
                        max_position_embeddings=32, last_context_length=32)
     twin = llama_twin(model)
     ids = torch.randint(3, 61, (2, 32))
@@ -165,3 +165,20 @@ def test_smollm2_gguf_real_checkpoint():
         generated = with_memory.generate(long_ids, max_new_tokens=40, do_sample=False)
     assert out.logits.isfinite().all() and len(out.cache.memories[10]) == 268
     assert generated.shape == (1, 340)
+
+
+def test_attn_implementation_defaults_to_the_official_math_and_torch_attention_is_its_alias(tmp_path):
+    """transformers would default to "sdpa"; LongLLaMA's official attention is matmul + fp32 softmax ("eager")."""
+    from knn_longllama import LongLlamaForCausalLM
+
+    assert tiny_model().config._attn_implementation == "eager"
+    fused = tiny_model(torch_attention=True)  # the official config field
+    assert fused.config._attn_implementation == "sdpa" and fused.config.to_dict()["torch_attention"] is True
+    fused.save_pretrained(tmp_path)
+    assert LongLlamaForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "sdpa"
+    assert LongLlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").config.torch_attention is False
+    model = tiny_model()
+    model.set_attn_implementation("sdpa")  # switched at run time, like any transformers model
+    assert model.model.layers[0].self_attn.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match=r"`attn_implementation` must be one of \('eager', 'sdpa'\)"):
+        tiny_model(attn_implementation="flash_attention_2")

@@ -156,7 +156,7 @@ def left_padded_batch(n_tokens, pad, vocab, seed=0):
      (3, "float32", False, True), (8, "bfloat16", True, True)],  # fused SDPA over [local ; dense memory]
 )
 def test_forward_matches_reference_over_many_windows(last_context_length, mem_dtype, use_cache, torch_attention):
-    model = tiny_model(mem_layers=[1], mem_dtype=mem_dtype, num_key_value_heads=2, torch_attention=torch_attention)
+    model = tiny_model(mem_layers=[1], mem_dtype=mem_dtype, num_key_value_heads=2, attn_implementation="sdpa" if torch_attention else "eager")
     ids, mask = left_padded_batch(70, pad=5, vocab=model.config.vocab_size)  # >= 4 windows of 16
     with torch.no_grad():
         out = model(ids, attention_mask=mask, use_cache=use_cache, last_context_length=last_context_length)
@@ -177,7 +177,7 @@ def test_two_memory_layers_and_positionals_flag(positionals):
 @pytest.mark.parametrize("torch_attention", [False, True])
 def test_cache_path_with_evictions_matches_reference(torch_attention):
     """Prompt into memory + local cache, then chunks and single tokens that overflow the local cache."""
-    model = tiny_model(mem_layers=[1], num_key_value_heads=2, torch_attention=torch_attention)
+    model = tiny_model(mem_layers=[1], num_key_value_heads=2, attn_implementation="sdpa" if torch_attention else "eager")
     ids, mask = left_padded_batch(60, pad=4, vocab=model.config.vocab_size, seed=2)
     rows = [ReferenceRow(model, torch.float32) for _ in range(2)]
     feeds = [(0, 37), (37, 38), (38, 43), *[(i, i + 1) for i in range(43, 60)]]
