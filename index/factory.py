@@ -7,6 +7,7 @@ return plain Faiss objects and numpy arrays; nothing here knows about torch.
 
 import contextlib
 import io
+import re
 
 import faiss
 import numpy as np
@@ -130,6 +131,27 @@ def default_train_size(index: faiss.Index) -> int:
     if index.is_trained:
         return 0
     return max([MIN_TRAIN_SIZE] + [POINTS_PER_CENTROID * c for c in _codebooks(index)])
+
+
+# train="grow": the smallest IVF trained early, and the factor between one stage's nlist and the next.
+MIN_GROW_NLIST, GROW_FACTOR = 16, 4
+GROWABLE = re.compile(r"IVF(\d+),(Flat|SQ\w+)")
+
+
+def growth_stages(index: str, train_size: int) -> list[tuple[int, str]]:
+    """train="grow": (keys at which a row's indexes are rebuilt, factory string) per stage, ascending; the last stage
+    is ``index`` itself at ``train_size``. Earlier stages are IVF indexes of nlist / 4, nlist / 16, ... (at least
+    MIN_GROW_NLIST lists), each trained at POINTS_PER_CENTROID keys per list."""
+    match = GROWABLE.fullmatch(index)
+    if match is None:
+        raise ValueError(f"train='grow' grows IVF indexes with Flat or SQ codes ('IVF1024,Flat', 'IVF4096,SQ8'), "
+                         f"got index={index!r}; use train='once'")
+    nlist, codes = int(match.group(1)), match.group(2)
+    stages, smaller = [], nlist // GROW_FACTOR
+    while smaller >= MIN_GROW_NLIST and POINTS_PER_CENTROID * smaller < train_size:
+        stages.append((POINTS_PER_CENTROID * smaller, f"IVF{smaller},{codes}"))
+        smaller //= GROW_FACTOR
+    return sorted(stages) + [(train_size, index)]
 
 
 def min_train_size(index: faiss.Index) -> int:

@@ -5,8 +5,8 @@
     MemorySpec.coerce("exact k=8")        # str, dict or MemorySpec -> MemorySpec
 
 The text form is the index (``dense``, ``exact`` or a Faiss ``index_factory`` string, no spaces) followed by
-``name=value`` options: ``k``, ``k_factor``, ``metric`` (ip, l2), ``scan`` (index, big_batch) and the Faiss search
-parameters in ``SEARCH_PARAMS``. ``str(spec)`` gives it back. Everything that can be checked without knowing the
+``name=value`` options: ``k``, ``k_factor``, ``metric`` (ip, l2), ``scan`` (index, big_batch), ``train`` (once,
+grow) and the Faiss parameters in ``SEARCH_PARAMS``. ``str(spec)`` gives it back. Everything that can be checked without knowing the
 vector dimension is checked here, including the factory strings that make Faiss abort, crash or hang; what depends
 on the dimension (``PQ16`` needs d divisible by 16) is checked when a store builds its index.
 This module imports neither torch nor Faiss.
@@ -23,6 +23,7 @@ DENSE, EXACT = "dense", "exact"
 EXACT_ALIASES = ("torch", "torch_topk")  # earlier spellings of exact search
 METRICS = ("ip", "l2")
 SCANS = ("index", "big_batch")
+TRAINS = ("once", "grow")
 # Faiss index parameters a spec may set (faiss.ParameterSpace names) and their largest accepted value.
 SEARCH_PARAMS = {"nprobe": 1 << 20, "efSearch": 1 << 20, "efConstruction": 1 << 16, "quantizer_efSearch": 1 << 20,
                  "max_codes": 1 << 40}
@@ -40,6 +41,8 @@ class MemorySpec:
     k_factor: fetch ``k_factor * k`` candidates from the index, keep the k best by exact score (as IndexRefine).
     metric:   "ip" (inner-product index) or "l2" (norm-augmented keys in an L2 index; higher recall for IVF/HNSW).
     scan:     "index" (the index's own search) or "big_batch" (IVF lists scanned once for all queries of a window).
+    train:    "once" (search a trainable index's keys exactly until it trains, once) or "grow" (IVF with Flat or SQ
+              codes: train a smaller IVF early and again at every 4x more keys, up to the spec's nlist).
     index_params: Faiss search parameters, e.g. {"nprobe": 32} or {"efSearch": 64}; positive integers.
     """
 
@@ -48,6 +51,7 @@ class MemorySpec:
     k_factor: int = 1
     metric: str = "ip"
     scan: str = "index"
+    train: str = "once"
     index_params: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -61,11 +65,13 @@ class MemorySpec:
         set_(self, "k_factor", _int("k_factor", self.k_factor, MAX_K_FACTOR))
         _choice("metric", self.metric, METRICS)
         _choice("scan", self.scan, SCANS)
+        _choice("train", self.train, TRAINS)
         set_(self, "index_params", _search_params(self.index_params))
         if self.index != DENSE and self.index != EXACT:
             return
         extra = {name: value for name, value in (("k_factor", self.k_factor), ("metric", self.metric),
-                                                  ("scan", self.scan)) if value != getattr(MemorySpec, name)}
+                                                  ("scan", self.scan), ("train", self.train))
+                 if value != getattr(MemorySpec, name)}
         extra.update(self.index_params)
         if extra:
             raise ValueError(f"memory {self.index!r} takes no Faiss options, got {extra}; they apply to Faiss "
@@ -92,12 +98,12 @@ class MemorySpec:
                 raise ValueError(f"memory {text!r}: {name!r} is given twice")
             if name in ("k", "k_factor"):
                 fields[name] = _number(name, value)
-            elif name in ("metric", "scan"):
+            elif name in ("metric", "scan", "train"):
                 fields[name] = value
             elif name in SEARCH_PARAMS:
                 params[name] = _number(name, value)
             else:
-                raise ValueError(f"memory {text!r}: unknown option {name!r}; accepted: k, k_factor, metric, scan, "
+                raise ValueError(f"memory {text!r}: unknown option {name!r}; accepted: k, k_factor, metric, scan, train, "
                                  f"{', '.join(SEARCH_PARAMS)}")
         return cls(index=index, index_params=params, **fields)
 
@@ -109,30 +115,29 @@ class MemorySpec:
         if isinstance(value, str):
             return cls.parse(value)
         if isinstance(value, dict):
-            unknown = set(value) - {"index", "k", "k_factor", "metric", "scan", "index_params"}
+            unknown = set(value) - {"index", "k", "k_factor", "metric", "scan", "train", "index_params"}
             if unknown:
                 raise ValueError(f"memory: unknown fields {sorted(unknown)}; accepted: index, k, k_factor, metric, "
-                                 "scan, index_params")
+                                 "scan, train, index_params")
             return cls(**value)
         raise ValueError(f"memory must be a MemorySpec, a string such as 'IVF1024,Flat k=32 nprobe=32' or a dict, "
                          f"got {type(value).__name__}")
 
     def replace(self, **changes) -> "MemorySpec":
         """A copy with ``changes`` applied (validated again)."""
-        fields = dict(index=self.index, k=self.k, k_factor=self.k_factor, metric=self.metric, scan=self.scan,
-                      index_params=dict(self.index_params))
+        fields = self.to_dict()
         fields.update(changes)
         return MemorySpec(**fields)
 
     def to_dict(self) -> dict:
         return dict(index=self.index, k=self.k, k_factor=self.k_factor, metric=self.metric, scan=self.scan,
-                    index_params=dict(self.index_params))
+                    train=self.train, index_params=dict(self.index_params))
 
     def __str__(self) -> str:
         if self.index == DENSE:
             return DENSE
         options = [f"k={self.k}"]
-        options += [f"{name}={getattr(self, name)}" for name in ("k_factor", "metric", "scan")
+        options += [f"{name}={getattr(self, name)}" for name in ("k_factor", "metric", "scan", "train")
                     if getattr(self, name) != getattr(MemorySpec, name)]
         options += [f"{name}={value}" for name, value in sorted(self.index_params.items())]
         return " ".join([self.index, *options])

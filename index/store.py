@@ -31,9 +31,12 @@ class KnnStore:
     Trainable indices (IVF, PQ, SQ...) start untrained: a row's keys are
     searched exactly until ``train_size`` of them have arrived, then each of the
     row's head indices is trained once (seeded) and receives the whole buffer,
-    so no key is lost. ``train_size`` defaults to
-    ``factory.default_train_size``: max(1024, 40 x nlist for IVF, 40 x 256 for
-    8-bit PQ), e.g. 40960 for IVF1024, 1024 for SQ8.
+    so no key is lost. With ``train="grow"`` (IVF with Flat or SQ codes) a row
+    gets IVF indexes of nlist/64, nlist/16, nlist/4 lists early (at 40 keys per
+    list) and is rebuilt at each stage, so the exact phase ends at 640 keys;
+    from ``train_size`` on it holds exactly what ``train="once"`` builds.
+    ``train_size`` defaults to ``factory.default_train_size``: max(1024,
+    40 x nlist for IVF, 40 x 256 for 8-bit PQ), e.g. 40960 for IVF1024.
 
     The index receives the stored keys (after rounding to ``dtype``), cast to
     float32, so exact indices rank keys exactly as the returned scores do.
@@ -60,6 +63,11 @@ class KnnStore:
                 raise ValueError(f"scan='big_batch' scans Faiss indexes on the CPU; got device={str(self.device)!r}")
             factory.prepare_training(self._proto, self.seed)
         self.train_size = self._check_train_size(train_size)
+        # (keys at which a row's indexes are (re)built and trained, prototype); one stage unless train="grow"
+        self._stages = [(self.train_size, self._proto)] if self._proto is not None else []
+        if spec.train == "grow" and self._proto is not None:
+            self._stages = [(at, self._stage_proto(index)) for at, index in
+                            factory.growth_stages(spec.index, self.train_size)[:-1]] + self._stages
         self._gpu = None
         if not self.exact and self.device.type == "cuda" and factory.gpu_available():
             self._gpu = faiss.StandardGpuResources()
@@ -77,8 +85,13 @@ class KnnStore:
             raise ValueError(f"train_size={train_size} is below the {need} keys index={self.spec.index!r} needs to train")
         return train_size
 
-    def _new_index(self) -> faiss.Index:
-        idx = faiss.clone_index(self._proto)
+    def _stage_proto(self, index: str) -> faiss.Index:
+        proto = factory.make_index(index, self.head_dim, self.spec.metric)
+        factory.prepare_training(proto, self.seed)
+        return proto
+
+    def _new_index(self, proto: faiss.Index) -> faiss.Index:
+        idx = faiss.clone_index(proto)
         if self._gpu is not None:
             idx = factory.to_gpu(idx, self._gpu, self.device.index or 0)
         factory.apply_params(idx, self.spec.index_params)
@@ -87,8 +100,9 @@ class KnnStore:
     def _reset_indexes(self) -> None:
         B, H = self.batch_size, self.num_heads
         faiss_path = not self.exact
-        self._indexes = [[self._new_index() for _ in range(H)] for _ in range(B)] if faiss_path else None
-        self._trained = [faiss_path and self.train_size == 0] * B  # row's keys live in its indexes
+        self._indexes = [[self._new_index(self._proto) for _ in range(H)] for _ in range(B)] if faiss_path else None
+        # the stage whose indexes serve a row's keys; -1: buffered, searched exactly until the first stage
+        self._stage = [0 if faiss_path and self.train_size == 0 else -1] * B
         self._indexed = [0] * B  # keys of the row already added to its indexes
         self._norms = np.zeros((B, H))  # faiss_metric "l2": augmentation norm per (row, head), 0 = not set yet
 
@@ -104,7 +118,7 @@ class KnnStore:
     @property
     def trained(self) -> list[bool]:
         """Per row: whether its keys are served by the Faiss indexes (False: exact buffer search)."""
-        return list(self._trained)
+        return [stage >= 0 for stage in self._stage]
 
     def faiss_index(self, b: int, h: int) -> faiss.Index | None:
         """The Faiss index of row ``b``, head ``h`` (None for the torch backend)."""
@@ -162,10 +176,12 @@ class KnnStore:
         n, done = self._storage.sizes[b], self._indexed[b]
         if n == done:
             return
-        if not self._trained[b]:
-            if n < self.train_size:
-                return
-            self._train_row(b)
+        stage = max([s for s, (at, _) in enumerate(self._stages) if at <= n], default=-1)
+        if stage < 0:
+            return
+        if stage != self._stage[b]:
+            self._build_row(b, stage)
+            done = 0
         x = self._storage.float_keys(b, done, n)
         for h, idx in enumerate(self._indexes[b]):
             factory.add_sequential(idx, self._indexable(b, h, x[h]), done)
@@ -180,18 +196,24 @@ class KnnStore:
             self._norms[b, h] = factory.augmentation_norm(x)
         return factory.augment_keys(x, self._norms[b, h])
 
-    def _train_row(self, b: int) -> None:
+    def _build_row(self, b: int, stage: int) -> None:
+        """New indexes of ``stage`` for row ``b``, trained on a seeded sample of the stage's size from the row's
+        keys (the augmentation norm of metric "l2" taken afresh from it); the caller adds every key."""
+        at, proto = self._stages[stage]
         n = self._storage.sizes[b]
         x = self._storage.float_keys(b, 0, n)
-        if n > self.train_size:  # seeded sample of train_size buffered keys
-            pick = np.sort(np.random.default_rng(self.seed).choice(n, self.train_size, replace=False))
+        if n > at:  # seeded sample of `at` stored keys
+            pick = np.sort(np.random.default_rng(self.seed).choice(n, at, replace=False))
             x = x[:, pick]
+        indexes = [self._new_index(proto) for _ in range(self.num_heads)]
+        self._norms[b] = 0
         try:
-            for h, idx in enumerate(self._indexes[b]):
-                idx.train(np.ascontiguousarray(self._indexable(b, h, x[h])))
-        except RuntimeError as e:  # the row stays buffered (searched exactly); no key is lost
-            raise ValueError(f"train_size={self.train_size}: Faiss could not train index={self.spec.index!r}: {e}") from None
-        self._trained[b] = True
+            for h, idx in enumerate(indexes):
+                if not idx.is_trained:
+                    idx.train(np.ascontiguousarray(self._indexable(b, h, x[h])))
+        except RuntimeError as e:  # the row keeps its indexes (or stays buffered); no key is lost
+            raise ValueError(f"train_size={at}: Faiss could not train index={self.spec.index!r}: {e}") from None
+        self._indexes[b], self._stage[b], self._indexed[b] = indexes, stage, 0
 
     # ---------------------------------------------------------------- search
     def search(self, queries: torch.Tensor, k: int | None = None, heads: slice | None = None) -> SearchResult:
@@ -248,7 +270,7 @@ class KnnStore:
         """One Faiss search per (row, head) with all Q queries; buffered rows searched exactly."""
         B, Q = self.batch_size, q.shape[2]
         ids = np.full((B, len(hs), Q, K), -1, dtype=np.int64)
-        indexed = [b for b in range(B) if self._trained[b] and self._indexed[b] > 0]
+        indexed = [b for b in range(B) if self._stage[b] >= 0 and self._indexed[b] > 0]
         if indexed:
             qn = q.cpu().numpy()
             if self.spec.metric == "l2":
@@ -261,7 +283,7 @@ class KnnStore:
                     else:
                         self._indexes[b][h].search(qn[b, j], K, D=dist, I=ids[b, j])
         out = torch.from_numpy(ids).to(q.device)
-        buffered = [b for b in range(B) if not self._trained[b] and self._storage.sizes[b] > 0]
+        buffered = [b for b in range(B) if self._stage[b] < 0 and self._storage.sizes[b] > 0]
         if buffered:
             out[buffered] = self._exact_ids(q, buffered, hsel, K)
         return out
@@ -280,7 +302,7 @@ class KnnStore:
         }
         if self.exact:
             return state
-        state["trained"] = torch.tensor(self._trained, dtype=torch.bool)
+        state["stage"] = torch.tensor(self._stage, dtype=torch.int64)
         state["indexed"] = torch.tensor(self._indexed, dtype=torch.int64)
         if self.spec.metric != "ip":  # the norm that later keys are augmented to
             state["augmentation_norms"] = torch.from_numpy(self._norms.copy())
@@ -300,7 +322,7 @@ class KnnStore:
         B, H, d = self.batch_size, self.num_heads, self.head_dim
         expected = {"sizes", "keys", "values"}
         if not self.exact:
-            expected |= {"trained", "indexed"} | {f"index.{b}.{h}" for b in range(B) for h in range(H)}
+            expected |= {"stage", "indexed"} | {f"index.{b}.{h}" for b in range(B) for h in range(H)}
             if self.spec.metric != "ip":
                 expected.add("augmentation_norms")
         if set(state) != expected:
@@ -319,7 +341,10 @@ class KnnStore:
             checks.finite("state['keys']", state["keys"][b, :, :size])
         indexes = None
         if not self.exact:
-            trained, indexed = _bool_list(state, "trained", B), _int_list(state, "indexed", B)
+            stages, indexed = _int_list(state, "stage", B), _int_list(state, "indexed", B)
+            if any(not -1 <= s < len(self._stages) or (self.train_size == 0 and s != 0) for s in stages):
+                raise ValueError(f"state['stage'] holds {stages}; this store's spec '{self.spec}' has stages "
+                                 f"-1 (buffered) to {len(self._stages) - 1}")
             norms = None
             if "augmentation_norms" in state:
                 norms = state["augmentation_norms"]
@@ -327,7 +352,7 @@ class KnnStore:
                     raise ValueError("state['augmentation_norms'] must be non-negative floats of shape "
                                      f"{(B, H)}, got {tuple(norms.shape)}")
                 norms = norms.double().numpy().copy()
-            indexes = [[self._load_index(state[f"index.{b}.{h}"], f"index.{b}.{h}", trained[b], indexed[b], sizes[b])
+            indexes = [[self._load_index(state[f"index.{b}.{h}"], f"index.{b}.{h}", stages[b], indexed[b], sizes[b])
                         for h in range(H)] for b in range(B)]
         self.reset()
         st = self._storage
@@ -335,11 +360,11 @@ class KnnStore:
             st.append_row(b, state["keys"][b, :, :size].to(st.device, st.dtype),
                           state["values"][b, :, :size].to(st.device, st.dtype))
         if indexes is not None:
-            self._indexes, self._trained, self._indexed = indexes, trained, indexed
+            self._indexes, self._stage, self._indexed = indexes, stages, indexed
             if norms is not None:
                 self._norms = norms
 
-    def _load_index(self, data: torch.Tensor, name: str, trained: bool, indexed: int, size: int) -> faiss.Index:
+    def _load_index(self, data: torch.Tensor, name: str, stage: int, indexed: int, size: int) -> faiss.Index:
         """Deserialize one head's index and check it against this store's prototype and the row's bookkeeping."""
         if data.dtype != torch.uint8 or data.dim() != 1:
             raise ValueError(f"state[{name!r}] must be uint8 bytes of faiss.serialize_index, got {data.dtype} "
@@ -348,7 +373,8 @@ class KnnStore:
             index = faiss.deserialize_index(np.ascontiguousarray(data.numpy()))
         except RuntimeError as e:
             raise ValueError(f"state[{name!r}] is not a readable Faiss index: {str(e).splitlines()[0]}") from None
-        proto = self._proto
+        trained = stage >= 0
+        proto = self._stages[max(stage, 0)][1] if self._stages else self._proto
         # the class a serialized prototype reads back as (faiss.index_factory may return a base class)
         want = (type(faiss.deserialize_index(faiss.serialize_index(proto))).__name__, proto.d, proto.metric_type)
         got = (type(index).__name__, index.d, index.metric_type)
@@ -356,8 +382,9 @@ class KnnStore:
             raise ValueError(f"state[{name!r}] is a {got[0]} of dimension {got[1]} and metric {got[2]}; this "
                              f"store's spec '{self.spec}' makes a {want[0]} of dimension {want[1]} and metric {want[2]}")
         if getattr(index, "nlist", None) != getattr(proto, "nlist", None):
-            raise ValueError(f"state[{name!r}] has nlist {index.nlist}, the spec '{self.spec}' {proto.nlist}")
-        if index.is_trained != (trained or self.train_size == 0) or not 0 <= indexed <= size or \
+            raise ValueError(f"state[{name!r}] has nlist {index.nlist}, the spec '{self.spec}' {proto.nlist} at "
+                             f"stage {stage}")
+        if index.is_trained != (trained or proto.is_trained) or not 0 <= indexed <= size or \
                 index.ntotal != (indexed if trained else 0) or (not trained and indexed != 0):
             raise ValueError(f"state[{name!r}] holds {index.ntotal} keys (trained: {index.is_trained}) but the row "
                              f"records {indexed} indexed of {size} stored (trained: {trained})")
@@ -371,11 +398,4 @@ def _int_list(state: dict, name: str, length: int) -> list[int]:
     t = state[name]
     if t.dtype != torch.int64 or tuple(t.shape) != (length,):
         raise ValueError(f"state[{name!r}] must be int64 of shape ({length},), got {t.dtype} {tuple(t.shape)}")
-    return t.tolist()
-
-
-def _bool_list(state: dict, name: str, length: int) -> list[bool]:
-    t = state[name]
-    if t.dtype != torch.bool or tuple(t.shape) != (length,):
-        raise ValueError(f"state[{name!r}] must be bool of shape ({length},), got {t.dtype} {tuple(t.shape)}")
     return t.tolist()

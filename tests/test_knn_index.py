@@ -66,7 +66,7 @@ def unit(x):
     return x / x.norm(dim=-1, keepdim=True)
 
 
-SPEC_FIELDS = ("index_params", "k_factor", "metric", "scan")
+SPEC_FIELDS = ("index_params", "k_factor", "metric", "scan", "train")
 
 
 def make_store(kind, B, H, d=D, **kw):
@@ -547,3 +547,51 @@ def test_gpu_matches_cpu(kind):
         out.append(res)
     assert torch.equal(out[0].ids.sort(-1).values, out[1].ids.cpu().sort(-1).values)
     torch.testing.assert_close(out[0].scores, out[1].scores.cpu(), atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------- train="grow"
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_grown_ivf_loses_no_key_and_equals_train_once_from_train_size_on(metric):
+    """train="grow": IVF16 at 640 keys, IVF64 at 2560 (train_size): with nprobe covering every list each stage
+    finds the brute-force top-k, and once trained at full size the store is the one train="once" builds."""
+    B, H, T = 2, 2, 320
+    grown = make_store("IVF64,Flat", B, H, dtype=torch.float32, index_params={"nprobe": 64}, metric=metric,
+                       train="grow", seed=5)
+    once = make_store("IVF64,Flat", B, H, dtype=torch.float32, index_params={"nprobe": 64}, metric=metric, seed=5)
+    ref = BruteForce(B, H, torch.float32)
+    gen = torch.Generator().manual_seed(7)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 200:] = False  # row 1 grows slower: its stages come later
+    stages = []
+    for _ in range(10):  # 3200 keys in row 0, 2000 in row 1
+        keys, values = random_batch(B, H, T, gen=gen)
+        for store in (grown, once, ref):
+            store.add(keys, values, mask)
+        stages.append(list(grown._stage))
+        queries = torch.randn(B, H, 6, D, generator=gen)
+        found = grown.search(queries, 10)
+        for b in range(B):
+            for h in range(H):
+                for q in range(6):
+                    truth = np.argsort(-ref.scores(b, h, queries[b, h, q]), kind="stable")[:10]
+                    assert sorted(found.ids[b, h, q].tolist()) == sorted(truth.tolist())
+    assert stages[0] == [-1, -1] and stages[1] == [0, -1] and stages[-1] == [1, 0]  # 640 -> IVF16, 2560 -> IVF64
+    assert grown.faiss_index(0, 0).nlist == 64 and grown.faiss_index(1, 0).nlist == 16
+    queries = torch.randn(B, H, 9, D, generator=gen)
+    a, b = grown.search(queries[:1].expand(B, -1, -1, -1), 10), once.search(queries[:1].expand(B, -1, -1, -1), 10)
+    assert torch.equal(a.ids[0], b.ids[0]) and torch.equal(a.scores[0], b.scores[0])  # row 0: past train_size
+
+
+def test_grown_state_round_trip_and_growth_only_for_ivf_flat_or_sq():
+    store = make_store("IVF64,SQ8", 1, 2, dtype=torch.float32, index_params={"nprobe": 4}, train="grow")
+    store.add(*random_batch(1, 2, 1000))
+    assert store._stage == [0] and store.faiss_index(0, 1).nlist == 16
+    loaded = make_store("IVF64,SQ8", 1, 2, dtype=torch.float32, index_params={"nprobe": 4}, train="grow")
+    loaded.load_state_dict(store.state_dict())
+    queries = torch.randn(1, 2, 5, D)
+    assert torch.equal(loaded.search(queries, 8).ids, store.search(queries, 8).ids)
+    with pytest.raises(ValueError, match="state"):  # a train="once" store has no IVF16 stage
+        make_store("IVF64,SQ8", 1, 2, dtype=torch.float32, index_params={"nprobe": 4}).load_state_dict(store.state_dict())
+    for index in ("HNSW16", "IVF64,PQ4", "Flat"):
+        with pytest.raises(ValueError, match="train='grow' grows IVF indexes with Flat or SQ codes"):
+            make_store(index, 1, 1, train="grow")

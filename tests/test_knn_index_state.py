@@ -71,6 +71,7 @@ def _bad_states():
         ("sizes past the keys", _with(good, sizes=torch.tensor([41]))),
         ("negative size", _with(good, sizes=torch.tensor([-1]))),
         ("indexed beyond stored", _with(good, indexed=torch.tensor([50]))),
+        ("a stage the spec does not have", _with(good, stage=torch.tensor([1]))),
         ("keys of another head count", _with(good, keys=torch.randn(1, 3, 40, 16))),
         ("float sizes", _with(good, sizes=torch.tensor([40.0]))),
         ("norms on an ip store", _with(good, augmentation_norms=torch.ones(1, 2, dtype=torch.float64))),
@@ -97,7 +98,7 @@ def test_state_of_another_metric_is_refused():
 def test_state_of_an_untrained_ivf_row_must_hold_an_empty_index():
     store = _filled("IVF4,Flat", tokens=100, train_size=200)  # buffered: not trained yet
     state = store.state_dict()
-    assert state["trained"].tolist() == [False]
+    assert state["stage"].tolist() == [-1]
     trained = _filled("IVF4,Flat", tokens=200, train_size=200).state_dict()
     with pytest.raises(ValueError, match="trained"):
         store.load_state_dict(_with(state, **{"index.0.0": trained["index.0.0"]}))
