@@ -37,13 +37,16 @@ def repeated_filler(n_chars: int, filler: str = FILLER) -> str:
 
 
 def make_passkey_prompt(n_garbage: int, rng: random.Random, *, filler: str = FILLER, key: int | None = None,
-                        task: str = TASK_DESCRIPTION, info_template: str = INFO_TEMPLATE,
+                        depth: float | None = None, task: str = TASK_DESCRIPTION, info_template: str = INFO_TEMPLATE,
                         question: str = QUESTION) -> tuple[str, int]:
     """One passkey prompt with `n_garbage` filler characters around the key line; returns (prompt, key).
 
     Draws, in this order, the prefix length (uniform in [0, n_garbage]) and the key (uniform in [1, 50000)) from
-    `rng`, unless `key` is given. The keyword arguments allow other fillers and wordings (for training data)."""
-    n_prefix = rng.randint(0, n_garbage)
+    `rng`, unless `depth` (the share of the filler before the key line: 0 puts it first, 1 last) or `key` is given.
+    The keyword arguments allow other fillers and wordings (for training data)."""
+    if depth is not None and not 0 <= depth <= 1:
+        raise ValueError(f"depth must be in [0, 1], got {depth!r}")
+    n_prefix = rng.randint(0, n_garbage) if depth is None else round(depth * n_garbage)
     if key is None:
         key = rng.randrange(KEY_LOW, KEY_HIGH)
     parts = [
@@ -61,7 +64,7 @@ def passkey_prompts(n_garbage: int, trials: int, seed: int = 0, **prompt_kwargs)
 
     Trial i of a (seed, n_garbage) pair is the same prompt for every model, tokenizer and caller (the passkey
     accuracy, the recall experiment's passkey text, the failure analysis) and for any number of trials.
-    `prompt_kwargs` go to `make_passkey_prompt` (e.g. another `info_template`)."""
+    `prompt_kwargs` go to `make_passkey_prompt` (e.g. another `info_template`, or a fixed `depth`)."""
     rng = random.Random(f"passkey-{seed}-{n_garbage}")
     for _ in range(trials):
         yield make_passkey_prompt(n_garbage, rng, **prompt_kwargs)
