@@ -1,42 +1,39 @@
 """Scaling experiments on the demo model: accuracy, time, memory and retrieval quality against context length.
 
-    python experiments/run_experiments.py --scale small     # < 10 minutes on 2 CPU cores
-    python experiments/run_experiments.py --scale full      # up to 1M tokens (hours on 2 cores)
-    python experiments/run_experiments.py --scale small --only recall ingest
+    python -m experiments.run_experiments --scale small     # < 10 minutes on 2 CPU cores
+    python -m experiments.run_experiments --scale full      # up to 1M tokens (hours on 2 cores)
+    python -m experiments.run_experiments --scale small --only recall ingest
 
-Experiments (each writes experiments/results/<name>_<scale>.{csv,md,png}):
+Experiments (each appends rows to experiments/results/results.csv, see experiments/common.py):
   passkey   passkey accuracy vs context length: dense (up to `dense_max`; "dense sdpa" when only that is asked for)
-            vs Faiss indices, k in {8, 32, 128}, plus a depth sweep (where the key sits in the prompt);
-            passkey_trials_<scale>.csv has every trial (seed, key, depth of the key line, what the model generated)
-  ingest    ingestion time and peak RAM vs context length, dense vs each index (a subprocess per point), with the
-            fitted scaling exponent of time in context length; dense memory both as the official matmul + fp32
-            softmax ("dense") and as one fused SDPA call ("dense sdpa", where the scale has `dense_sdpa`)
+            vs Faiss indices, k in {8, 32, 128}, plus a depth sweep (where the key sits in the prompt); every trial
+            is a `passkey_trial` row (seed, key, depth of the key line, what the model generated)
+  ingest    ingestion time and peak RAM vs context length, dense vs each index (a subprocess per point); dense memory
+            both as the official matmul + fp32 softmax ("dense") and as one fused SDPA call ("dense sdpa", where the
+            scale has `dense_sdpa`)
   decode    decode latency per generated token vs memory size
   recall    recall@k of each index against exact top-k on real keys and queries taken from the model, and the share
             of the dense memory attention mass the retrieved entries keep, vs nprobe / efSearch
-`experiments/results/environment_<scale>.json` records the machine, package versions and settings, and
-`printed_<scale>.txt` what each run printed (appended, after the command line that ran it). The README's
-results section is regenerated from these files by `python experiments/update_readme.py`.
+Each memory setting is passed per call (`memory_spec=`); `--run NAME` labels the run's rows (default: its start time).
 """
 
+from __future__ import annotations
+
 import argparse
-import contextlib
-import csv
 import json
-import os
-import platform
 import random
 import shlex
 import statistics
 import subprocess
 import sys
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
-import numpy as np
 import torch
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+from experiments import common
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -45,14 +42,14 @@ class Scale:
     passkey_lengths: list
     dense_max: int
     trials: int
-    indices: dict  # label -> (factory string, search params)
+    indices: dict  # label -> memory spec text (its k is set per point)
     ks: list
     depth_length: int
     depths: list
     ingest_lengths: list
     decode_sizes: list
     recall_tokens: int
-    recall_sweep: dict = field(default_factory=dict)  # label -> (factory, param name, values[, fixed params])
+    recall_sweep: dict = field(default_factory=dict)  # label -> (memory spec text, swept parameter, values)
     dense: bool = True  # include dense memory (up to dense_max)
     dense_sdpa: bool = False  # ingest/decode also time dense memory read with fused SDPA ("dense sdpa")
     k_sweep_max: int | None = None  # Flat's ks other than 32 only up to this length (None: every length)
@@ -62,246 +59,165 @@ class Scale:
 SCALES = {
     "small": Scale(
         name="small", passkey_lengths=[512, 2048, 8192], dense_max=8192, trials=10,
-        indices={"Flat": ("Flat", {}), "IVF64,Flat l2": ("IVF64,Flat", {"nprobe": 8, "faiss_metric": "l2"}),
-                 "HNSW32 ef64 l2": ("HNSW32", {"efSearch": 64, "faiss_metric": "l2"}),
-                 "IVF64,PQ8x4": ("IVF64,PQ8x4", {"nprobe": 8, "k_factor": 4})},
+        indices={"Flat": "Flat", "IVF64,Flat l2": "IVF64,Flat metric=l2 nprobe=8",
+                 "HNSW32 ef64 l2": "HNSW32 metric=l2 efSearch=64", "IVF64,PQ8x4": "IVF64,PQ8x4 k_factor=4 nprobe=8"},
         ks=[8, 32, 128], depth_length=2048, depths=[0.0, 0.25, 0.5, 0.75, 1.0],
         ingest_lengths=[2048, 8192, 16384], decode_sizes=[2048, 8192, 16384], recall_tokens=12288, k_sweep_max=2048,
         recall_sweep={"IVF64,Flat": ("IVF64,Flat", "nprobe", [1, 2, 4, 8, 16]),
-                      "IVF64,Flat l2": ("IVF64,Flat", "nprobe", [1, 2, 4, 8, 16], {"faiss_metric": "l2"}),
+                      "IVF64,Flat l2": ("IVF64,Flat metric=l2", "nprobe", [1, 2, 4, 8, 16]),
                       "HNSW32": ("HNSW32", "efSearch", [16, 32, 64, 128]),
-                      "HNSW32 l2": ("HNSW32", "efSearch", [16, 32, 64, 128], {"faiss_metric": "l2"}),
+                      "HNSW32 l2": ("HNSW32 metric=l2", "efSearch", [16, 32, 64, 128]),
                       # graph quality: Faiss builds HNSW with efConstruction 40 unless told otherwise
-                      "HNSW32 l2 ef64": ("HNSW32", "efConstruction", [40, 200], {"faiss_metric": "l2", "efSearch": 64})},
+                      "HNSW32 l2 ef64": ("HNSW32 metric=l2 efSearch=64", "efConstruction", [40, 200])},
     ),
-    # One GPU, a few minutes: `python experiments/run_experiments.py --scale gpu --device cuda --only passkey ingest
-    # decode`. "torch" is exact top-k on the GPU (no faiss-gpu needed); Faiss indices run on the GPU with faiss-gpu,
-    # otherwise on the CPU with the model on the GPU.
+    # One GPU, a few minutes: `--scale gpu --device cuda --only passkey ingest decode`. "torch" is exact top-k on the
+    # GPU (no faiss-gpu needed); Faiss indices run on the GPU with faiss-gpu, otherwise on the CPU.
     "gpu": Scale(
         name="gpu", passkey_lengths=[4096, 16384, 65536], dense_max=16384, trials=5,
-        indices={"torch": ("torch", {}), "IVF1024,Flat": ("IVF1024,Flat", {"nprobe": 32})},
+        indices={"torch": "exact", "IVF1024,Flat": "IVF1024,Flat nprobe=32"},
         ks=[32], depth_length=16384, depths=[0.0, 0.5, 1.0],
         ingest_lengths=[4096, 16384, 65536, 262144], decode_sizes=[1024, 16384, 262144], recall_tokens=65536,
         recall_sweep={"IVF1024,Flat": ("IVF1024,Flat", "nprobe", [1, 8, 32, 128])}, dense_sdpa=True,
     ),
     "full": Scale(
         name="full", passkey_lengths=[4096, 16384, 65536, 262144, 1048576], dense_max=65536, trials=20,
-        indices={"Flat": ("Flat", {}), "IVF1024,Flat": ("IVF1024,Flat", {"nprobe": 32}),
-                 "IVF1024,Flat nprobe8": ("IVF1024,Flat", {"nprobe": 8}),
-                 "IVF1024,Flat l2": ("IVF1024,Flat", {"nprobe": 32, "faiss_metric": "l2"}),
-                 "IVF1024,Flat l2 nprobe128": ("IVF1024,Flat", {"nprobe": 128, "faiss_metric": "l2"}),
-                 "IVF1024,Flat l2 nprobe128 big_batch": ("IVF1024,Flat", {"nprobe": 128, "faiss_metric": "l2",
-                                                                         "faiss_search": "big_batch"}),
-                 "HNSW32": ("HNSW32", {"efSearch": 64}), "IVF1024,PQ16": ("IVF1024,PQ16", {"nprobe": 32, "k_factor": 4})},
+        indices={"Flat": "Flat", "IVF1024,Flat": "IVF1024,Flat nprobe=32",
+                 "IVF1024,Flat nprobe8": "IVF1024,Flat nprobe=8",
+                 "IVF1024,Flat l2": "IVF1024,Flat metric=l2 nprobe=32",
+                 "IVF1024,Flat l2 nprobe128": "IVF1024,Flat metric=l2 nprobe=128",
+                 "IVF1024,Flat l2 nprobe128 big_batch": "IVF1024,Flat metric=l2 scan=big_batch nprobe=128",
+                 "HNSW32": "HNSW32 efSearch=64", "IVF1024,PQ16": "IVF1024,PQ16 k_factor=4 nprobe=32"},
         ks=[8, 32, 128], depth_length=65536, depths=[0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0],
         ingest_lengths=[4096, 16384, 65536, 262144, 1048576], decode_sizes=[1024, 16384, 131072, 1048576],
         recall_tokens=262144, dense_sdpa=True,
         recall_sweep={"IVF1024,Flat": ("IVF1024,Flat", "nprobe", [1, 4, 16, 32, 64, 128]),
-                      "IVF1024,Flat l2": ("IVF1024,Flat", "nprobe", [1, 4, 16, 32, 64, 128], {"faiss_metric": "l2"}),
+                      "IVF1024,Flat l2": ("IVF1024,Flat metric=l2", "nprobe", [1, 4, 16, 32, 64, 128]),
                       "HNSW32": ("HNSW32", "efSearch", [16, 32, 64, 128, 256]),
-                      "HNSW32 l2": ("HNSW32", "efSearch", [16, 32, 64, 128, 256], {"faiss_metric": "l2"}),
-                      "HNSW32 l2 ef64": ("HNSW32", "efConstruction", [40, 200, 500], {"faiss_metric": "l2", "efSearch": 64})},
+                      "HNSW32 l2": ("HNSW32 metric=l2", "efSearch", [16, 32, 64, 128, 256]),
+                      "HNSW32 l2 ef64": ("HNSW32 metric=l2 efSearch=64", "efConstruction", [40, 200, 500])},
     ),
 }
 
-
-# Dense memory labels, both attending to every memory entry (up to a scale's `dense_max`): the official matmul + fp32
-# softmax, and one fused SDPA call over [local ; memory] keys (`torch_attention=True`: the same math, one kernel).
-DENSE = {"dense": {"torch_attention": False}, "dense sdpa": {"torch_attention": True}}
-
-
-# -- helpers -------------------------------------------------------------------------------------------------------
-DEVICE = "cpu"  # set from --device in main(); passed on to the subprocesses
+# Dense memory labels -> torch_attention, both attending to every memory entry (up to a scale's `dense_max`): the
+# official matmul + fp32 softmax, and one fused SDPA call over [local ; memory] keys (the same math, one kernel).
+DENSE = {"dense": False, "dense sdpa": True}
+PASSKEY_METRICS = ["correct", "trials", "prompt_tokens", "seconds"]
 
 
-def load(**overrides):
+@dataclass
+class Run:
+    """Where one run's rows go and what measured them; `reads` lets ingest and decode share each read."""
+
+    id: str
+    env: str
+    device: str = "cpu"
+    threads: int = 2
+    reads: dict = field(default_factory=dict)
+
+    def append(self, experiment: str, rows: list[dict], metrics: list[str]) -> None:
+        common.append_rows(experiment, rows, metrics, self.id, self.env)
+        for row in rows if experiment != "passkey_trial" else []:
+            print(experiment, row, flush=True)
+
+
+def load(device: str = "cpu", **overrides):
     from knn_longllama.demo import load_demo
 
-    return load_demo(device=DEVICE, **overrides)
+    return load_demo(device=device, **overrides)
 
 
-def memory_settings(label: str, scale: Scale, k: int = 32) -> dict:
-    """Config overrides for a memory backend label: one of `DENSE`, or a label of `scale.indices` (factory "torch"
-    means exact top-k in torch on the model's device)."""
-    if label in DENSE:
-        return dict(memory_spec="dense", **DENSE[label])
-    factory, params = scale.indices[label]
-    return dict(memory_spec=str(memory_spec(factory, params, k)), torch_attention=False)
-
-
-def memory_spec(factory: str, params: dict, k: int = 32):
-    """A `knn_index.MemorySpec` from a scale's (factory, params): `k_factor`, `faiss_metric` and `faiss_search` in
-    `params` are the spec's k_factor, metric and scan; the rest are Faiss index parameters."""
+def memory_spec(label: str, scale: Scale, k: int = 32) -> str:
+    """The memory spec of a label: "dense" for both dense labels, else the scale's index with `k`."""
     from knn_index import MemorySpec
 
-    params = dict(params)
-    options = dict(k_factor=params.pop("k_factor", 1), metric=params.pop("faiss_metric", "ip"),
-                   scan=params.pop("faiss_search", "index"))
-    return MemorySpec(factory, k=k, index_params=params, **options)
+    return "dense" if label in DENSE else str(MemorySpec.parse(scale.indices[label]).replace(k=k))
 
 
-def search_mode(label: str, scale: Scale, config, num_tokens: int) -> str:
-    """How memory is searched after reading `num_tokens`: "dense", "exact" (torch top-k, Flat, or a trainable index
+def search_mode(memory: str, config, num_tokens: int) -> str:
+    """How memory is searched after reading `num_tokens`: "dense", "exact" (exact top-k, Flat, or a trainable index
     that has not reached its training size: knn_index buffers keys and searches them exactly until then) or
     "approximate" (a trained IVF/PQ index, or HNSW)."""
-    if label in DENSE:
-        return "dense"
-    factory, _ = scale.indices[label]
-    if factory == "torch":
-        return "exact"
     import knn_index
 
-    index = knn_index.make_index(factory, config.hidden_size // config.num_attention_heads)
+    spec = knn_index.MemorySpec.parse(memory)
+    if spec.kind != "faiss":
+        return spec.kind
+    index = knn_index.make_index(spec.index, config.hidden_size // config.num_attention_heads)
     keys_per_head = max(num_tokens - config.last_context_length, 0)  # the final window stays local
     if index.is_trained:  # Flat is exact; HNSW is approximate from the first key
-        return "exact" if "Flat" == factory else "approximate"
+        return "exact" if spec.index == "Flat" else "approximate"
     return "exact" if keys_per_head < knn_index.default_train_size(index) else "approximate"
 
 
-def synchronize() -> None:
-    if DEVICE.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def configure(model, settings: dict) -> None:
-    for key, value in settings.items():
-        setattr(model.config, key, value)
-    model.config.validate_longllama()
-
-
-def write_csv(rows: list[dict], path: str) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def write_rows(rows: list[dict], stem: str, title: str) -> None:
-    if not rows:
-        return
-    columns = list(rows[0])
-    write_csv(rows, stem + ".csv")
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = [f"**{title}**", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(row[c]) for c in columns) + " |" for row in rows]
-    text = "\n".join(lines) + "\n"
-    with open(stem + ".md", "w") as f:
-        f.write(text)
-    print(text, flush=True)
-
-
-def plot(stem: str, series: dict, xlabel: str, ylabel: str, title: str, logx=True, logy=False) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for label, (xs, ys) in series.items():
-        ax.plot(xs, ys, "o-", label=label)
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
-    if logx:
-        ax.set_xscale("log", base=2)
-    if logy and all(y > 0 for _, ys in series.values() for y in ys):  # a time rounded to 0 s keeps a linear axis
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(stem + ".png", dpi=100)
-    plt.close(fig)
-
-
 # -- 1. passkey ----------------------------------------------------------------------------------------------------
-def depth_prompt(n_garbage: int, depth: float, rng: random.Random) -> tuple[str, int]:
-    from knn_longllama import passkey
-
-    n_prefix = round(depth * n_garbage)
-    key = rng.randrange(passkey.KEY_LOW, passkey.KEY_HIGH)
-    parts = [passkey.TASK_DESCRIPTION, passkey.repeated_filler(n_prefix), passkey.INFO_TEMPLATE.format(key=key),
-             passkey.repeated_filler(n_garbage - n_prefix), passkey.QUESTION]
-    return "\n".join(parts), key
-
-
-def write_passkey(rows: list[dict], scale: Scale) -> None:
-    stem = os.path.join(RESULTS, f"passkey_{scale.name}")
-    write_rows(rows, stem, f"Passkey accuracy vs context length ({scale.name}, {scale.trials} trials per point)")
-    series = {}
-    for row in rows:
-        name = row["index"] if row["k"] == "-" else f"{row['index']} k={row['k']}"
-        series.setdefault(name, ([], []))
-        series[name][0].append(row["tokens"])
-        series[name][1].append(row["accuracy"])
-    plot(stem, series, "context tokens", "passkey accuracy", "Passkey retrieval, demo model")
-
-
-def trial_rows(result: dict, label: str, k, scale: Scale) -> list[dict]:
+def trial_rows(result: dict, point: dict) -> list[dict]:
     """One row per trial of a `passkey_accuracy` result: its key, where the key line sits (depth: the share of the
     filler before it) and what the model generated."""
     from knn_longllama.passkey import INFO_TEMPLATE, TASK_DESCRIPTION, passkey_prompts
 
     rows = []
-    prompts = passkey_prompts(result["n_garbage"], result["trials"], scale.seed)
+    prompts = passkey_prompts(result["n_garbage"], result["trials"], point["seed"])
     for trial, ((prompt, key), r) in enumerate(zip(prompts, result["results"])):
         n_prefix = prompt.index(INFO_TEMPLATE.format(key=key)) - len(TASK_DESCRIPTION) - 2  # two newlines
-        rows.append({"index": label, "k": k or "-", "tokens": result["target_tokens"], "seed": scale.seed,
-                     "trial": trial, "key": key, "depth": round(n_prefix / max(result["n_garbage"], 1), 4),
-                     "correct": int(r["correct"]), "generated": r["generated_text"].strip()})
+        rows.append(dict(point, trial=trial, key=key, depth=round(n_prefix / max(result["n_garbage"], 1), 4),
+                         correct=int(r["correct"]), generated=r["generated_text"].strip()))
     return rows
 
 
 def passkey_dense_labels(scale: Scale) -> list[str]:
     """The dense variant the passkey sweeps run (at most one; both give the same answers up to float rounding): the
-    official "dense", or "dense sdpa" when only that was asked for (`--indices 'dense sdpa' ...`: ~4.6x faster at
-    65536 tokens, so dense reaches longer prompts)."""
+    official "dense", or "dense sdpa" when only that was asked for (faster, so dense reaches longer prompts)."""
     return ["dense"] if scale.dense else ["dense sdpa"] if scale.dense_sdpa else []
 
 
-def exp_passkey(scale: Scale) -> None:
-    from knn_longllama.passkey import n_garbage_for_tokens, passkey_accuracy, passkey_trial
+def exp_passkey(scale: Scale, run: Run) -> None:
+    from knn_longllama.passkey import make_passkey_prompt, n_garbage_for_tokens, passkey_accuracy, passkey_trial
 
-    model, tokenizer = load()
-    rows, trials = [], []
+    models = {}  # torch_attention -> (model, tokenizer): the one memory setting kept in the config
+
+    def model_for(label):
+        attention = DENSE.get(label, False)
+        if attention not in models:
+            models[attention] = load(run.device, torch_attention=attention)
+        return models[attention]
+
     dense_labels = passkey_dense_labels(scale)
-    configs = [(label, None) for label in dense_labels] + [(label, k) for label in scale.indices for k in (scale.ks if label == "Flat" else [32])]
+    configs = [(label, None) for label in dense_labels]
+    configs += [(label, k) for label in scale.indices for k in (scale.ks if label == "Flat" else [32])]
     for label, k in configs:
-        configure(model, memory_settings(label, scale, k or 32))
+        model, tokenizer = model_for(label)
+        memory = memory_spec(label, scale, k or 32)
         for length in scale.passkey_lengths:
             if label in DENSE and length > scale.dense_max:
                 continue
             if k not in (None, 32) and scale.k_sweep_max is not None and length > scale.k_sweep_max:
                 continue
-            result = passkey_accuracy(model, tokenizer, length, trials=scale.trials, seed=scale.seed)
-            rows.append({"index": label, "k": k or "-", "tokens": length,
-                         "prompt_tokens": round(result["mean_prompt_tokens"]),
-                         "search": search_mode(label, scale, model.config, round(result["mean_prompt_tokens"])),
-                         "accuracy": result["accuracy"],
-                         "trials": scale.trials, "seed": scale.seed, "seconds": round(result["seconds"], 1)})
-            print(rows[-1], flush=True)
-            write_passkey(rows, scale)  # after every point: an interrupted run keeps what it measured
-            trials += trial_rows(result, label, k, scale)
-            write_csv(trials, os.path.join(RESULTS, f"passkey_trials_{scale.name}.csv"))
-
+            result = passkey_accuracy(model, tokenizer, length, trials=scale.trials, seed=scale.seed,
+                                      memory_spec=memory)
+            point = dict(scale=scale.name, index=label, k=k or "-", tokens=length, seed=scale.seed, memory_spec=memory)
+            run.append("passkey_trial", trial_rows(result, point), ["key", "depth", "correct", "generated"])
+            prompt_tokens = round(result["mean_prompt_tokens"])
+            run.append("passkey", [dict(point, search=search_mode(memory, model.config, prompt_tokens),
+                                        correct=result["correct"], trials=scale.trials, prompt_tokens=prompt_tokens,
+                                        seconds=round(result["seconds"], 1))], PASSKEY_METRICS)
     if not scale.depths:
         return
-    depth_rows = []
-    n_garbage = n_garbage_for_tokens(tokenizer, scale.depth_length)
     knn_labels = ["Flat"] if "Flat" in scale.indices else list(scale.indices)[:1]
     for label in dense_labels + knn_labels:
-        configure(model, memory_settings(label, scale, 32))
+        model, tokenizer = model_for(label)
+        n_garbage = n_garbage_for_tokens(tokenizer, scale.depth_length)
+        memory = memory_spec(label, scale, 32)
         for depth in scale.depths:
             rng = random.Random(f"depth-{depth}")
-            correct = 0
-            for _ in range(scale.trials):
-                prompt, key = depth_prompt(n_garbage, depth, rng)
-                correct += passkey_trial(model, tokenizer, prompt, key)["correct"]
-            depth_rows.append({"index": label, "tokens": scale.depth_length, "depth": depth,
-                               "accuracy": correct / scale.trials, "trials": scale.trials})
-    write_rows(depth_rows, os.path.join(RESULTS, f"passkey_depth_{scale.name}"),
-               f"Passkey accuracy vs depth of the key ({scale.depth_length} tokens"
-               + "".join(f", k=32 for {label}" for label in knn_labels) + ")")
+            prompts = [make_passkey_prompt(n_garbage, rng, depth=depth) for _ in range(scale.trials)]
+            correct = sum(passkey_trial(model, tokenizer, prompt, key, memory_spec=memory)["correct"]
+                          for prompt, key in prompts)
+            run.append("passkey_depth", [dict(scale=scale.name, index=label, k="-" if label in DENSE else 32,
+                                              tokens=scale.depth_length, depth=depth, memory_spec=memory,
+                                              correct=correct, trials=scale.trials)], ["correct", "trials"])
 
 
-# -- 2. ingestion ----------------------------------------------------------------------------------------------------
+# -- 2. ingestion and 3. decode latency -------------------------------------------------------------------------------
 def filler_ids(tokenizer, num_tokens: int) -> list[int]:
     from knn_longllama.passkey import repeated_filler
 
@@ -309,41 +225,17 @@ def filler_ids(tokenizer, num_tokens: int) -> list[int]:
     return (piece * (num_tokens // len(piece) + 1))[:num_tokens]
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MiB. On Linux from VmHWM (the high-water mark of this process's own
-    address space): getrusage's ru_maxrss survives fork + exec, so a child would report its parent's peak."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    import resource
-
-    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, 1)
-
-
-def read_child(label: str, num_tokens: int, scale_name: str, decode: bool) -> dict:
-    """Read `num_tokens` filler tokens into memory (the ingestion row), then, if `decode`, time greedy decoding
-    against that memory (the decode row): one read serves both experiments."""
+def read_child(memory: str, torch_attention: bool, num_tokens: int, decode: bool, device: str = "cpu") -> dict:
+    """Read `num_tokens` filler tokens into memory (the ingestion metrics), then, if `decode`, time greedy decoding
+    against that memory (the decode metrics): one read serves both experiments."""
     from knn_longllama.document import Document
 
-    scale = SCALES[scale_name.split("_")[0]]  # a tagged run ("full_1m") uses its base scale's indices
-    model, tokenizer = load(**memory_settings(label, scale))
+    model, tokenizer = load(device, torch_attention=torch_attention)
     ids = filler_ids(tokenizer, num_tokens)
-    synchronize()
-    start = time.perf_counter()
-    doc = Document.read(model, ids, progress=False)
-    synchronize()
-    seconds = time.perf_counter() - start
-    ingest = {"index": label, "tokens": num_tokens, "search": search_mode(label, scale, model.config, num_tokens),
-              "seconds": round(seconds, 3),
-              "us_per_token": round(1e6 * seconds / num_tokens, 2),
-              "peak_rss_mb": peak_rss_mb(),
-              "memory_mb": round(sum(m.nbytes() for m in doc.memories.values()) / 2**20, 1)}
-    if DEVICE.startswith("cuda"):
+    doc, seconds = common.timed(lambda: Document.read(model, ids, memory_spec=memory, progress=False))
+    ingest = {"search": search_mode(memory, model.config, num_tokens), "seconds": round(seconds, 3),
+              "peak_rss_mb": common.rss_mb(), "memory_mb": round(sum(m.nbytes() for m in doc.memories.values()) / 2**20, 1)}
+    if device.startswith("cuda"):
         ingest["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     if not decode:
         return {"ingest": ingest}
@@ -352,119 +244,47 @@ def read_child(label: str, num_tokens: int, scale_name: str, decode: bool) -> di
                           device=model.device)
     times = []
     with torch.no_grad():
-        out = model(prompt, cache=cache, use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
+        token = model(prompt, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
         for _ in range(24):
-            synchronize()
-            start = time.perf_counter()
-            out = model(token, cache=cache, use_cache=True)
-            synchronize()
-            times.append(time.perf_counter() - start)
+            out, step = common.timed(lambda: model(token, cache=cache, use_cache=True))
+            times.append(step)
             token = out.logits[:, -1:].argmax(-1)
-    decode_row = {"index": label, "memory_tokens": num_tokens,
-                  "ms_per_token": round(1000 * statistics.median(times[4:]), 2),
-                  "read_seconds": round(seconds, 2), "peak_rss_mb": peak_rss_mb()}
-    return {"ingest": ingest, "decode": decode_row}
+    return {"ingest": ingest, "decode": {"ms_per_token": round(1000 * statistics.median(times[4:]), 2),
+                                         "read_seconds": round(seconds, 2), "peak_rss_mb": common.rss_mb()}}
 
 
-THREADS = 2  # set from --threads in main(); passed on to the subprocesses
-
-
-def run_child(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args, "--threads", str(THREADS), "--device", DEVICE],
-                          capture_output=True, text=True)
+def run_child(args: list[str], run: Run) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "experiments.run_experiments", *args, "--threads", str(run.threads),
+                           "--device", run.device], capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-2000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-APPEND = False  # --append: add to the rows already in the results file of the same experiment and scale
-
-
-def previous_rows(kind: str, scale: Scale) -> list[dict]:
-    """Rows of an earlier run of this sweep (numbers parsed back), without its derived columns."""
-    path = os.path.join(RESULTS, f"{kind}_{scale.name}.csv")
-    if not os.path.exists(path):
-        return []
-    number = lambda v: float(v) if "." in v else int(v)  # noqa: E731
-    with open(path) as f:
-        rows = [{key: (v if key in ("index", "search") else number(v)) for key, v in r.items()
-                 if key not in ("time_exponent", "vs_smallest")} for r in csv.DictReader(f)]
-    return rows
-
-
-READS = {}  # (scale, label, tokens) -> a read child's rows, so ingest and decode of one run share each read
-
-
-def read_rows(label: str, n: int, scale: Scale) -> dict:
-    key = (scale.name, label, n)
-    if key not in READS:
-        decode = n in scale.decode_sizes
-        READS[key] = run_child(["--child", "read" if decode else "ingest", label, str(n), scale.name])
-    return READS[key]
-
-
-def sweep_children(kind: str, sizes: list, scale: Scale, write) -> list[dict]:
-    """One subprocess per (memory backend, size), shared by the ingest and decode sweeps; dense memory only up to
-    `dense_max`. `write(rows)` after every point, so an interrupted sweep keeps what it measured."""
-    rows = previous_rows(kind, scale) if APPEND else []
-    point = lambda r: (r["index"], int(r.get("tokens", r.get("memory_tokens"))))  # noqa: E731
+def sweep_children(kind: str, sizes: list, scale: Scale, run: Run) -> None:
+    """One subprocess per (memory setting, size), shared by the ingest and decode sweeps; dense memory only up to
+    `dense_max`. Rows are appended after every point, so an interrupted sweep keeps what it measured."""
     dense = ["dense"] * scale.dense + ["dense sdpa"] * scale.dense_sdpa
     for label in dense + list(scale.indices):
+        memory = memory_spec(label, scale)
         for n in sizes:
             if label in DENSE and n > scale.dense_max:
                 continue
-            row = read_rows(label, n, scale)[kind]
-            at = next((i for i, r in enumerate(rows) if point(r) == (label, n)), None)
-            if at is None:
-                rows.append(row)
-            else:  # a re-measured point keeps its place
-                rows[at] = row
-            order = list(dict.fromkeys(r["index"] for r in rows))
-            rows.sort(key=lambda r: (order.index(r["index"]), point(r)[1]))  # a label's points together, by size
-            print(row, flush=True)
-            write([dict(r) for r in rows])
-    return rows
+            key = (label, n)
+            if key not in run.reads:
+                read = "read" if n in scale.decode_sizes else "ingest"
+                run.reads[key] = run_child(["--child", read, memory, str(n), str(DENSE.get(label, False))], run)
+            metrics = run.reads[key][kind]
+            run.append(kind, [dict(scale=scale.name, index=label, tokens=n, memory_spec=memory, **metrics)],
+                       [m for m in metrics if m != "search"])
 
 
-def exp_ingest(scale: Scale) -> None:
-    sweep_children("ingest", scale.ingest_lengths, scale, lambda rows: write_ingest(rows, scale))
+def exp_ingest(scale: Scale, run: Run) -> None:
+    sweep_children("ingest", scale.ingest_lengths, scale, run)
 
 
-def write_ingest(rows: list[dict], scale: Scale) -> None:
-    for label in {r["index"] for r in rows}:
-        points = [(r["tokens"], r["seconds"]) for r in rows if r["index"] == label]
-        if len(points) >= 2:
-            slope = np.polyfit(np.log([p[0] for p in points]), np.log([p[1] for p in points]), 1)[0]
-            for r in rows:
-                if r["index"] == label:
-                    r["time_exponent"] = round(float(slope), 2)
-    for r in rows:
-        r.setdefault("time_exponent", "-")
-    stem = os.path.join(RESULTS, f"ingest_{scale.name}")
-    write_rows(rows, stem, f"Ingestion time and peak RAM vs context length ({scale.name}); time ~ tokens^exponent")
-    series = {label: ([r["tokens"] for r in rows if r["index"] == label], [r["seconds"] for r in rows if r["index"] == label])
-              for label in dict.fromkeys(r["index"] for r in rows)}
-    plot(stem, series, "context tokens", "ingestion time (s)", "Reading into memory", logy=True)
-
-
-# -- 3. decode latency ------------------------------------------------------------------------------------------------
-def exp_decode(scale: Scale) -> None:
-    sweep_children("decode", scale.decode_sizes, scale, lambda rows: write_decode(rows, scale))
-
-
-def write_decode(rows: list[dict], scale: Scale) -> None:
-    for label in dict.fromkeys(r["index"] for r in rows):
-        base = next(r["ms_per_token"] for r in rows if r["index"] == label)
-        for r in rows:
-            if r["index"] == label:
-                r["vs_smallest"] = round(r["ms_per_token"] / base, 2)
-    stem = os.path.join(RESULTS, f"decode_{scale.name}")
-    write_rows(rows, stem, f"Decode latency per generated token vs memory size ({scale.name}, median of 20 steps; read_seconds: reading the memory first)")
-    series = {label: ([r["memory_tokens"] for r in rows if r["index"] == label],
-                      [r["ms_per_token"] for r in rows if r["index"] == label])
-              for label in dict.fromkeys(r["index"] for r in rows)}
-    plot(stem, series, "memory tokens", "ms per generated token", "Decode latency")
+def exp_decode(scale: Scale, run: Run) -> None:
+    sweep_children("decode", scale.decode_sizes, scale, run)
 
 
 # -- 4. retrieval quality ----------------------------------------------------------------------------------------------
@@ -490,11 +310,10 @@ def recall_texts(scale: Scale, tokenizer) -> dict[str, list[int]]:
     repeated filler makes many near-identical keys; both `recall_tokens` long."""
     from knn_longllama.passkey import n_garbage_for_tokens, passkey_prompts
 
-    text_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "austen_pride_and_prejudice_excerpt.txt")
-    austen = tokenizer(open(text_path, encoding="utf-8").read())["input_ids"]
+    text_path = ROOT / "experiments" / "data" / "austen_pride_and_prejudice_excerpt.txt"
+    austen = tokenizer(text_path.read_text(encoding="utf-8"))["input_ids"]
     austen = (austen * (scale.recall_tokens // len(austen) + 1))[: scale.recall_tokens]
-    n_garbage = n_garbage_for_tokens(tokenizer, scale.recall_tokens)
-    (prompt, _), = passkey_prompts(n_garbage, trials=1, seed=0)
+    (prompt, _), = passkey_prompts(n_garbage_for_tokens(tokenizer, scale.recall_tokens), trials=1, seed=0)
     return {"austen": austen, "passkey": tokenizer(prompt)["input_ids"]}
 
 
@@ -503,8 +322,8 @@ def real_keys_and_queries(model, ids: list[int], layer: int) -> tuple[torch.Tens
     the queries that layer looks the memory up with while reading the last window ([1, H, Q, d]).
 
     `layer` must be the first memory layer: its keys and queries are computed from layers that read no memory, so
-    they are the same whatever memory backend the model reads with, and reading stops at that layer (later layers
-    cannot change them). Reading is linear in `len(ids)`; the dense backend would be quadratic."""
+    they are the same whatever memory the model reads with, and reading stops at that layer (later layers cannot
+    change them). Reading is linear in `len(ids)`; the dense memory would be quadratic."""
     if layer != min(model.config.mem_layers):
         raise ValueError(f"`layer` must be the first memory layer {min(model.config.mem_layers)}, got {layer}")
     if model.config.mem_attention_grouping is not None:
@@ -520,114 +339,74 @@ def real_keys_and_queries(model, ids: list[int], layer: int) -> tuple[torch.Tens
 SEARCH_TIME_PARAMS = ("nprobe", "efSearch")  # read by Faiss at search time: one built index serves every value
 
 
-def exp_recall(scale: Scale) -> None:
+def exp_recall(scale: Scale, run: Run) -> None:
     import knn_index
 
-    model, tokenizer = load(mem_dtype="float32")
+    model, tokenizer = load(run.device, mem_dtype="float32")
     layer = min(model.config.mem_layers)
-    sweeps = [(label, factory, "-", [None], {}) for label, (factory, _) in scale.indices.items() if factory != "torch"]
-    sweeps += [(label + " sweep", factory, name, values, fixed[0] if fixed else {})
-               for label, (factory, name, values, *fixed) in scale.recall_sweep.items()]
-    rows, sizes = [], {}
-    for text, ids in recall_texts(scale, tokenizer).items():
+    sweeps = [(label, text, "", [""]) for label, text in scale.indices.items()
+              if knn_index.MemorySpec.parse(text).kind == "faiss"]
+    sweeps += [(label + " sweep", text, param, values) for label, (text, param, values) in scale.recall_sweep.items()]
+    for text_name, ids in recall_texts(scale, tokenizer).items():
         queries, keys = real_keys_and_queries(model, ids, layer)
         heads, dim = keys.shape[1], keys.shape[-1]
-        sizes[text] = keys.shape[2]
         exact = knn_index.KnnStore(1, heads, dim, "Flat", dtype=torch.float32)
         exact.add(keys, keys)
         attention = torch.softmax((queries @ keys.transpose(-1, -2)) / dim**0.5, dim=-1)  # dense memory attention
-        stores = {}  # (factory, build-time params, settings) -> a store filled (and trained) once, searched for every k
-        ks = scale.ks if text == "austen" else [32]  # the passkey experiment's k; the k sweep runs on natural text
-        for k in ks:
+        stores = {}  # built spec -> a store filled (and trained) once, searched for every k and search parameter
+        for k in scale.ks if text_name == "austen" else [32]:  # the passkey experiment's k; k sweep on natural text
             truth = exact.search(queries, k).ids
             exact_mass = round(attention.topk(k, dim=-1).values.sum(-1).mean().item(), 4)
-            for label, factory, param, values, fixed in sweeps:
+            for label, spec_text, param, values in sweeps:
                 for value in values:
-                    params = {**fixed, param: value} if value is not None else dict(scale.indices.get(label, (None, {}))[1])
-                    spec = memory_spec(factory, params, k)
-                    search_params = spec.index_params
-                    built = spec.replace(k=1, index_params={name: v for name, v in search_params.items()
+                    spec = knn_index.MemorySpec.parse(spec_text).replace(k=k)
+                    if param:
+                        spec = spec.replace(index_params={**spec.index_params, param: value})
+                    built = spec.replace(k=1, index_params={name: v for name, v in spec.index_params.items()
                                                              if name not in SEARCH_TIME_PARAMS})
-                    key = str(built)
-                    store = stores.get(key)
-                    if store is None:
-                        store = knn_index.KnnStore(1, heads, dim, built, dtype=torch.float32)
-                        store.add(keys, keys)
-                        stores[key] = store
-                    searched = {name: v for name, v in search_params.items() if name in SEARCH_TIME_PARAMS}
+                    if str(built) not in stores:
+                        stores[str(built)] = knn_index.KnnStore(1, heads, dim, built, dtype=torch.float32)
+                        stores[str(built)].add(keys, keys)
+                    store = stores[str(built)]
+                    searched = {name: v for name, v in spec.index_params.items() if name in SEARCH_TIME_PARAMS}
                     for h in range(heads):  # this point's search-time parameters on the shared indices
                         knn_index.factory.apply_params(store.faiss_index(0, h), searched)
-                    start = time.perf_counter()
-                    found = store.search(queries, k).ids
-                    search_ms = 1000 * (time.perf_counter() - start)
-                    hits = (found[..., :, None] == truth[..., None, :]).any(-1).float().mean().item()
+                    result, seconds = common.timed(lambda: store.search(queries, k))
+                    found = result.ids
                     kept = attention.gather(-1, found.clamp(min=0)).masked_fill(found < 0, 0).sum(-1).mean().item()
-                    rows.append({"text": text, "index": factory, "faiss_metric": spec.metric,
-                                 "param": param if value is not None else json.dumps(params),
-                                 "value": value if value is not None else "-", "k": k, "recall_at_k": round(hits, 4),
-                                 "attention_mass_kept": round(kept, 4), "search_ms": round(search_ms, 1),
-                                 "mass_of_exact_topk": exact_mass})
-    stem = os.path.join(RESULTS, f"recall_{scale.name}")
-    write_rows(rows, stem, f"Retrieval quality on real keys/queries of memory layer {layer} ("
-               + ", ".join(f"{text}: {n} keys" for text, n in sizes.items())
-               + f" x {heads} heads, {queries.shape[2]} queries per head)")
-    series = {}
-    for row in rows:
-        if row["param"] in ("nprobe", "efSearch") and row["k"] == 32:
-            name = f"{row['index']} {row['faiss_metric']} ({row['param']}), {row['text']}"
-            series.setdefault(name, ([], []))
-            series[name][0].append(row["value"])
-            series[name][1].append(row["recall_at_k"])
-    if series:
-        plot(stem, series, "nprobe / efSearch", "recall@32", "Recall against exact top-32 (real queries)")
+                    run.append("recall", [dict(
+                        scale=scale.name, text=text_name, index=label, k=k, memory_spec=str(spec), sweep=param,
+                        sweep_value=value, recall_at_k=round(common.recall(found, truth), 4),
+                        attention_mass_kept=round(kept, 4), search_ms=round(1000 * seconds, 1),
+                        mass_of_exact_topk=exact_mass, memory_keys=keys.shape[2])],
+                        ["recall_at_k", "attention_mass_kept", "search_ms", "mass_of_exact_topk", "memory_keys"])
 
 
 # -- main --------------------------------------------------------------------------------------------------------------
-class Tee:
-    """A stdout that writes to several streams: the terminal, and the run's `printed_<scale>.txt`."""
-
-    def __init__(self, *streams):
-        self.streams = streams
-
-    def write(self, text: str) -> int:
-        for stream in self.streams:
-            stream.write(text)
-        return len(text)
-
-    def flush(self) -> None:
-        for stream in self.streams:
-            stream.flush()
-
-
 EXPERIMENTS = {"passkey": exp_passkey, "ingest": exp_ingest, "decode": exp_decode, "recall": exp_recall}
 
 
-def model_identity() -> dict:
-    """Which demo checkpoint made the numbers: sha256 of its weights (first 16 hex digits) and its window."""
-    import hashlib
-
-    from knn_longllama.demo import demo_path
-
-    with open(os.path.join(demo_path(), "model.safetensors"), "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()[:16]
-    with open(os.path.join(demo_path(), "config.json")) as f:
-        config = json.load(f)
-    return {"weights_sha256": digest, "window": config["max_position_embeddings"], "mem_layers": config["mem_layers"]}
-
-
-def environment(scale: Scale, threads: int) -> dict:
-    import faiss
-    import transformers
-
-    gpu = torch.cuda.get_device_name(0) if DEVICE.startswith("cuda") else None
-    return {"scale": asdict(scale), "threads": threads, "device": DEVICE, "gpu": gpu, "python": platform.python_version(),
-            "platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "faiss": faiss.__version__,
-            "numpy": np.__version__, "model": model_identity(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+def scale_from_args(args, parser) -> Scale:
+    """The scale with this run's overrides (the scale in SCALES is left as it was)."""
+    scale = replace(SCALES[args.scale], indices=dict(SCALES[args.scale].indices), seed=args.seed)
+    if args.indices:
+        scale.dense, scale.dense_sdpa = "dense" in args.indices, "dense sdpa" in args.indices
+        unknown = sorted(set(args.indices) - set(scale.indices) - set(DENSE))
+        if unknown:
+            parser.error(f"--indices {' '.join(unknown)}: not an index of scale {scale.name!r}; accepted: "
+                         f"{', '.join(DENSE)}, {', '.join(scale.indices)}")
+        scale.indices = {label: scale.indices[label] for label in args.indices if label not in DENSE}
+    if args.lengths:
+        scale.passkey_lengths = scale.ingest_lengths = scale.decode_sizes = sorted(args.lengths)
+    for name in ("trials", "dense_max", "ks", "depths"):
+        if getattr(args, name) is not None:
+            setattr(scale, name, getattr(args, name))
+    return scale
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m experiments.run_experiments", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", choices=sorted(SCALES), default="small")
     parser.add_argument("--only", nargs="+", choices=sorted(EXPERIMENTS), default=None)
     parser.add_argument("--threads", type=int, default=2, help="torch + Faiss threads (one knob)")
@@ -641,74 +420,31 @@ def main() -> None:
                              "one point's trials over processes; the depth sweep keeps its prompts)")
     parser.add_argument("--indices", nargs="+", default=None,
                         help="only these memory labels of the scale ('dense' for dense memory, up to dense_max; "
-                             "'dense sdpa' for dense memory read with fused SDPA: ingest and decode time both; passkey runs "
-                             "'dense sdpa' only when 'dense' is not asked for)")
+                             "'dense sdpa' for dense memory read with fused SDPA: ingest and decode time both; "
+                             "passkey runs 'dense sdpa' only when 'dense' is not asked for)")
     parser.add_argument("--ks", type=int, nargs="+", default=None,
                         help="override the scale's k sweep (Flat's passkey ks, recall's ks on natural text)")
-    parser.add_argument("--append", action="store_true",
-                        help="ingest/decode: add to (or replace points of) the rows already in the results file")
     parser.add_argument("--depths", type=float, nargs="*", default=None,
                         help="override the depth sweep's key depths (no value: skip the depth sweep)")
-    parser.add_argument("--tag", default=None, help="results are written as <experiment>_<scale>_<tag>.*")
+    parser.add_argument("--run", "--tag", dest="run", default=None, help="the run's label (default: its start time)")
     parser.add_argument("--device", default="cpu", help="where the model (and exact top-k) runs: cpu, cuda, cuda:1")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     import knn_index
 
-    global THREADS, DEVICE, APPEND
-    THREADS, DEVICE, APPEND = args.threads, args.device, args.append
-    if DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {DEVICE}: torch sees no CUDA device here (use --device cpu)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA device here (use --device cpu)")
     knn_index.set_num_threads(args.threads)
     if args.child:
-        kind, label, n, scale_name = args.child  # kind: "ingest" (read only) or "read" (read, then decode)
-        print(json.dumps(read_child(label, int(n), scale_name, decode=kind == "read")))
+        kind, memory, n, attention = args.child  # kind: "ingest" (read only) or "read" (read, then decode)
+        print(json.dumps(read_child(memory, attention == "True", int(n), kind == "read", args.device)))
         return
-    scale = replace(SCALES[args.scale], indices=dict(SCALES[args.scale].indices))  # overrides below stay local
-    if args.indices:
-        scale.dense, scale.dense_sdpa = "dense" in args.indices, "dense sdpa" in args.indices
-        unknown = sorted(set(args.indices) - set(scale.indices) - set(DENSE))
-        if unknown:
-            parser.error(f"--indices {' '.join(unknown)}: not an index of scale {scale.name!r}; accepted: "
-                         f"{', '.join(DENSE)}, {', '.join(scale.indices)}")
-        scale.indices = {label: scale.indices[label] for label in args.indices if label not in DENSE}
-    if args.lengths:
-        scale.passkey_lengths = scale.ingest_lengths = scale.decode_sizes = sorted(args.lengths)
-    if args.trials:
-        scale.trials = args.trials
-    if args.dense_max:
-        scale.dense_max = args.dense_max
-    if args.ks:
-        scale.ks = args.ks
-    scale.seed = args.seed
-    if args.depths is not None:
-        scale.depths = args.depths
-    if args.tag:
-        scale.name = f"{scale.name}_{args.tag}"
-    os.makedirs(RESULTS, exist_ok=True)
-    env_path = os.path.join(RESULTS, f"environment_{scale.name}.json")
-    recorded = {}
-    if os.path.exists(env_path):
-        with open(env_path) as f:
-            recorded = json.load(f)
-        if "scale" in recorded:  # an older file: one record for the whole scale
-            recorded = {}
-    for name in args.only or list(EXPERIMENTS):  # one record per experiment: runs of a scale may differ in settings
-        record = environment(scale, args.threads)
-        if args.append and name in ("ingest", "decode") and name in recorded:  # keep the runs whose rows stay
-            earlier = recorded[name]
-            record["earlier_runs"] = earlier.pop("earlier_runs", []) + [earlier]
-        recorded[name] = record
-    with open(env_path, "w") as f:
-        json.dump(recorded, f, indent=2)
-    with open(os.path.join(RESULTS, f"printed_{scale.name}.txt"), "a") as log:
-        log.write(f"\n$ python {shlex.join(sys.argv)}   # {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        with contextlib.redirect_stdout(Tee(sys.stdout, log)):
-            for name in args.only or list(EXPERIMENTS):
-                started = time.time()
-                print(f"== {name} ({scale.name})", flush=True)
-                EXPERIMENTS[name](scale)
-                print(f"== {name} done in {time.time() - started:.0f}s", flush=True)
+    scale = scale_from_args(args, parser)
+    run = Run(common.run_id(args.run), common.environment(args.device, args.threads), args.device, args.threads)
+    command = shlex.join(sys.argv[1:] if argv is None else argv)
+    print(f"run {run.id!r}, environment {run.env}: python -m experiments.run_experiments {command}", flush=True)
+    for name in args.only or list(EXPERIMENTS):
+        EXPERIMENTS[name](scale, run)
 
 
 if __name__ == "__main__":

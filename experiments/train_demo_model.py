@@ -1,12 +1,12 @@
 """Train the small demo LongLLaMA that ships inside the package (`knn_longllama/demo/`), from scratch, on CPU.
 
-    python experiments/train_demo_model.py        # tokenizer + 2 training phases + evaluation + model card (~1 h)
-    python experiments/train_demo_model.py --copy-steps 50 --steps 60 --out /tmp/demo_quick   # a quick smoke run
+    python -m experiments.train_demo_model        # tokenizer + 2 training phases + evaluation + model card (~1 h)
+    python -m experiments.train_demo_model --copy-steps 50 --steps 60 --out /tmp/demo_quick   # a quick smoke run
 
 The shipped checkpoint is that run (window 64, written to --out) continued with a 256-token window (another hour):
 
-    python experiments/train_demo_model.py --out /tmp/demo_stage1
-    python experiments/train_demo_model.py --init-from /tmp/demo_stage1 --window 256 --last-context 128 \
+    python -m experiments.train_demo_model --out /tmp/demo_stage1
+    python -m experiments.train_demo_model --init-from /tmp/demo_stage1 --window 256 --last-context 128 \
         --streams-per-batch 2 --steps 2400 --stop-after 1627
 
 Steps:
@@ -41,14 +41,13 @@ import time
 import torch
 from transformers import AutoTokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from knn_longllama import LongLlamaConfig, LongLlamaForCausalLM  # noqa: E402
-from knn_longllama.passkey import (  # noqa: E402
+from knn_longllama import LongLlamaConfig, LongLlamaForCausalLM
+from knn_longllama.passkey import (
     FILLER, INFO_TEMPLATE, QUESTION, TASK_DESCRIPTION, chars_per_token, make_passkey_prompt, passkey_curve,
 )
-from knn_longllama.training import TrainingConfig, evaluate_loss, pack_crossbatch, train  # noqa: E402
+from knn_longllama.training import TrainingConfig, evaluate_loss, pack_crossbatch, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 AUSTEN = os.path.join(ROOT, "experiments", "data", "austen_pride_and_prejudice_excerpt.txt")
 DEMO_DIR = os.path.join(ROOT, "knn_longllama", "demo")
@@ -532,16 +531,18 @@ no-memory ablation).
 
 
 def passkey_point(job: tuple) -> dict:
-    """Passkey accuracy of the checkpoint in `out_dir` with config overrides, at one length (one thread)."""
+    """Passkey accuracy of the checkpoint in `out_dir` with config overrides and a memory spec (None: no memory
+    layers), at one length (one thread)."""
     from transformers import AutoTokenizer
 
-    out_dir, overrides, length, trials = job
+    out_dir, overrides, memory, length, trials = job
     torch.set_num_threads(1)
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
     model = LongLlamaForCausalLM.from_pretrained(out_dir, **overrides).eval()
-    row = passkey_curve(model, tokenizer, [length], trials=trials, seed=0, verbose=False)[0]
-    print(f"passkey {overrides or 'dense'}: {length:>7} tokens: {row['correct']}/{row['trials']} in {row['seconds']:.0f}s",
-          flush=True)
+    per_call = {} if memory is None else {"memory_spec": memory}
+    row = passkey_curve(model, tokenizer, [length], trials=trials, seed=0, verbose=False, **per_call)[0]
+    print(f"passkey {memory or 'no memory'}: {length:>7} tokens: {row['correct']}/{row['trials']} in "
+          f"{row['seconds']:.0f}s", flush=True)
     return row
 
 
@@ -735,17 +736,16 @@ def main(argv=None) -> None:
         print(json.dumps({key: v for key, v in summary.items() if key != "history"}, indent=1), flush=True)
 
     # passkey evaluation: one (memory setting, length) curve point per job, `--eval-jobs` processes of one thread
-    knn = {"memory_spec": "Flat k=32"}
-    settings = {"dense": {}, "faiss": knn, "no_memory": {"mem_layers": []}}
+    settings = {"dense": ({}, "dense"), "faiss": ({}, "Flat k=32"), "no_memory": ({"mem_layers": []}, None)}
     points = [(name, length) for name, lengths in [("dense", args.eval_lengths), ("faiss", args.eval_lengths),
                                                     ("no_memory", args.nomem_lengths)] for length in lengths]
-    jobs = [(args.out, settings[name], length, args.trials) for name, length in points]
+    jobs = [(args.out, *settings[name], length, args.trials) for name, length in points]
     if args.eval_jobs > 1:
         import multiprocessing
 
         with multiprocessing.get_context("spawn").Pool(args.eval_jobs) as pool:
             # longest first, so the pool does not end on one long job
-            order = sorted(range(len(jobs)), key=lambda i: -jobs[i][2])
+            order = sorted(range(len(jobs)), key=lambda i: -jobs[i][3])
             rows = dict(zip(order, pool.map(passkey_point, [jobs[i] for i in order], chunksize=1)))
     else:
         rows = dict(enumerate(map(passkey_point, jobs)))

@@ -1,48 +1,52 @@
-"""Regenerate the results pages from experiments/results/* (never typed by hand).
+"""Regenerate the results page and the README's headline table from the results table (never typed by hand).
 
-    python experiments/update_readme.py            # uses the `small` results, and `full` ones where present
+    python experiments/update_readme.py     # or: python -m experiments.update_readme
 
-Writes experiments/README.md, every generated table and plot (a complete generated file), and replaces everything
-between the markers `<!-- results:begin -->` and `<!-- results:end -->` of the top-level README.md with a short
-headline table that links to it.
+Every table is a group-by of experiments/results/results.csv (see experiments/common.py) rendered to markdown, and
+every plot is drawn from the same frames into experiments/results/*.png. Writes experiments/README.md and replaces
+everything between the markers `<!-- results:begin -->` and `<!-- results:end -->` of the top-level README.md with
+a short headline table that links to it.
 """
 
-import csv
-import json
-import os
-import re
-import sys
+from __future__ import annotations
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "experiments", "results")
-RESULTS_PAGE = os.path.join(ROOT, "experiments", "README.md")  # image and file links in it are relative to experiments/
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+try:
+    from experiments import common
+except ModuleNotFoundError:  # run as a script, `python experiments/update_readme.py`: common.py sits beside it
+    import common
+
+ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-ORDER = ["passkey", "passkey_depth", "ingest", "decode", "recall"]
 MIN_TRIALS = 20  # an accuracy goal is judged on at least this many trials (pooled over seeds)
 DENSE = ("dense", "dense sdpa")  # run_experiments.py's dense-memory labels (official matmul; fused SDPA)
-BENCHES = ["bench_forward_plain", "bench_forward_ingest", "bench_memory_overhead", "bench_memory_scaling",
-           "bench_ivf_scan"]
+SCALES = ("full", "gpu", "small")  # the order of the page's sections
+DEPTH_BINS = 5  # equal bins of the key line's depth (share of the filler before it)
+HEADLINE_KNN_COLUMNS, HEADLINE_LENGTHS = 3, 8  # kNN settings beside dense, and lengths, in the headline table
+KNN_GOAL = "kNN accuracy >= dense wherever dense runs"
+VERDICT = {True: "yes", False: "no", None: "not measured at this scale"}
 
 
-def _tagged(name: str) -> list[str]:
-    """Paths of results/<name>_<tag>.csv, the tagged runs of <name> (tags are letters, digits and underscores)."""
-    return sorted(os.path.join(RESULTS, f) for f in os.listdir(RESULTS) if f.startswith(name + "_") and
-                  f.endswith(".csv") and f[len(name) + 1:-4].replace("_", "").isalnum())
+# -- reading and rendering -----------------------------------------------------------------------------------------
+def frame(experiment: str, scale: str | None = None, points: list[str] | None = None) -> pd.DataFrame:
+    """An experiment's rows (of one scale); with `points`, a point measured by several runs counts once: the last."""
+    table = common.table(experiment)
+    if table.empty:
+        return table
+    if "k" in table:
+        table["k"] = table["k"].astype(str)  # a number, or "-" for dense memory
+    if scale is not None:
+        table = table[table["scale"] == scale]
+    return table.drop_duplicates(points, keep="last") if points else table
 
 
-def _csv(name: str) -> list[dict]:
-    """Rows of results/<name>.csv plus those of its tagged runs (e.g. a 1M-token spot check)."""
-    rows = []
-    for path in [os.path.join(RESULTS, name + ".csv")] + _tagged(name):
-        if os.path.exists(path):
-            with open(path) as f:
-                rows += list(csv.DictReader(f))
-    return rows
-
-
-def _k(k: str) -> int:
-    """A k column as a number for sorting (dense rows have "-")."""
-    return int(k) if k.isdigit() else 0
+def k_number(k) -> int:
+    return int(k) if str(k).isdigit() else 0
 
 
 def wilson_interval(correct: int, trials: int, z: float = 1.96) -> tuple[float, float]:
@@ -52,483 +56,500 @@ def wilson_interval(correct: int, trials: int, z: float = 1.96) -> tuple[float, 
     return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
 
 
-def _interval(correct: int, trials: int) -> str:
+def interval(correct: int, trials: int) -> str:
     low, high = wilson_interval(correct, trials)
     return f"{low:.0%}-{high:.0%}"
 
 
-def _correct(row: dict) -> int:
-    return round(float(row["accuracy"]) * int(row["trials"]))
+def markdown(table: pd.DataFrame, title: str = "") -> str:
+    """`table` as a compact markdown table (pandas' to_markdown, numbers to 4 significant digits; missing: "-")."""
+    table = table.copy()
+    for column in table.columns:
+        table[column] = [v if isinstance(v, str) else "-" if pd.isna(v) else f"{v:.4g}" if isinstance(v, float)
+                         else str(v) for v in table[column]]
+    lines = table.to_markdown(index=False, tablefmt="github", disable_numparse=True).splitlines()
+    lines = ["| " + " | ".join(cell.strip() for cell in line.strip("|").split("|")) + " |" for line in lines]
+    lines[1] = "|" + "---|" * len(table.columns)
+    return (f"**{title}**\n\n" if title else "") + "\n".join(lines) + "\n"
 
 
-def knn_vs_dense(rows: list[dict], trial_rows: list[dict] = ()) -> tuple:
-    """The goal row "kNN accuracy >= dense wherever dense runs": each kNN (index, k, length) against dense on the
-    same prompts, i.e. pooled over the seeds both ran at that length (a row without a seed column ran seed 0).
-    Where a seed's dense and kNN runs differ in their number of trials, the trials both recorded (`trial_rows`, from
-    passkey_trials_*.csv: trial i of a seed is the same prompt in every run) are compared one by one.
-    Dense is the official "dense" where it ran, else "dense sdpa" (the same math read with fused SDPA)."""
-    counts = {}  # (index, k, tokens, seed) -> [correct, trials]
-    for r in rows:
-        c = counts.setdefault((r["index"], r["k"], int(r["tokens"]), r.get("seed") or "0"), [0, 0])
-        c[0] += _correct(r)
-        c[1] += int(r["trials"])
-    dense = {(n, seed): c for (i, _, n, seed), c in sorted(counts.items(), key=lambda item: item[0][0] == "dense")
-             if i in DENSE}  # the official variant sorts last, so it wins where both ran
-    if not dense:
-        return ("kNN accuracy >= dense wherever dense runs", "dense not run at this scale", None)
-    recorded = {}  # (index, k, tokens, seed) -> {trial: correct}
-    for r in trial_rows:
-        recorded.setdefault((r["index"], r["k"], int(r["tokens"]), r["seed"]), {})[int(r["trial"])] = int(r["correct"])
-    dense_recorded = {}  # (tokens, seed) -> {trial: correct}, the official variant winning where both recorded
-    for (i, _, n, seed), by_trial in sorted(recorded.items(), key=lambda item: item[0][0] == "dense"):
-        if i in DENSE:
-            dense_recorded[(n, seed)] = by_trial
-    points = {}  # (index, k, tokens) -> [kNN correct, dense correct, trials]
-    for (i, k, n, seed), (c, t) in counts.items():
-        if i in DENSE or (n, seed) not in dense:
-            continue
-        d = dense[(n, seed)][0]
-        if dense[(n, seed)][1] != t:  # compare the trials both recorded, if any
-            mine, theirs = recorded.get((i, k, n, seed), {}), dense_recorded.get((n, seed), {})
-            common = sorted(set(mine) & set(theirs))
-            if not common:
-                continue
-            c, d, t = sum(mine[j] for j in common), sum(theirs[j] for j in common), len(common)
-        p = points.setdefault((i, k, n), [0, 0, 0])
-        p[0], p[1], p[2] = p[0] + c, p[1] + d, p[2] + t
-    worse = [f"{i} k={k} at {n} ({c} vs {d} of {t})" for (i, k, n), (c, d, t) in sorted(points.items(),
-             key=lambda item: (item[0][2], item[0][0])) if c < d]
-    settings = {(i, k): True for i, k, _ in points}  # a kNN setting matches dense if it does at every length it ran
-    for (i, k, _), (c, d, _) in points.items():
-        settings[(i, k)] &= c >= d
-    approximate = {(r["index"], r["k"], int(r["tokens"])) for r in rows if r.get("search") == "approximate"}
-    searched = any("search" in r for r in rows)
-    measured = ("no kNN point on dense's prompts" if not points else
-                "everywhere" if not worse else "below dense: " + ", ".join(worse))
-    if points:
-        trials = "/".join(str(t) for t in sorted({t for *_, t in points.values()}))
-        measured += f"; {trials} trials a point, the same prompts for both"
-        if searched:
-            measured += (f" ({len(approximate & set(points))} of {len(points)} kNN points there searched approximately; "
-                         f"the others exactly, as Flat or as an index below its training size)")
-    met = (not worse) if points else None
-    if worse and any(settings.values()):  # some kNN settings meet it and some do not: say which
-        ordered = sorted(settings.items(), key=lambda item: (item[0][0], _k(item[0][1])))
-        names = {ok: ", ".join(f"{i} k={k}" for (i, k), good in ordered if good == ok) for ok in (True, False)}
-        met = f"with {names[True]}; not with {names[False]}"
-    return ("kNN accuracy >= dense wherever dense runs", measured, met)
+def plot(name: str, panels: list[dict]) -> str:
+    """Draw results/<name>.png, panels side by side (each: title, x, y labels, series {name: (xs, ys)}, logx, logy)
+    and return the page's image link (relative to experiments/)."""
+    import matplotlib
 
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-def goal_rows(scale: str) -> list[tuple]:
-    """The issue's goals against the measured numbers of one scale: (goal, measured, met) computed from the CSV
-    files; met is True, False, None (not measured at this scale) or a sentence."""
-    rows = []
-    all_passkey = _csv(f"passkey_{scale}")
-    passkey = [r for r in all_passkey if r["index"] not in DENSE]
-    if passkey:
-        longest = max(int(r["tokens"]) for r in passkey)
-        pooled = {}  # (index, k) -> [correct, trials] at the longest length, over the runs (seeds) measuring it
-        for r in passkey:
-            if int(r["tokens"]) == longest:
-                counts = pooled.setdefault((r["index"], r["k"]), [0, 0])
-                counts[0] += _correct(r)
-                counts[1] += int(r["trials"])
-        (index, k), (correct, trials) = max(pooled.items(), key=lambda item: (item[1][0] / item[1][1], item[1][1]))
-        verdict = None if longest < 2**20 else (f"too few trials to tell (fewer than {MIN_TRIALS})"
-                                                if trials < MIN_TRIALS else correct / trials >= 0.95)
-        rows.append(("passkey >= 95% at 1M tokens with a kNN index", f"{correct / trials:.0%} at {longest} tokens "
-                     f"({index}, k={k}: {correct} of {trials} trials; 95% interval {_interval(correct, trials)})",
-                     verdict))
-        rows.append(knn_vs_dense(all_passkey, _csv(f"passkey_trials_{scale}")))
-    ingest = _csv(f"ingest_{scale}")
-    if ingest:
-        seconds = {(r["index"], int(r["tokens"])): float(r["seconds"]) for r in ingest}
-        ivf = [r["index"] for r in ingest if r["index"].startswith("IVF") and "PQ" not in r["index"]]
-        dense = {}  # tokens -> (seconds, label) of the fastest dense variant ("dense", "dense sdpa") measured there
-        for (i, m), s in seconds.items():
-            if i in DENSE and (m not in dense or s < dense[m][0]):
-                dense[m] = (s, i)
-        common = sorted(m for m in dense if ivf and (ivf[0], m) in seconds)
-        if common:
-            n = common[-1]
-            ratio = dense[n][0] / seconds[(ivf[0], n)]
-            variants = sorted({i for (i, _) in seconds if i in DENSE})
-            measured = f"{ratio:.1f}x at {n} tokens (largest length dense ran" + (
-                f"; against {dense[n][1]}, the faster of {' and '.join(variants)})" if len(variants) > 1 else ")")
-            longest = max(m for (i, m) in seconds if i == ivf[0])
-            if longest > n:  # dense grows at least quadratically (every window attends to all memory)
-                dense_estimate = dense[n][0] * (longest / n) ** 2
-                measured += (f"; at {longest} tokens {ivf[0]} took {seconds[(ivf[0], longest)]:.0f} s, dense "
-                             f"extrapolated quadratically ~{dense_estimate:.0f} s, so "
-                             f"~{dense_estimate / seconds[(ivf[0], longest)]:.0f}x (not side by side)")
-            rows.append(("ingestion at 1M tokens >= 20x faster with IVF than dense", measured,
-                         None if n < 2**20 else ratio >= 20))
-        exps = {r["index"]: float(r["time_exponent"]) for r in ingest
-                if r["index"] not in DENSE and r["time_exponent"] != "-"}
-        if exps:
-            spans = {i: [int(r["tokens"]) for r in ingest if r["index"] == i] for i in exps}
-            sub = [i for i, e in exps.items() if e < 2]
-            met = len(sub) == len(exps) or (f"with {', '.join(sub)}; not with "
-                                            f"{', '.join(i for i in exps if i not in sub)}" if sub else False)
-            rows.append(("per-token ingestion cost sub-linear in context length (time exponent < 2)",
-                         ", ".join(f"{i}: {e:.2f} ({min(spans[i])}-{max(spans[i])} tokens)" for i, e in exps.items()),
-                         met))
-    decode = [r for r in _csv(f"decode_{scale}") if r["index"] not in DENSE]
-    if decode:
-        largest = max(int(r["memory_tokens"]) for r in decode)
-        ratios = {r["index"]: float(r["vs_smallest"]) for r in decode if int(r["memory_tokens"]) == largest}
-        smallest = min(int(r["memory_tokens"]) for r in decode)
-        rows.append(("decode latency with 1M tokens of memory <= 2x that with 1k",
-                     f"at {largest} vs {smallest} tokens: " + ", ".join(f"{i} {v:.2f}x" for i, v in ratios.items()),
-                     None if largest < 2**20 else min(ratios.values()) <= 2))
-    return rows
-
-
-VERDICT = {True: "yes", False: "no", None: "not measured at this scale"}
-
-
-def goals(scale: str) -> str:
-    """The issue's goals against the measured numbers of one scale (a table computed from the CSV files)."""
-    rows = goal_rows(scale)
-    if not rows:
-        return ""
-    lines = [f"**Goals (`--scale {scale}`)**", "", "| goal | measured | met |", "|---|---|---|"]
-    lines += [f"| {goal} | {measured} | {met if isinstance(met, str) else VERDICT[met]} |" for goal, measured, met in rows]
-    return "\n".join(lines) + "\n"
-
-
-def pooled_passkey(scale: str) -> str:
-    """Passkey accuracy per (index, k, length) pooled over a base scale's runs (its tagged runs split the trials of a
-    point over seeds and processes); empty when the scale has no tagged passkey run."""
-    rows = _csv(f"passkey_{scale}")
-    if not _tagged(f"passkey_{scale}") or not rows:
-        return ""
-    points = {}  # (index, k, tokens) -> [correct, trials, seeds, search]
-    for r in rows:
-        p = points.setdefault((r["index"], r["k"], int(r["tokens"])), [0, 0, set(), r.get("search", "-")])
-        p[0] += _correct(r)
-        p[1] += int(r["trials"])
-        p[2].add(int(r.get("seed") or 0))
-    lines = [f"**Passkey accuracy pooled over the `{scale}` runs (the tagged runs below and any untagged one; "
-             "95% interval: Wilson score)**", "",
-             "| index | k | tokens | search | correct | trials | accuracy | 95% interval | seeds |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    order = sorted(points, key=lambda key: (key[2], key[0] not in DENSE, key[0], _k(key[1])))
-    for index, k, n in order:
-        correct, trials, seeds, search = points[(index, k, n)]
-        lines.append(f"| {index} | {k} | {n} | {search} | {correct} | {trials} | {correct / trials:.0%} | "
-                     f"{_interval(correct, trials)} | {', '.join(map(str, sorted(seeds)))} |")
-    return "\n".join(lines) + "\n"
-
-
-DEPTH_BINS = 5  # equal bins of the key line's depth (share of the filler before it)
-
-
-def depth_of_recorded_trials(scale: str) -> str:
-    """Passkey accuracy by depth of the key line, binned over every recorded trial of a base scale's runs
-    (passkey_trials_<scale>*.csv): a depth view at the lengths the length sweep ran, where a dedicated depth sweep
-    would cost too much. Empty without trial records."""
-    counts = {}  # (index, k, tokens) -> [[correct, trials] per bin]
-    for r in _csv(f"passkey_trials_{scale}"):
-        bins = counts.setdefault((r["index"], r["k"], int(r["tokens"])), [[0, 0] for _ in range(DEPTH_BINS)])
-        cell = bins[min(int(float(r["depth"]) * DEPTH_BINS), DEPTH_BINS - 1)]
-        cell[0] += int(r["correct"])
-        cell[1] += 1
-    if not counts:
-        return ""
-    edges = [f"{b / DEPTH_BINS:.1f}-{(b + 1) / DEPTH_BINS:.1f}" for b in range(DEPTH_BINS)]
-    lines = [f"**Passkey trials by depth of the key line (`{scale}` runs with trial records; correct / trials)**", "",
-             "| index | k | tokens | " + " | ".join(edges) + " |", "|---|---|---|" + "---|" * DEPTH_BINS]
-    for (index, k, n), bins in sorted(counts.items(), key=lambda item: (item[0][2], item[0][0], _k(item[0][1]))):
-        cells = " | ".join(f"{c}/{t}" if t else "-" for c, t in bins)
-        lines.append(f"| {index} | {k} | {n} | {cells} |")
-    return "\n".join(lines) + "\n"
-
-
-def recall_summary(scale: str) -> str:
-    """Retrieval quality at each index's own settings (the rows of recall_<scale>.csv outside the nprobe / efSearch
-    sweeps): per text, recall@k against exact top-k, the share of exact top-k's attention mass the retrieved entries
-    keep, and the search time. Empty without recall results."""
-    path = os.path.join(RESULTS, f"recall_{scale}.csv")
-    if not os.path.exists(path):
-        return ""
-    with open(path) as f:
-        rows = [r for r in csv.DictReader(f) if r["value"] == "-"]
-    texts = list(dict.fromkeys(r["text"] for r in rows))
-    points = {}  # (k, index, settings) -> {text: row}, in the file's order within each k
-    for r in rows:
-        params = {name: v for name, v in json.loads(r["param"]).items() if name != "faiss_metric"}
-        settings = ", ".join([r["faiss_metric"]] + [f"{name} {v}" for name, v in params.items()])
-        points.setdefault((int(r["k"]), r["index"], settings), {})[r["text"]] = r
-    lines = ["At each index's own settings: recall@k against exact top-k, kept = share of exact top-k's attention "
-             "mass the retrieved entries keep, ms = search time for all queries.", "",
-             "| index | settings | k | " + " | ".join(f"{t} recall | {t} kept | {t} ms" for t in texts) + " |",
-             "|---|---|---|" + "---|" * 3 * len(texts)]
-    for (k, index, settings), by_text in sorted(points.items(), key=lambda item: item[0][0]):
-        cells = []
-        for t in texts:
-            r = by_text.get(t)
-            if r is None:
-                cells += ["-"] * 3
-                continue
-            exact = float(r["mass_of_exact_topk"])
-            kept = f"{float(r['attention_mass_kept']) / exact:.2f}" if exact else "-"
-            cells += [f"{float(r['recall_at_k']):.2f}", kept, f"{float(r['search_ms']):.0f}"]
-        lines.append(f"| {index} | {settings} | {k} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def current_model() -> dict:
-    """Identity of the shipped demo checkpoint, as run_experiments records it."""
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
-    try:
-        from run_experiments import model_identity
-    finally:
-        sys.path.pop(0)
-    return model_identity()
-
-
-def run_records(name: str) -> list[dict]:
-    """Every run recorded in results/<name> (an environment_<scale>.json): one per experiment, plus the earlier runs
-    a run with --append keeps (their rows stay in the same file)."""
-    with open(os.path.join(RESULTS, name)) as f:
-        records = json.load(f).values()
-    return [run for record in records for run in [record, *record.get("earlier_runs", [])]]
-
-
-def model_line(scale: str, current: dict) -> str:
-    """Which demo checkpoint the scale's results were measured with, flagged when it is not the shipped one."""
-    models = [run.get("model") for run in run_records(f"environment_{scale}.json")]
-    if all(m == current for m in models):
-        return f"Demo model: weights sha256 `{current['weights_sha256']}`, window {current['window']} (the shipped one).\n"
-    other = {m["weights_sha256"]: m["window"] for m in models if m is not None and m != current}
-    if not other:  # older records without the field
-        return (f"Demo checkpoint not recorded for these runs (they predate the record); shipped: "
-                f"`{current['weights_sha256']}`, window {current['window']}.\n")
-    seen = ", ".join(f"`{sha}` (window {window})" for sha, window in sorted(other.items()))
-    return (f"**Measured with another demo checkpoint than the shipped one** (weights {seen}; shipped: "
-            f"`{current['weights_sha256']}`); rerun to refresh.\n")
-
-
-def archives() -> str:
-    """Links to archived result sets (experiments/results/archive/<name>/README.md, first line as the title)."""
-    root = os.path.join(RESULTS, "archive")
-    if not os.path.isdir(root):
-        return ""
-    lines = []
-    for name in sorted(os.listdir(root)):
-        readme = os.path.join(root, name, "README.md")
-        if os.path.isfile(readme):
-            with open(readme) as f:
-                title = f.readline().strip().lstrip("# ")
-            lines.append(f"- [`results/archive/{name}/`](results/archive/{name}/README.md): {title}")
-    return "## Archived results\n\n" + "\n".join(lines) + "\n" if lines else ""
-
-
-def scales() -> list[str]:
-    """Scale names with results (from environment_<scale>.json): full first, then gpu, then small; tagged runs
-    ("full_1m") after their base scale."""
-    names = [f[len("environment_"):-len(".json")] for f in os.listdir(RESULTS)
-             if f.startswith("environment_") and f.endswith(".json")]
-    rank = {"full": 0, "gpu": 1, "small": 2}
-    return sorted(names, key=lambda n: (rank.get(n.split("_")[0], 3), n))
-
-
-def label_meanings(base: str) -> dict[str, set[str]]:
-    """What each memory label of a base scale's runs (tagged ones too) stands for: the Faiss factory string and its
-    settings, as the runs recorded them in environment_<scale>.json."""
-    meaning = {}  # label -> set of "factory, settings"
-    for f in sorted(os.listdir(RESULTS)):
-        if f == f"environment_{base}.json" or (f.startswith(f"environment_{base}_") and f.endswith(".json")):
-            for run in run_records(f):
-                if run.get("scale", {}).get("dense"):
-                    meaning["dense"] = {"attention to every memory entry (the official LongLLaMA memory)"}
-                if run.get("scale", {}).get("dense_sdpa"):
-                    meaning["dense sdpa"] = {"dense, read with one fused SDPA call over [local ; memory] keys "
-                                             "(`torch_attention=True`)"}
-                for label, (factory, params) in run.get("scale", {}).get("indices", {}).items():
-                    settings = ", ".join(f"{name} {value}" for name, value in params.items())
-                    meaning.setdefault(label, set()).add(f"`{factory}`" + (f", {settings}" if settings else ""))
-    return meaning
-
-
-def index_legend(base: str) -> str:
-    """The memory labels of a base scale's runs and what they stand for (see label_meanings), as one line."""
-    meaning = label_meanings(base)
-    if not meaning:
-        return ""
-    return ("Memory labels: " + "; ".join(
-        f"**{label}** = {' or '.join(sorted(m))}" for label, m in sorted(meaning.items())) + ".\n")
-
-
-def _image(name: str) -> str:
-    """A markdown image of results/<name>.png, relative to experiments/ (where the results page lives); empty
-    when the plot does not exist."""
-    if not os.path.exists(os.path.join(RESULTS, f"{name}.png")):
-        return ""
+    columns = min(len(panels), 2)
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 4 * rows), squeeze=False)
+    for ax, panel in zip(axes.flat, panels):
+        for label, (xs, ys) in panel["series"].items():
+            ax.plot(xs, ys, "o-", label=label)
+        ax.set(title=panel["title"], xlabel=panel["x"], ylabel=panel["y"])
+        if panel.get("logx"):
+            ax.set_xscale("log", base=panel["logx"])
+        ys = [y for _, ys in panel["series"].values() for y in ys]
+        if panel.get("logy") and all(y > 0 for y in ys):  # a time rounded to 0 s keeps a linear axis
+            ax.set_yscale("log")
+        if panel.get("hline"):
+            ax.axhline(panel["hline"], color="gray", lw=0.8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(common.RESULTS / f"{name}.png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
     return f"![{name}](results/{name}.png)\n"
 
 
-def scale_section(scale: str, found: list[str], current: dict) -> list[str]:
-    """Markdown parts for one scale (or tagged run): the checkpoint line, for a base scale its goals and pooled
-    passkey table (over its tagged runs too), then each experiment's table and plot."""
-    level = "##" if "_" not in scale else "###"
-    parts = [f"{level} Scaling experiments (`--scale {scale}`)\n", model_line(scale, current)]
-    if "_" not in scale:
-        parts += [table for table in (index_legend(scale), goals(scale), pooled_passkey(scale),
-                                      depth_of_recorded_trials(scale)) if table]
-    for name in found:
-        with open(os.path.join(RESULTS, f"{name}_{scale}.md")) as f:
-            table = f.read().strip() + "\n"
-        if name == "recall":  # its title (what was measured on), the summary, then every sweep row folded
-            title, rows = table.split("\n\n", 1)
-            parts += [title + "\n", recall_summary(scale), "<details><summary>Every recall row (the nprobe / "
-                      "efSearch / efConstruction sweeps)</summary>\n", rows, "</details>\n"]
-        else:
-            parts.append(table)
-        plot = _image(f"{name}_{scale}")
-        if plot:
-            parts.append(plot)
-    return parts
+def series(table: pd.DataFrame, by: list[str], x: str, y: str) -> dict:
+    """{label: (xs, ys)} of `table`, a line per group of `by` (joined by spaces), points sorted by x."""
+    return {" ".join(str(v) for v in (key if isinstance(key, tuple) else (key,)) if v not in ("-", "")):
+            (part.sort_values(x)[x].tolist(), part.sort_values(x)[y].tolist())
+            for key, part in table.groupby(by, sort=False)}
 
 
-def _ranges(numbers: list[int]) -> str:
-    """Sorted integers as a short list: runs of three or more written as ranges ("0-19", "2, 3, 7-9")."""
-    spans = []
-    for n in numbers:
-        if spans and n == spans[-1][1] + 1:
-            spans[-1][1] = n
-        else:
-            spans.append([n, n])
-    return ", ".join(f"{a}-{b}" if b - a >= 2 else ", ".join(map(str, range(a, b + 1))) for a, b in spans)
+# -- passkey: pooling and goals ------------------------------------------------------------------------------------
+def passkey_points(scale: str) -> pd.DataFrame:
+    """Passkey points (index, k, tokens, seed) of a scale; a point measured again counts once (its last run)."""
+    return frame("passkey", scale, ["index", "k", "tokens", "seed"])
 
 
-def seed_family(scale: str) -> str:
-    """The experiment a tagged run belongs to: its name without a trailing `_seed<N>` (`--tag 1m_s3_seed4` is
-    seed 4 of the `1m_s3` experiment)."""
-    return re.sub(r"_seed\d+$", "", scale)
+def pooled(points: pd.DataFrame) -> pd.DataFrame:
+    """Correct and trials per (index, k, tokens), pooled over seeds; dense first at each length, then by name, k."""
+    table = points.groupby(["index", "k", "tokens"], sort=False).agg(
+        search=("search", "first"), correct=("correct", "sum"), trials=("trials", "sum"),
+        seeds=("seed", lambda s: ", ".join(map(str, sorted(set(s)))))).reset_index()
+    order = table.assign(knn=~table["index"].isin(DENSE), knum=table["k"].map(k_number))
+    return table.loc[order.sort_values(["tokens", "knn", "index", "knum"]).index]
 
 
-def seed_family_section(family: str, members: list[str], current: dict) -> list[str]:
-    """One experiment run as several passkey-only tagged runs that differ in their seed: one table with a row per
-    (run, index, k, length), each point pooled over the seeds below it (Wilson interval), and only the plots that
-    show more than one length (a run of one point plots nothing its row does not say)."""
+def knn_vs_dense(points: pd.DataFrame, trials: pd.DataFrame) -> tuple:
+    """The goal row "kNN accuracy >= dense wherever dense runs": each kNN (index, k, length) against dense on the
+    same prompts, i.e. pooled over the seeds both ran at that length. Where a seed's dense and kNN runs differ in
+    their number of trials, the trials both recorded (trial i of a seed is the same prompt in every run) are compared
+    one by one. Dense is the official "dense" where it ran, else "dense sdpa" (the same math read with fused SDPA)."""
+    counts = {(r["index"], r["k"], r["tokens"], r["seed"]): (r["correct"], r["trials"]) for _, r in points.iterrows()}
+    by_official = lambda item: item[0][0] == "dense"  # noqa: E731 (the official variant sorts last: it wins)
+    dense = {(n, s): c for (i, _, n, s), c in sorted(counts.items(), key=by_official) if i in DENSE}
+    if not dense:
+        return (KNN_GOAL, "dense not run at this scale", None)
+    recorded = {}  # (index, k, tokens, seed) -> {trial: correct}
+    for _, r in trials.iterrows():
+        recorded.setdefault((r["index"], r["k"], r["tokens"], r["seed"]), {})[r["trial"]] = r["correct"]
+    dense_recorded = {(n, s): t for (i, _, n, s), t in sorted(recorded.items(), key=by_official) if i in DENSE}
+    compared = {}  # (index, k, tokens) -> [kNN correct, dense correct, trials]
+    for (i, k, n, s), (c, t) in counts.items():
+        if i in DENSE or (n, s) not in dense:
+            continue
+        d = dense[(n, s)][0]
+        if dense[(n, s)][1] != t:  # compare the trials both recorded, if any
+            mine, theirs = recorded.get((i, k, n, s), {}), dense_recorded.get((n, s), {})
+            common_trials = sorted(set(mine) & set(theirs))
+            if not common_trials:
+                continue
+            c, d, t = (sum(mine[j] for j in common_trials), sum(theirs[j] for j in common_trials),
+                       len(common_trials))
+        p = compared.setdefault((i, k, n), [0, 0, 0])
+        p[0], p[1], p[2] = p[0] + c, p[1] + d, p[2] + t
+    if not compared:
+        return (KNN_GOAL, "no kNN point on dense's prompts", None)
+    worse = [f"{i} k={k} at {n} ({c} vs {d} of {t})" for (i, k, n), (c, d, t)
+             in sorted(compared.items(), key=lambda item: (item[0][2], item[0][0])) if c < d]
+    meets = {}  # a kNN setting meets the goal if it does at every length it ran
+    for (i, k, _), (c, d, _) in compared.items():
+        meets[(i, k)] = meets.get((i, k), True) and c >= d
+    approximate = {(r["index"], r["k"], r["tokens"]) for _, r in points.iterrows() if r["search"] == "approximate"}
+    measured = "everywhere" if not worse else "below dense: " + ", ".join(worse)
+    measured += (f"; {'/'.join(str(t) for t in sorted({t for *_, t in compared.values()}))} trials a point, the same "
+                 f"prompts for both ({len(approximate & set(compared))} of {len(compared)} kNN points there searched "
+                 "approximately; the others exactly, as Flat or as an index below its training size)")
+    met = not worse
+    if worse and any(meets.values()):  # some kNN settings meet it and some do not: say which
+        ordered = sorted(meets.items(), key=lambda item: (item[0][0], k_number(item[0][1])))
+        names = {ok: ", ".join(f"{i} k={k}" for (i, k), good in ordered if good == ok) for ok in (True, False)}
+        met = f"with {names[True]}; not with {names[False]}"
+    return (KNN_GOAL, measured, met)
+
+
+def ingest_points(scale: str) -> pd.DataFrame:
+    """Ingestion points with us_per_token and each label's fitted exponent of time in tokens ("-": one point)."""
+    table = frame("ingest", scale, ["index", "tokens"])
+    if table.empty:
+        return table
+    table = table.assign(us_per_token=(1e6 * table["seconds"] / table["tokens"]).round(2))
+    exponents = {label: round(float(np.polyfit(np.log(part["tokens"]), np.log(part["seconds"]), 1)[0]), 2)
+                 for label, part in table.groupby("index") if len(part) >= 2}
+    return table.assign(time_exponent=table["index"].map(lambda label: exponents.get(label, "-")))
+
+
+def decode_points(scale: str) -> pd.DataFrame:
+    """Decode points, each with its latency over that of the same label's smallest memory."""
+    table = frame("decode", scale, ["index", "tokens"])
+    if table.empty:
+        return table
+    table = table.sort_values("tokens", kind="stable").sort_values("index", key=lambda s: s.map(
+        {label: i for i, label in enumerate(dict.fromkeys(table["index"]))}), kind="stable")
+    return table.assign(vs_smallest=(table["ms_per_token"] / table.groupby("index")["ms_per_token"].transform("first"))
+                        .round(2))
+
+
+def goal_rows(scale: str) -> list[tuple]:
+    """The issue's goals against one scale's measurements: (goal, measured, met), met True, False, None (not
+    measured at this scale) or a sentence."""
     rows = []
-    for scale in members:
-        with open(os.path.join(RESULTS, f"passkey_{scale}.csv")) as f:
-            rows += [dict(r, run=scale) for r in csv.DictReader(f)]
-    seeds = sorted({int(r.get("seed") or 0) for r in rows})
-    suffixes = sorted(int(scale[len(family) + len("_seed"):]) for scale in members if scale != family)
-    names = ([f"`{family}`"] if family in members else []) + [f"`{family}_seed<N>` (N = {_ranges(suffixes)})"]
-    parts = [f"### Scaling experiments (`--scale {family}`, {len(members)} runs over seeds {_ranges(seeds)})\n",
-             f"Runs {' and '.join(names)}: the same passkey experiment, one seed each.\n"]
-    parts += list(dict.fromkeys(model_line(scale, current) for scale in members))
-    lines = [f"**Passkey accuracy, one row per seed ({family}, every run)**", "",
-             "| index | k | tokens | search | seed | correct | trials | seconds |", "|---|---|---|---|---|---|---|---|"]
-    order = sorted(rows, key=lambda r: (int(r["tokens"]), r["index"] not in DENSE, r["index"], _k(r["k"]),
-                                        int(r.get("seed") or 0)))
-    points = {}  # (index, k, tokens) -> [correct, trials, runs]
-    for r in order:
-        lines.append(f"| {r['index']} | {r['k']} | {r['tokens']} | {r.get('search', '-')} | {r.get('seed') or 0} | "
-                     f"{_correct(r)} | {r['trials']} | {r.get('seconds', '-')} |")
-        p = points.setdefault((r["index"], r["k"], int(r["tokens"])), [0, 0, 0])
-        p[0], p[1], p[2] = p[0] + _correct(r), p[1] + int(r["trials"]), p[2] + 1
-    parts.append("\n".join(lines) + "\n")
-    parts.append("Pooled over these runs (95% interval: Wilson score):\n\n" + "\n".join(
-        f"- {index}{'' if k == '-' else f', k={k}'}, {n} tokens: {c} of {t} correct ({c / t:.0%}; 95% interval {_interval(c, t)}; {runs} runs)"
-        for (index, k, n), (c, t, runs) in points.items()) + "\n")
-    for scale in members:
-        if len({r["tokens"] for r in rows if r["run"] == scale}) > 1:
-            plot = _image(f"passkey_{scale}")
-            if plot:
-                parts.append(plot)
-    return parts
+    points = passkey_points(scale)
+    knn = pooled(points[~points["index"].isin(DENSE)]) if not points.empty else points
+    if not knn.empty:
+        longest = knn["tokens"].max()
+        best = knn[knn["tokens"] == longest].assign(acc=lambda t: t["correct"] / t["trials"]).sort_values(
+            ["acc", "trials"], kind="stable").iloc[-1]
+        c, t = int(best["correct"]), int(best["trials"])
+        verdict = None if longest < 2**20 else (f"too few trials to tell (fewer than {MIN_TRIALS})"
+                                                if t < MIN_TRIALS else c / t >= 0.95)
+        rows.append(("passkey >= 95% at 1M tokens with a kNN index", f"{c / t:.0%} at {longest} tokens "
+                     f"({best['index']}, k={best['k']}: {c} of {t} trials; 95% interval {interval(c, t)})", verdict))
+        trials = frame("passkey_trial", scale, ["index", "k", "tokens", "seed", "trial"])
+        rows.append(knn_vs_dense(points, trials))
+    ingest = ingest_points(scale)
+    if not ingest.empty:
+        seconds = {(r["index"], r["tokens"]): r["seconds"] for _, r in ingest.iterrows()}
+        ivf = [i for i in dict.fromkeys(ingest["index"]) if i.startswith("IVF") and "PQ" not in i]
+        dense = {}  # tokens -> (seconds, label) of the faster dense variant measured there
+        for (i, n), s in seconds.items():
+            if i in DENSE and (n not in dense or s < dense[n][0]):
+                dense[n] = (s, i)
+        common_lengths = sorted(n for n in dense if ivf and (ivf[0], n) in seconds)
+        if common_lengths:
+            n = common_lengths[-1]
+            ratio = dense[n][0] / seconds[(ivf[0], n)]
+            variants = sorted({i for i, _ in seconds if i in DENSE})
+            measured = f"{ratio:.1f}x at {n} tokens (largest length dense ran" + (
+                f"; against {dense[n][1]}, the faster of {' and '.join(variants)})" if len(variants) > 1 else ")")
+            longest = max(m for i, m in seconds if i == ivf[0])
+            if longest > n:  # dense grows at least quadratically (every window attends to all memory)
+                estimate = dense[n][0] * (longest / n) ** 2
+                measured += (f"; at {longest} tokens {ivf[0]} took {seconds[(ivf[0], longest)]:.0f} s, dense "
+                             f"extrapolated quadratically ~{estimate:.0f} s, so "
+                             f"~{estimate / seconds[(ivf[0], longest)]:.0f}x (not side by side)")
+            rows.append(("ingestion at 1M tokens >= 20x faster with IVF than dense", measured,
+                         None if n < 2**20 else ratio >= 20))
+        fitted = ingest[~ingest["index"].isin(DENSE) & (ingest["time_exponent"] != "-")]
+        spans = fitted.groupby("index", sort=False).agg(e=("time_exponent", "first"), low=("tokens", "min"),
+                                                          high=("tokens", "max"))
+        if not spans.empty:
+            sub = [i for i, e in spans["e"].items() if e < 2]
+            met = len(sub) == len(spans) or (f"with {', '.join(sub)}; not with "
+                                             f"{', '.join(i for i in spans.index if i not in sub)}" if sub else False)
+            rows.append(("per-token ingestion cost sub-linear in context length (time exponent < 2)",
+                         ", ".join(f"{r.Index}: {r.e:.2f} ({r.low}-{r.high} tokens)" for r in spans.itertuples()), met))
+    decode = decode_points(scale)
+    decode = decode[~decode["index"].isin(DENSE)] if not decode.empty else decode
+    if not decode.empty:
+        largest, smallest = decode["tokens"].max(), decode["tokens"].min()
+        at = decode[decode["tokens"] == largest]
+        rows.append(("decode latency with 1M tokens of memory <= 2x that with 1k",
+                     f"at {largest} vs {smallest} tokens: " + ", ".join(f"{r['index']} {r['vs_smallest']:.2f}x"
+                                                                       for _, r in at.iterrows()),
+                     None if largest < 2**20 else at["vs_smallest"].min() <= 2))
+    return rows
 
 
-def section() -> str:
-    """Every generated table and plot (the body of experiments/README.md)."""
+def verdict(met) -> str:
+    return met if isinstance(met, str) else VERDICT[met]
+
+
+def goals(scale: str) -> str:
+    rows = goal_rows(scale)
+    table = pd.DataFrame([(g, m, verdict(v)) for g, m, v in rows], columns=["goal", "measured", "met"])
+    return markdown(table, f"Goals (`--scale {scale}`)") if rows else ""
+
+
+# -- tables of a scale -----------------------------------------------------------------------------------------------
+def labels(scale: str) -> dict[str, list[str]]:
+    """What each memory label of a scale's rows stands for: its memory specs (k is a column of its own)."""
+    specs = {}
+    for experiment in ("passkey", "ingest", "decode"):
+        table = frame(experiment, scale)
+        for label, spec in zip(table.get("index", []), table.get("memory_spec", [])):
+            spec = "dense, read with one fused SDPA call (`torch_attention=True`)" if label == "dense sdpa" else (
+                "attention to every memory entry (the official LongLLaMA memory)" if spec == "dense" else
+                f"`{re.sub(r' k=[0-9]+', '', spec)}`")
+            specs.setdefault(label, []).append(spec)
+    return {label: sorted(set(s)) for label, s in specs.items()}
+
+
+def legend(scale: str, only: list[str] | None = None) -> str:
+    meaning = labels(scale)
+    shown = sorted(meaning) if only is None else [label for label in only if label in meaning]
+    return "; ".join(f"**{label}** = {' or '.join(meaning[label])}" for label in shown)
+
+
+def depth_of_recorded_trials(scale: str) -> str:
+    """Passkey accuracy by depth of the key line, binned over every recorded trial of a scale: a depth view at the
+    lengths the length sweep ran, where a dedicated depth sweep would cost too much."""
+    trials = frame("passkey_trial", scale, ["index", "k", "tokens", "seed", "trial"])
+    if trials.empty:
+        return ""
+    edges = [f"{b / DEPTH_BINS:.1f}-{(b + 1) / DEPTH_BINS:.1f}" for b in range(DEPTH_BINS)]
+    trials = trials.assign(bin=pd.Categorical([edges[min(int(d * DEPTH_BINS), DEPTH_BINS - 1)] for d in trials["depth"]],
+                                              categories=edges))
+    cells = trials.groupby(["tokens", "index", "k", "bin"], observed=False)["correct"].agg(["sum", "count"])
+    cells = cells[cells.groupby(level=[0, 1, 2])["count"].transform("sum") > 0]
+    text = cells.apply(lambda r: f"{r['sum']}/{r['count']}" if r["count"] else "-", axis=1).unstack("bin")
+    text = text.reset_index()
+    text = text.loc[text.assign(knum=text["k"].map(k_number)).sort_values(["tokens", "index", "knum"]).index]
+    return markdown(text[["index", "k", "tokens", *edges]], f"Passkey trials by depth of the key line (`{scale}` runs "
+                    "with trial records; correct / trials)")
+
+
+def recall_section(scale: str) -> list[str]:
+    table = frame("recall", scale, ["text", "index", "k", "memory_spec", "sweep", "sweep_value"])
+    if table.empty:
+        return []
+    keys = ", ".join(f"{text}: {n}" for text, n in table.groupby("text", sort=False)["memory_keys"].first().items())
+    own = table[table["sweep"].fillna("") == ""]
+    cells = {}  # (k, index, memory spec) -> {column: formatted value}, texts side by side
+    for _, r in own.iterrows():
+        cell = cells.setdefault((r["k"], r["index"], r["memory_spec"]), {})
+        cell[f"{r['text']} recall"] = f"{r['recall_at_k']:.2f}"
+        cell[f"{r['text']} kept"] = f"{r['attention_mass_kept'] / r['mass_of_exact_topk']:.2f}"
+        cell[f"{r['text']} ms"] = f"{r['search_ms']:.0f}"
+    summary = pd.DataFrame.from_dict(cells, orient="index").fillna("-").rename_axis(["k", "index", "memory spec"])
+    summary = summary.reset_index().sort_values("k", key=lambda k: k.map(k_number), kind="stable")
+    swept = table[table["sweep"].isin(["nprobe", "efSearch"]) & (table["k"] == "32")]
+    return [markdown(summary, f"Retrieval quality on real keys and queries of the first memory layer ({keys} keys "
+                     "per head; the queries of the last window): recall@k against exact top-k, kept = share of "
+                     "exact top-k's attention mass the retrieved entries keep, ms = search time for all queries"),
+            "<details><summary>Every recall row (the nprobe / efSearch / efConstruction sweeps)</summary>\n",
+            markdown(table.drop(columns=["scale", "run", "env"])), "</details>\n",
+            plot(f"recall_{scale}", [dict(title="Recall against exact top-32 (real queries)", x="nprobe / efSearch",
+                                          y="recall@32", logx=2, series=series(swept, ["index", "text"],
+                                                                               "sweep_value", "recall_at_k"))])]
+
+
+def scale_section(scale: str) -> list[str]:
+    """One scale: checkpoint, labels, goals, passkey pooled and per run, depth, ingest, decode, recall."""
+    parts = [f"## Scaling experiments (`--scale {scale}`)\n", model_line(scale)]
+    meaning = legend(scale)
+    parts += [f"Memory labels: {meaning}.\n" if meaning else "", goals(scale)]
+    points = passkey_points(scale)
+    if not points.empty:
+        table = pooled(points).assign(accuracy=lambda t: (t["correct"] / t["trials"]).map("{:.0%}".format))
+        table["95% interval"] = [interval(c, t) for c, t in zip(table["correct"], table["trials"])]
+        parts.append(markdown(table[["index", "k", "tokens", "search", "correct", "trials", "accuracy",
+                                     "95% interval", "seeds"]],
+                              f"Passkey accuracy pooled over the `{scale}` runs (95% interval: Wilson score)"))
+        lines = pooled(points).assign(acc=lambda t: t["correct"] / t["trials"], setting=lambda t: [
+            i if k == "-" else f"{i} k={k}" for i, k in zip(t["index"], t["k"])])
+        parts.append(plot(f"passkey_{scale}", [dict(title="Passkey retrieval, demo model", x="context tokens",
+                                                    y="passkey accuracy", logx=2,
+                                                    series=series(lines, ["setting"], "tokens", "acc"))]))
+        parts.append(depth_of_recorded_trials(scale))
+        runs = points.assign(knum=points["k"].map(k_number), knn=~points["index"].isin(DENSE)).sort_values(
+            ["tokens", "knn", "index", "knum", "seed"])
+        parts += [f"<details><summary>Passkey accuracy, one row per run ({runs['run'].nunique()} runs)</summary>\n",
+                  markdown(runs[[c for c in ("run", "index", "k", "tokens", "search", "seed", "correct", "trials",
+                                             "seconds") if c in runs]]),
+                  "</details>\n"]
+    depth = frame("passkey_depth", scale, ["index", "tokens", "depth"])
+    if not depth.empty:
+        parts.append(markdown(depth.assign(accuracy=depth["correct"] / depth["trials"])[
+            ["index", "k", "tokens", "depth", "correct", "trials", "accuracy"]], "Passkey accuracy vs depth of the key"))
+    ingest = ingest_points(scale)
+    if not ingest.empty:
+        columns = ["index", "tokens", "search", "seconds", "us_per_token", "peak_rss_mb", "memory_mb", "time_exponent"]
+        parts += [markdown(ingest[columns + [c for c in ["peak_gpu_mb"] if c in ingest]],
+                           f"Ingestion time and peak RAM vs context length ({scale}); time ~ tokens^exponent"),
+                  plot(f"ingest_{scale}", [dict(title="Reading into memory", x="context tokens", logx=2, logy=True,
+                                                y="ingestion time (s)",
+                                                series=series(ingest, ["index"], "tokens", "seconds"))])]
+    decode = decode_points(scale)
+    if not decode.empty:
+        parts += [markdown(decode[["index", "tokens", "ms_per_token", "read_seconds", "peak_rss_mb", "vs_smallest"]],
+                           f"Decode latency per generated token vs memory tokens ({scale}, median of 20 steps; "
+                           "read_seconds: reading the memory first)"),
+                  plot(f"decode_{scale}", [dict(title="Decode latency", x="memory tokens", logx=2,
+                                                y="ms per generated token",
+                                                series=series(decode, ["index"], "tokens", "ms_per_token"))])]
+    return [part for part in parts + recall_section(scale) if part]
+
+
+def model_line(scale: str) -> str:
+    """Which demo checkpoint the scale's rows were measured with, flagged when it is not the shipped one."""
+    current = common.model_identity()
+    envs = set().union(*(set(frame(e, scale).get("env", [])) for e in ("passkey", "ingest", "decode", "recall")))
+    known = common.environments()
+    shas = set(known[known["env"].isin(envs)]["weights_sha256"])
+    if shas == {current["weights_sha256"]}:
+        return f"Demo model: weights sha256 `{current['weights_sha256']}`, window {current['window']} (the shipped one).\n"
+    other = ", ".join(f"`{sha}`" for sha in sorted(shas - {current["weights_sha256"], ""})) or "not recorded"
+    return (f"**Measured with another demo checkpoint than the shipped one** (weights {other}; shipped: "
+            f"`{current['weights_sha256']}`); rerun to refresh.\n")
+
+
+# -- failures, benchmarks, archives ----------------------------------------------------------------------------------
+def failures_section() -> list[str]:
     parts = []
-    current = current_model()
-    with_results = {scale: [name for name in ORDER if os.path.exists(os.path.join(RESULTS, f"{name}_{scale}.md"))]
-                    for scale in scales()}
-    with_results = {scale: found for scale, found in with_results.items() if found}
-    for base in dict.fromkeys(scale.split("_")[0] for scale in with_results):  # full, gpu, small (scales' order)
-        runs = [scale for scale in with_results if scale.split("_")[0] == base]
-        tagged = [scale for scale in runs if scale != base]
-        if base in with_results:
-            parts += scale_section(base, with_results[base], current)
-        else:  # only tagged runs: their goals and pooled table still head the base scale
-            parts += [f"## Scaling experiments (`--scale {base}`)\n"]
-            parts += [table for table in (index_legend(base), goals(base), pooled_passkey(base),
-                                          depth_of_recorded_trials(base)) if table]
-        if tagged:  # folded: the goals and the pooled table above already count them
-            families = {}  # experiment -> its tagged runs (runs differing only in their seed share one)
-            for scale in tagged:
-                families.setdefault(seed_family(scale), []).append(scale)
-            parts.append(f"<details><summary>The {len(tagged)} tagged <code>{base}</code> runs, one table per "
-                         f"experiment ({len(families)}; runs that differ only in their seed share one)</summary>\n")
-            for family, members in families.items():
-                if len(members) > 1 and all(with_results[scale] == ["passkey"] for scale in members):
-                    parts += seed_family_section(family, members, current)
-                else:
-                    for scale in members:
-                        parts += scale_section(scale, with_results[scale], current)
-            parts.append("</details>\n")
-    failures = sorted(f for f in os.listdir(RESULTS) if f.startswith("passkey_failures") and f.endswith(".md"))
-    if failures:  # passkey_failures.md first, then its --key-line / --tag variants
-        parts.append("## Where the demo model's passkey failures come from (`experiments/passkey_failures.py`)\n")
-        for name in failures:
-            with open(os.path.join(RESULTS, name)) as f:
-                parts.append(f.read().strip() + "\n")
-    archived = archives()
-    if archived:
-        parts.append(archived)
-    bench = [name for name in BENCHES if os.path.exists(os.path.join(RESULTS, f"{name}.md"))]
-    if bench:
-        parts.append("## Benchmarks\n")
-        for name in bench:
-            with open(os.path.join(RESULTS, f"{name}.md")) as f:  # its headings below this page's "## Benchmarks"
-                text = re.sub(r"^(#{1,4}) ", lambda m: "##" + m.group(1) + " ", f.read().strip(), flags=re.M)
-                parts.append(f"`{name}`\n\n" + text + "\n")
-            plot = _image(name)
-            if plot:
-                parts.append(plot)
-    return "\n".join(parts) if parts else "No results yet: run `python experiments/run_experiments.py`.\n"
+    table = frame("passkey_failure")
+    groups = {"key line in one window": "line_whole", "copies in one window": "copies_together"}
+    for (run, key_line, window), part in table.groupby(["run", "key_line", "window"], sort=False) if not table.empty else []:
+        counts = {}
+        for name, column in groups.items():
+            for flag, label in ((1, name), (0, name.replace("in one window", "cut" if "line" in name else "apart"))):
+                chosen = part[part[column] == flag].groupby("tokens")["correct"]
+                counts[label], counts[f"correct ({label})"] = chosen.count(), chosen.sum()
+        whole = part["whole_copies"] == part["copies"]
+        for flag, label in ((True, "each copy whole"), (False, "a copy cut")):
+            chosen = part[whole == flag].groupby("tokens")["correct"]
+            counts[label], counts[f"correct ({label})"] = chosen.count(), chosen.sum()
+        rows = pd.DataFrame(counts).reindex(sorted(part["tokens"].unique())).fillna(0).astype(int).reset_index()
+        parts.append(markdown(rows.rename(columns={"index": "tokens"}), f"Passkey accuracy of the demo model by where "
+                              f"window boundaries fall ({run}: window {window}, dense memory, key line {key_line}, "
+                              f"{part.groupby('tokens').size().max()} trials per length)"))
+    recorded = frame("passkey_failure_recorded")
+    for (run, window), part in recorded.groupby(["run", "window"], sort=False) if not recorded.empty else []:
+        quarter = window // 4
+        edges = [f"{q * quarter}-{(q + 1) * quarter - 1}" for q in range(4)]
+        place = part["window_position"].map(lambda p: "local" if p == "local" else edges[int(p) // quarter])
+        cells = {}
+        for (index, k, n), point in part.assign(place=place).groupby(["index", "k", "tokens"], sort=False):
+            cell = lambda rows: f"{rows['correct'].sum()}/{len(rows)}" if len(rows) else "-"  # noqa: E731
+            cells[(index, k, n)] = {**{e: cell(point[point["place"] == e]) for e in edges + ["local"]},
+                                    "key line cut": cell(point[point["line_whole"] == 0])}
+        rows = pd.DataFrame.from_dict(cells, orient="index").rename_axis(["index", "k", "tokens"]).reset_index()
+        rows = rows.loc[rows.assign(knum=rows["k"].map(k_number)).sort_values(["tokens", "index", "knum"]).index]
+        parts.append(markdown(rows, f"Where the key line sat in its window, recorded "
+                              f"passkey trials ({run}: window {window}, no model run; correct / trials by the position "
+                              "of the key line's first token in its window; local: the final local context)"))
+    return ["## Where the demo model's passkey failures come from (`python -m experiments.passkey_failures`)\n",
+            *parts] if parts else []
 
 
-HEADLINE_KNN_COLUMNS = 3  # kNN settings beside dense in the headline table
-HEADLINE_LENGTHS = 8  # at most this many lengths (rows) in it
+def environment_line(table: pd.DataFrame) -> str:
+    known = common.environments().set_index("env")
+    lines = [f"{e['cpus']} CPUs ({e['processor'] or 'processor not recorded'}), torch {e['torch']}, faiss "
+             f"{e['faiss']}, {e['threads']} threads" for env in dict.fromkeys(table["env"]) if env in known.index
+             for e in [known.loc[env]]]
+    return "Environment: " + ("; ".join(dict.fromkeys(lines)) or "not recorded") + ".\n"
 
 
+def crossover(rows: pd.DataFrame, method: str) -> tuple[str, str]:
+    """First measured size where `method` beats dense (log-interpolated) and its speedup at its largest size."""
+    times = rows.pivot_table(index="keys", columns="method", values="window_ms")
+    speed = (times["dense"] / times[method]).dropna() if method in times else pd.Series(dtype=float)
+    if speed.empty:
+        return "-", "-"
+    sizes = list(speed.index)
+    top = f"{speed.iloc[-1]:.1f}x at {sizes[-1]:,}"
+    slower = [i for i, n in enumerate(sizes) if speed[n] <= 1]
+    if not slower:
+        return f"<= {sizes[0]:,} (faster at every size)", top
+    if slower[-1] == len(sizes) - 1:
+        return "not reached", top
+    lo, hi = sizes[slower[-1]], sizes[slower[-1] + 1]
+    t = np.log(speed[lo]) / (np.log(speed[lo]) - np.log(speed[hi]))  # where log(speed) crosses 0
+    return f"~{np.exp(np.log(lo) + t * (np.log(hi) - np.log(lo))):,.0f} (between {lo:,} and {hi:,})", top
+
+
+def benchmarks_section() -> list[str]:
+    parts = []
+    plain = frame("bench_forward_plain", points=["method"])
+    if not plain.empty:
+        base = plain.iloc[0]
+        plain = plain.assign(prefill_vs_first=plain["prefill_tok_s"] / base["prefill_tok_s"],
+                             decode_vs_first=plain["decode_tok_s"] / base["decode_tok_s"])
+        parts += ["### Forward pass (`python -m experiments.bench_forward`)\n", environment_line(plain),
+                  markdown(plain[["method", "prefill_tok_s", "decode_tok_s", "prefill_vs_first", "decode_vs_first"]], f"Plain path (one window, no memory): tokens/s, and "
+                           f"ratios to {base['method']}")]
+    ingest = frame("bench_forward_ingest", points=["method", "tokens"])
+    if not ingest.empty:
+        ingest = ingest.assign(tokens_per_s=ingest["tokens"] / ingest["seconds"],
+                               official_over_sdpa=ingest.groupby("tokens")["seconds"].transform("first") / ingest["seconds"])
+        parts += [markdown(ingest[["method", "tokens", "seconds", "tokens_per_s", "official_over_sdpa", "peak_rss_mb",
+                                   "memory_mb"]], "Dense-memory ingestion, official matmul vs fused SDPA "
+                           "(official_over_sdpa: the first method's time over each one's)"),
+                  plot("bench_forward_ingest", [
+                      dict(title="Dense memory: ingestion time", x="context tokens", y="seconds", logx=2, logy=True,
+                           series=series(ingest, ["method"], "tokens", "seconds")),
+                      dict(title="Dense memory: peak RAM", x="context tokens", y="peak RSS (MB)",
+                           series=series(ingest, ["method"], "tokens", "peak_rss_mb"))])]
+    overhead, scaling = frame("bench_memory_overhead"), frame("bench_memory_scaling")
+    if not scaling.empty:  # the run with the largest grid (the last of equals)
+        counts = scaling.groupby("run", sort=False).size()
+        run = counts[counts == counts.max()].index[-1]
+        scaling, overhead = scaling[scaling["run"] == run], overhead[overhead["run"] == run]
+        parts += ["### The kNN store (`python -m experiments.bench_memory`)\n", environment_line(scaling)]
+        if not overhead.empty:
+            overhead = overhead.assign(ratio=(overhead["ours_ms"] / overhead["raw_ms"]).round(3))
+            parts.append(markdown(overhead[["memory_spec", "keys", "dim", "queries", "dtype", "data", "build_s", "repeats",
+                                            "raw_ms", "ours_ms", "ratio", "recall"]], "Library overhead: store.search vs "
+                                  f"raw index.search (ratio: ours / raw, target <= 1.25x; worst {overhead['ratio'].max():.2f}x)"))
+        panels = []
+        for d, part in scaling.groupby("dim"):
+            cell = part.assign(ms=[f"{ms:.1f}" + (f" (r={r})" if pd.notna(r) else "")
+                                   for ms, r in zip(part["window_ms"], part["recall"])])
+            held = part.assign(mib=[f"{h} / {p}" for h, p in zip(part["held_mib"], part["window_peak_mib"])])
+            methods = list(dict.fromkeys(part["method"]))
+            speed = pd.DataFrame([(m, *crossover(part, m)) for m in methods if m != "dense"],
+                                 columns=["method", "kNN faster than dense from keys =", "speedup at largest size"])
+            parts += [markdown(cell.pivot(index="keys", columns="method", values="ms")[methods].fillna("-").reset_index(),
+                               f"d = {d}: memory-layer time per window in ms (one head, {part['queries'].iloc[0]} "
+                               f"queries, k = {part['k'].iloc[0]}; r = recall@k)"),
+                      markdown(held.pivot(index="keys", columns="method", values="mib")[methods].fillna("-").reset_index(),
+                               f"d = {d}: memory held / window peak RSS (MiB)"), markdown(speed, f"d = {d}: crossover")]
+            panels += [dict(title=f"d = {d}", x="memory size (keys)", y=y, logx=10, logy=True,
+                            series=series(part, ["method"], "keys", column))
+                       for y, column in (("time per window (ms)", "window_ms"), ("memory held (MiB)", "held_mib"))]
+        parts.append(plot("bench_memory_scaling", panels))
+    scan = frame("bench_ivf_scan", points=["keys", "queries", "nprobe", "method"])
+    if not scan.empty:
+        scan = scan.assign(vs_search=(scan["ms"] / scan.groupby(["keys", "queries", "nprobe"])["ms"].transform("first"))
+                           .round(3))
+        batched = scan[scan["method"] == "big_batch"].assign(setting=lambda t: [
+            f"{q} queries, nprobe {p}" for q, p in zip(t["queries"], t["nprobe"])])
+        parts += ["### IVF scan (`python -m experiments.bench_ivf_scan`)\n", environment_line(scan),
+                  markdown(scan[["keys", "dim", "queries", "k", "nprobe", "method", "ms", "vs_search", "same_ids",
+                                 "repeats"]], "IVF,Flat search (l2-augmented keys): plain "
+                           "`index.search` against `faiss.contrib.big_batch_search` (vs_search: time over the plain "
+                           "search's; same_ids: share of the plain search's ids found)"),
+                  plot("bench_ivf_scan", [dict(title="Query-batched IVF scan vs plain search (below 1: faster)",
+                                               x="keys in the index", y="big_batch time / index.search time", logx=10,
+                                               logy=True, hline=1.0,
+                                               series=series(batched, ["setting"], "keys", "vs_search"))])]
+    return ["## Benchmarks\n", *parts] if parts else []
+
+
+def archives() -> str:
+    """Links to archived result sets (results/archive/<name>/README.md, first line as the title)."""
+    lines = [f"- [`results/archive/{path.parent.name}/`](results/archive/{path.parent.name}/README.md): "
+             f"{path.read_text().splitlines()[0].lstrip('# ')}" for path in sorted((common.RESULTS / "archive").glob("*/README.md"))]
+    return "## Archived results\n\n" + "\n".join(lines) + "\n" if lines else ""
+
+
+# -- the pages -------------------------------------------------------------------------------------------------------
 def headline() -> str:
     """The short results table of the top-level README: passkey retrieval per length of the first scale with passkey
-    results (full, else gpu, else small), pooled over its runs, dense beside exact Flat k=32 and the kNN settings
-    measured at most lengths, each cell with its Wilson interval; then the scale's goals, one line each; then a link
-    to experiments/README.md, where everything else is."""
+    results, pooled over its runs, dense beside exact Flat k=32 and the kNN settings measured at most lengths, each
+    cell with its Wilson interval; then the scale's goals, one line each; then a link to experiments/README.md."""
     link = "Every table, plot and command: [experiments/README.md](experiments/README.md)."
-    bases = list(dict.fromkeys(scale.split("_")[0] for scale in scales()))
-    base = next((b for b in bases if _csv(f"passkey_{b}")), None)
-    if base is None:
-        return "No results yet: run `python experiments/run_experiments.py`.\n"
-    counts = {}  # (index, k, tokens) -> [correct, trials]
-    for r in _csv(f"passkey_{base}"):
-        c = counts.setdefault((r["index"], r["k"], int(r["tokens"])), [0, 0])
-        c[0], c[1] = c[0] + _correct(r), c[1] + int(r["trials"])
-    lengths = {}  # kNN (index, k) -> lengths it ran at
-    for i, k, n in counts:
-        if i not in DENSE:
-            lengths.setdefault((i, k), set()).add(n)
-    exact = [s for s in lengths if s == ("Flat", "32")]
-    others = sorted((s for s in lengths if s not in exact and len(lengths[s]) > 1),
-                    key=lambda s: (-len(lengths[s]), s[0], _k(s[1])))
-    columns = (exact + others)[:HEADLINE_KNN_COLUMNS] or sorted(lengths, key=lambda s: -len(lengths[s]))[:1]
+    scale = next((s for s in SCALES if not passkey_points(s).empty), None)
+    if scale is None:
+        return "No results yet: run `python -m experiments.run_experiments`.\n"
+    table = pooled(passkey_points(scale))
+    counts = {(r["index"], r["k"], r["tokens"]): (r["correct"], r["trials"]) for _, r in table.iterrows()}
+    lengths = table[~table["index"].isin(DENSE)].groupby(["index", "k"], sort=False)["tokens"].nunique()
+    exact = [s for s in lengths.index if s == ("Flat", "32")]
+    others = sorted((s for s in lengths.index if s not in exact and lengths[s] > 1),
+                    key=lambda s: (-lengths[s], s[0], k_number(s[1])))
+    columns = (exact + others)[:HEADLINE_KNN_COLUMNS] or list(lengths.sort_values(ascending=False).index[:1])
     rows = sorted({n for i, k, n in counts if (i, k) in columns or i in DENSE})[-HEADLINE_LENGTHS:]
 
-    def cell(c: list[int] | None, note: str = "") -> str:
-        return "-" if c is None else f"{c[0]}/{c[1]} ({_interval(*c)}){note}"
+    def cell(c, note=""):
+        return "-" if c is None else f"{c[0]}/{c[1]} ({interval(*c)}){note}"
 
-    meaning = label_meanings(base)
-    lines = [f"Passkey retrieval of the demo model (`--scale {base}` runs, pooled over seeds): correct / trials "
+    lines = [f"Passkey retrieval of the demo model (`--scale {scale}` runs, pooled over seeds): correct / trials "
              "(95% Wilson interval); \"-\": not run at that length.", "",
              "| tokens | dense | " + " | ".join(f"{i} k={k}" for i, k in columns) + " |",
              "|---|---|" + "---|" * len(columns)]
@@ -536,16 +557,11 @@ def headline() -> str:
         dense = cell(counts[("dense", "-", n)]) if ("dense", "-", n) in counts else (
             cell(counts[("dense sdpa", "-", n)], " sdpa") if ("dense sdpa", "-", n) in counts else "-")
         lines.append(f"| {n} | {dense} | " + " | ".join(cell(counts.get((i, k, n))) for i, k in columns) + " |")
-    shown = [label for label in [i for i, _ in columns] + (["dense sdpa"] if "sdpa |" in "\n".join(lines) else [])
-             if label in meaning]
-    notes = ["", "Labels: " + "; ".join(f"**{label}** = {' or '.join(sorted(meaning[label]))}" for label in shown)
-             + "." if shown else ""]
-    notes += ["", f"Goals of the `--scale {base}` runs (kNN against dense: on the same prompts only):", ""]
-    notes += [f"- {goal}: {measured} (met: {met if isinstance(met, str) else VERDICT[met]})"
-              for goal, measured, met in goal_rows(base)]
-    lines += notes
-    if any("(the shipped one)" not in model_line(scale, current_model()) for scale in scales()
-           if scale.split("_")[0] == base):
+    shown = legend(scale, [i for i, _ in columns] + (["dense sdpa"] if "sdpa |" in "\n".join(lines) else []))
+    lines += ["", f"Labels: {shown}." if shown else "", "",
+              f"Goals of the `--scale {scale}` runs (kNN against dense: on the same prompts only):", ""]
+    lines += [f"- {goal}: {measured} (met: {verdict(met)})" for goal, measured, met in goal_rows(scale)]
+    if "(the shipped one)" not in model_line(scale):
         lines += ["", "**Some of these runs used another demo checkpoint than the shipped one** (see the results page)."]
     return "\n".join(lines + ["", link]) + "\n"
 
@@ -554,65 +570,64 @@ PAGE_HEADER = """# Experiment results
 
 <!-- Generated by `python experiments/update_readme.py` from experiments/results/; do not edit by hand. -->
 
-This file is generated by `python experiments/update_readme.py` from the CSV, markdown, PNG and JSON files in
-[`results/`](results/), never typed by hand; the same script writes the headline table of the top-level
-[README](../README.md). Advice on choosing an index and its settings, with these measurements: [docs/tuning.md](../docs/tuning.md).
+This file is generated by `python experiments/update_readme.py` from [`results/results.csv`](results/results.csv),
+one long table with a line per measured value (experiment, run, environment id, settings, metric, value; the
+environments are described in [`results/environments.csv`](results/environments.csv)), never typed by hand; the same
+script writes the headline table of the top-level [README](../README.md). Advice on choosing an index and its
+settings, with these measurements: [docs/tuning.md](../docs/tuning.md).
 
 ## How these results are made
 
-One command reruns every scaling experiment (passkey accuracy and depth sweep, ingestion time and peak RAM, decode
-latency, recall and kept attention mass on real queries) and writes CSV, PNG and a markdown table per experiment
-plus `environment_<scale>.json` (machine, package versions, settings), `passkey_trials_<scale>.csv` (every passkey
-trial: seed, key, depth of the key line, what the model generated) and `printed_<scale>.txt` (what each run printed,
-after its command line) into `experiments/results/`:
+Every command appends its rows to `results/results.csv`; each table below is a group-by over it (a point measured
+again counts once, its last run; passkey points of different seeds pool their trials). From the repository root:
 
 ```bash
-python experiments/run_experiments.py --scale small --threads 2   # under 10 min on 2 CPU cores (9.9 measured)
-python experiments/run_experiments.py --scale full --threads 2    # 4k .. 1M tokens (many hours on 2 CPU cores)
-python experiments/run_experiments.py --scale gpu --device cuda   # GPU variant: a few minutes on one GPU
-python experiments/run_experiments.py --scale small --only passkey recall   # a subset
-python experiments/run_experiments.py --scale full --only passkey --indices 'IVF1024,Flat l2' --lengths 1048576 \\
-    --trials 1 --seed 1 --depths --tag 1m_s3_seed1 --threads 1   # one more 1M trial beside others; goals pool the seeds
-python experiments/run_experiments.py --scale full --only passkey --indices dense Flat --ks 32 --lengths 65536 \\
-    --trials 5 --seed 2 --depths --tag 64k_seed2 --threads 1   # dense beside exact top-32 on the same prompts
-python experiments/run_experiments.py --scale full --only passkey --indices 'dense sdpa' --lengths 262144 \\
-    --dense-max 262144 --trials 5 --seed 0 --depths --tag 262k_dense_seed0 --threads 1   # dense via fused SDPA
-python experiments/run_experiments.py --scale full --only ingest --indices dense 'dense sdpa' \\
-    --lengths 4096 16384 65536 --append   # re-time dense memory, official matmul beside fused SDPA
-python experiments/bench_forward.py       # plain path vs transformers' LlamaForCausalLM; dense ingestion, matmul vs SDPA
-python experiments/bench_memory.py        # the kNN store: library overhead, memory-layer time vs memory size
-python experiments/bench_ivf_scan.py      # plain IVF search vs faiss.contrib.big_batch_search
-python experiments/update_readme.py       # regenerate this file and the README's headline table
+python -m experiments.run_experiments --scale small --threads 2   # under 10 min on 2 CPU cores
+python -m experiments.run_experiments --scale full --threads 2    # 4k .. 1M tokens (many hours on 2 CPU cores)
+python -m experiments.run_experiments --scale gpu --device cuda   # GPU variant: a few minutes on one GPU
+python -m experiments.run_experiments --scale small --only passkey recall   # a subset
+python -m experiments.run_experiments --scale full --only passkey --indices 'IVF1024,Flat l2' --lengths 1048576 \\
+    --trials 1 --seed 1 --depths --run 1m_s3_seed1 --threads 1   # one more 1M trial beside others; goals pool seeds
+python -m experiments.run_experiments --scale full --only passkey --indices dense Flat --ks 32 --lengths 65536 \\
+    --trials 5 --seed 2 --depths --run 64k_seed2 --threads 1   # dense beside exact top-32 on the same prompts
+python -m experiments.run_experiments --scale full --only passkey --indices 'dense sdpa' --lengths 262144 \\
+    --dense-max 262144 --trials 5 --seed 0 --depths --run 262k_dense_seed0 --threads 1   # dense via fused SDPA
+python -m experiments.run_experiments --scale full --only ingest --indices dense 'dense sdpa' \\
+    --lengths 4096 16384 65536   # re-time dense memory, official matmul beside fused SDPA
+python -m experiments.passkey_failures --lengths 4096 --trials 100   # passkey failures against window boundaries
+python -m experiments.passkey_failures --recorded full   # where the key line sat in the recorded full-scale trials
+python -m experiments.bench_forward     # plain path vs transformers' LlamaForCausalLM; dense ingestion, matmul vs SDPA
+python -m experiments.bench_memory      # the kNN store: library overhead, memory-layer time vs memory size
+python -m experiments.bench_ivf_scan    # plain IVF search vs faiss.contrib.big_batch_search
+python experiments/update_readme.py    # regenerate this file, its plots and the README's headline table
 ```
 
-A tagged run (`--tag T`) writes `<experiment>_<scale>_T.*` beside the others; the goals and the pooled tables of a
-scale count its tagged runs, and tagged runs that differ only in a `_seed<N>` suffix share one table below. The
-passkey sweeps run one dense variant: the official matmul, or fused SDPA (the same math, faster to read) when only
-`dense sdpa` is named; the kNN-vs-dense goal compares each kNN point with whichever ran on the same prompts. The
-`gpu` scale runs the model and an exact top-k (`torch`) on the GPU and Faiss IVF on the GPU when `faiss-gpu` is
-installed (on the CPU otherwise).
+The passkey sweeps run one dense variant: the official matmul, or fused SDPA (the same math, faster to read) when only
+`dense sdpa` is named; the kNN-vs-dense goal compares each kNN point with whichever ran on the same prompts. The `gpu`
+scale runs the model and an exact top-k (`torch`) on the GPU and Faiss IVF on the GPU when `faiss-gpu` is installed
+(on the CPU otherwise). The per-run files of earlier versions (CSV, markdown, plots, environment JSON, printed logs)
+were converted once into the table and are kept under `results/archive/per_run_files/`.
 """
 
 
 def results_page() -> str:
     """The whole of experiments/README.md."""
-    return PAGE_HEADER + "\n" + section()
+    parts = [part for scale in SCALES if any(not frame(e, scale).empty for e in ("passkey", "ingest", "decode", "recall"))
+             for part in scale_section(scale)]
+    parts += failures_section() + [archives()] + benchmarks_section()
+    return PAGE_HEADER + "\n" + "\n".join(part for part in parts if part)
 
 
 def main(readme_path: str | None = None, page_path: str | None = None) -> None:
-    readme_path = readme_path or os.path.join(ROOT, "README.md")
-    page_path = page_path or RESULTS_PAGE
-    with open(readme_path) as f:
-        readme = f.read()
+    readme_path = Path(readme_path or ROOT / "README.md")
+    page_path = Path(page_path or ROOT / "experiments" / "README.md")
+    readme = readme_path.read_text()
     if BEGIN not in readme or END not in readme:
         raise SystemExit(f"{readme_path} has no {BEGIN} ... {END} markers")
-    with open(page_path, "w") as f:
-        f.write(results_page())
-    new = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{headline()}{END}", readme,
-                 flags=re.S)
-    with open(readme_path, "w") as f:
-        f.write(new)
-    print(f"{os.path.relpath(page_path, ROOT)} regenerated; README headline table regenerated")
+    page_path.write_text(results_page())
+    readme_path.write_text(re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{headline()}{END}",
+                                  readme, flags=re.S))
+    print(f"{page_path} regenerated; README headline table regenerated")
 
 
 if __name__ == "__main__":

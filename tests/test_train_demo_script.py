@@ -7,14 +7,21 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+from experiments.train_demo_model import OTHER_WORDINGS, DemoData, single_copy_line
+from knn_longllama.demo import load_demo
+from knn_longllama.passkey import INFO_TEMPLATE
+
+pytestmark = pytest.mark.slow  # an experiment script: `python -m pytest -m "not slow"` leaves it out
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "experiments", "train_demo_model.py")
 TOY = ["--hidden", "32", "--layers", "2", "--heads", "2", "--ffn", "64", "--mem-layers", "1", "--chunks", "2",
        "--streams-per-batch", "1", "--warmup", "1", "--threads", "1", "--eval-lengths", "--trials", "1"]
 
 
 def _run(*args):
-    done = subprocess.run([sys.executable, SCRIPT, *TOY, *args], capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "experiments.train_demo_model", *TOY, *args], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -61,12 +68,6 @@ def test_continuation_chain_and_model_card(tmp_path):
 
 def test_single_copy_passkey_documents():
     """--single-copy: the key line states the key once (the official line states it twice)."""
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
-    from train_demo_model import OTHER_WORDINGS, DemoData, single_copy_line
-
-    from knn_longllama.demo import load_demo
-    from knn_longllama.passkey import INFO_TEMPLATE
-
     assert single_copy_line(INFO_TEMPLATE) == "The pass key is {key}. Remember it."
     for template, _ in OTHER_WORDINGS:
         line = single_copy_line(template)
@@ -85,11 +86,6 @@ def test_single_copy_passkey_documents():
 def test_memory_copy_stream_repeats_only_out_of_memory():
     """`memcopy`: every weighted token continues a digit group whose only earlier occurrence lies at least a chunk
     before, so predicting it needs memory (no copy of it in the same window)."""
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
-    from train_demo_model import DemoData
-
-    from knn_longllama.demo import load_demo
-
     _, tokenizer = load_demo()
     digits = {tokenizer.convert_tokens_to_ids(d) for d in "0123456789"}
     austen = [t for t in range(300, 900) if t not in digits] * 20
