@@ -41,8 +41,9 @@ def append_rows(experiment: str, rows: list[dict], metrics: list[str], run: str,
                 results: Path | None = None) -> None:
     """Append one run's `rows` (dicts of settings and metrics) to the table: a line per metric a row has; the
     row's other keys are its settings."""
-    lines = [{"experiment": experiment, "run": run, "env": env, **{k: str(v) for k, v in row.items() if k not in metrics},
-              "metric": metric, "value": str(row[metric])} for row in rows for metric in metrics if metric in row]
+    lines = [{"experiment": experiment, "run": run, "env": env,
+              **{name: str(v) for name, v in row.items() if name not in metrics}, "metric": metric,
+              "value": str(row[metric])} for row in rows for metric in metrics if metric in row]
     if not lines:
         return
     table = pd.concat([read_results(results), pd.DataFrame(lines, dtype=str)], ignore_index=True).fillna("")

@@ -74,7 +74,8 @@ def recorded_rows(tokenizer, scale: str, window: int, last_context: int) -> list
         local = t0 >= max(len(ids) - last_context, 0)
         rows.append({"recorded": scale, "window": window, "index": r["index"], "k": r["k"], "tokens": r["tokens"],
                      "seed": r["seed"], "trial": r["trial"], "key": key, "depth": r["depth"],
-                     "correct": int(r["correct"]), "line_start": t0, "window_position": "local" if local else t0 % window,
+                     "correct": int(r["correct"]), "line_start": t0,
+                     "window_position": "local" if local else t0 % window,
                      "line_whole": int(span_in_one_window(t0, t1, len(ids), window, last_context))})
     return rows
 

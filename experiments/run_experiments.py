@@ -233,8 +233,9 @@ def read_child(memory: str, torch_attention: bool, num_tokens: int, decode: bool
     model, tokenizer = load(device, torch_attention=torch_attention)
     ids = filler_ids(tokenizer, num_tokens)
     doc, seconds = common.timed(lambda: Document.read(model, ids, memory_spec=memory, progress=False))
+    memory_mb = round(sum(m.nbytes() for m in doc.memories.values()) / 2**20, 1)
     ingest = {"search": search_mode(memory, model.config, num_tokens), "seconds": round(seconds, 3),
-              "peak_rss_mb": common.rss_mb(), "memory_mb": round(sum(m.nbytes() for m in doc.memories.values()) / 2**20, 1)}
+              "peak_rss_mb": common.rss_mb(), "memory_mb": memory_mb}
     if device.startswith("cuda"):
         ingest["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     if not decode:

@@ -293,8 +293,8 @@ def depth_of_recorded_trials(scale: str) -> str:
     if trials.empty:
         return ""
     edges = [f"{b / DEPTH_BINS:.1f}-{(b + 1) / DEPTH_BINS:.1f}" for b in range(DEPTH_BINS)]
-    trials = trials.assign(bin=pd.Categorical([edges[min(int(d * DEPTH_BINS), DEPTH_BINS - 1)] for d in trials["depth"]],
-                                              categories=edges))
+    bins = [edges[min(int(depth * DEPTH_BINS), DEPTH_BINS - 1)] for depth in trials["depth"]]
+    trials = trials.assign(bin=pd.Categorical(bins, categories=edges))
     cells = trials.groupby(["tokens", "index", "k", "bin"], observed=False)["correct"].agg(["sum", "count"])
     cells = cells[cells.groupby(level=[0, 1, 2])["count"].transform("sum") > 0]
     text = cells.apply(lambda r: f"{r['sum']}/{r['count']}" if r["count"] else "-", axis=1).unstack("bin")
@@ -355,8 +355,9 @@ def scale_section(scale: str) -> list[str]:
                   "</details>\n"]
     depth = frame("passkey_depth", scale, ["index", "tokens", "depth"])
     if not depth.empty:
-        parts.append(markdown(depth.assign(accuracy=depth["correct"] / depth["trials"])[
-            ["index", "k", "tokens", "depth", "correct", "trials", "accuracy"]], "Passkey accuracy vs depth of the key"))
+        depth = depth.assign(accuracy=depth["correct"] / depth["trials"])
+        parts.append(markdown(depth[["index", "k", "tokens", "depth", "correct", "trials", "accuracy"]],
+                              "Passkey accuracy vs depth of the key"))
     ingest = ingest_points(scale)
     if not ingest.empty:
         columns = ["index", "tokens", "search", "seconds", "us_per_token", "peak_rss_mb", "memory_mb", "time_exponent"]
@@ -379,37 +380,35 @@ def scale_section(scale: str) -> list[str]:
 def model_line(scale: str) -> str:
     """Which demo checkpoint the scale's rows were measured with, flagged when it is not the shipped one."""
     current = common.model_identity()
+    sha, window = current["weights_sha256"], current["window"]
     envs = set().union(*(set(frame(e, scale).get("env", [])) for e in ("passkey", "ingest", "decode", "recall")))
     known = common.environments()
     shas = set(known[known["env"].isin(envs)]["weights_sha256"])
-    if shas == {current["weights_sha256"]}:
-        return f"Demo model: weights sha256 `{current['weights_sha256']}`, window {current['window']} (the shipped one).\n"
-    other = ", ".join(f"`{sha}`" for sha in sorted(shas - {current["weights_sha256"], ""})) or "not recorded"
-    return (f"**Measured with another demo checkpoint than the shipped one** (weights {other}; shipped: "
-            f"`{current['weights_sha256']}`); rerun to refresh.\n")
+    if shas == {sha}:
+        return f"Demo model: weights sha256 `{sha}`, window {window} (the shipped one).\n"
+    other = ", ".join(f"`{s}`" for s in sorted(shas - {sha, ""})) or "not recorded"
+    return f"**Measured with another demo checkpoint than the shipped one** (weights {other}; shipped: `{sha}`).\n"
 
 
 # -- failures, benchmarks, archives ----------------------------------------------------------------------------------
 def failures_section() -> list[str]:
     parts = []
     table = frame("passkey_failure")
-    groups = {"key line in one window": "line_whole", "copies in one window": "copies_together"}
-    for (run, key_line, window), part in table.groupby(["run", "key_line", "window"], sort=False) if not table.empty else []:
-        counts = {}
-        for name, column in groups.items():
-            for flag, label in ((1, name), (0, name.replace("in one window", "cut" if "line" in name else "apart"))):
-                chosen = part[part[column] == flag].groupby("tokens")["correct"]
-                counts[label], counts[f"correct ({label})"] = chosen.count(), chosen.sum()
-        whole = part["whole_copies"] == part["copies"]
-        for flag, label in ((True, "each copy whole"), (False, "a copy cut")):
-            chosen = part[whole == flag].groupby("tokens")["correct"]
-            counts[label], counts[f"correct ({label})"] = chosen.count(), chosen.sum()
+    groups = [] if table.empty else table.groupby(["run", "key_line", "window"], sort=False)
+    for (run, key_line, window), part in groups:
+        counts = {}  # trials and correct ones per length, on either side of each split
+        for (yes, no), chosen in {("key line in one window", "key line cut"): part["line_whole"] == 1,
+                                  ("copies in one window", "copies apart"): part["copies_together"] == 1,
+                                  ("each copy whole", "a copy cut"): part["whole_copies"] == part["copies"]}.items():
+            for label, rows in ((yes, part[chosen]), (no, part[~chosen])):
+                by_length = rows.groupby("tokens")["correct"]
+                counts[label], counts[f"correct ({label})"] = by_length.count(), by_length.sum()
         rows = pd.DataFrame(counts).reindex(sorted(part["tokens"].unique())).fillna(0).astype(int).reset_index()
         parts.append(markdown(rows.rename(columns={"index": "tokens"}), f"Passkey accuracy of the demo model by where "
                               f"window boundaries fall ({run}: window {window}, dense memory, key line {key_line}, "
                               f"{part.groupby('tokens').size().max()} trials per length)"))
     recorded = frame("passkey_failure_recorded")
-    for (run, window), part in recorded.groupby(["run", "window"], sort=False) if not recorded.empty else []:
+    for (run, window), part in [] if recorded.empty else recorded.groupby(["run", "window"], sort=False):
         quarter = window // 4
         edges = [f"{q * quarter}-{(q + 1) * quarter - 1}" for q in range(4)]
         place = part["window_position"].map(lambda p: "local" if p == "local" else edges[int(p) // quarter])
@@ -460,13 +459,15 @@ def benchmarks_section() -> list[str]:
         base = plain.iloc[0]
         plain = plain.assign(prefill_vs_first=plain["prefill_tok_s"] / base["prefill_tok_s"],
                              decode_vs_first=plain["decode_tok_s"] / base["decode_tok_s"])
+        columns = ["method", "prefill_tok_s", "decode_tok_s", "prefill_vs_first", "decode_vs_first"]
         parts += ["### Forward pass (`python -m experiments.bench_forward`)\n", environment_line(plain),
-                  markdown(plain[["method", "prefill_tok_s", "decode_tok_s", "prefill_vs_first", "decode_vs_first"]], f"Plain path (one window, no memory): tokens/s, and "
-                           f"ratios to {base['method']}")]
+                  markdown(plain[columns], f"Plain path (one window, no memory): tokens/s, and ratios to "
+                                           f"{base['method']}")]
     ingest = frame("bench_forward_ingest", points=["method", "tokens"])
     if not ingest.empty:
+        first = ingest.groupby("tokens")["seconds"].transform("first")
         ingest = ingest.assign(tokens_per_s=ingest["tokens"] / ingest["seconds"],
-                               official_over_sdpa=ingest.groupby("tokens")["seconds"].transform("first") / ingest["seconds"])
+                               official_over_sdpa=first / ingest["seconds"])
         parts += [markdown(ingest[["method", "tokens", "seconds", "tokens_per_s", "official_over_sdpa", "peak_rss_mb",
                                    "memory_mb"]], "Dense-memory ingestion, official matmul vs fused SDPA "
                            "(official_over_sdpa: the first method's time over each one's)"),
@@ -483,9 +484,10 @@ def benchmarks_section() -> list[str]:
         parts += ["### The kNN store (`python -m experiments.bench_memory`)\n", environment_line(scaling)]
         if not overhead.empty:
             overhead = overhead.assign(ratio=(overhead["ours_ms"] / overhead["raw_ms"]).round(3))
-            parts.append(markdown(overhead[["memory_spec", "keys", "dim", "queries", "dtype", "data", "build_s", "repeats",
-                                            "raw_ms", "ours_ms", "ratio", "recall"]], "Library overhead: store.search vs "
-                                  f"raw index.search (ratio: ours / raw, target <= 1.25x; worst {overhead['ratio'].max():.2f}x)"))
+            columns = ["memory_spec", "keys", "dim", "queries", "dtype", "data", "build_s", "repeats", "raw_ms",
+                       "ours_ms", "ratio", "recall"]
+            parts.append(markdown(overhead[columns], "Library overhead: store.search vs raw index.search (ratio: ours "
+                                  f"/ raw, target <= 1.25x; worst {overhead['ratio'].max():.2f}x)"))
         panels = []
         for d, part in scaling.groupby("dim"):
             cell = part.assign(ms=[f"{ms:.1f}" + (f" (r={r})" if pd.notna(r) else "")
@@ -494,11 +496,13 @@ def benchmarks_section() -> list[str]:
             methods = list(dict.fromkeys(part["method"]))
             speed = pd.DataFrame([(m, *crossover(part, m)) for m in methods if m != "dense"],
                                  columns=["method", "kNN faster than dense from keys =", "speedup at largest size"])
-            parts += [markdown(cell.pivot(index="keys", columns="method", values="ms")[methods].fillna("-").reset_index(),
-                               f"d = {d}: memory-layer time per window in ms (one head, {part['queries'].iloc[0]} "
-                               f"queries, k = {part['k'].iloc[0]}; r = recall@k)"),
-                      markdown(held.pivot(index="keys", columns="method", values="mib")[methods].fillna("-").reset_index(),
-                               f"d = {d}: memory held / window peak RSS (MiB)"), markdown(speed, f"d = {d}: crossover")]
+            def by_size(t, values):
+                return t.pivot(index="keys", columns="method", values=values)[methods].reset_index()
+
+            parts += [markdown(by_size(cell, "ms"), f"d = {d}: memory-layer time per window in ms (one head, "
+                               f"{part['queries'].iloc[0]} queries, k = {part['k'].iloc[0]}; r = recall@k)"),
+                      markdown(by_size(held, "mib"), f"d = {d}: memory held / window peak RSS (MiB)"),
+                      markdown(speed, f"d = {d}: crossover")]
             panels += [dict(title=f"d = {d}", x="memory size (keys)", y=y, logx=10, logy=True,
                             series=series(part, ["method"], "keys", column))
                        for y, column in (("time per window (ms)", "window_ms"), ("memory held (MiB)", "held_mib"))]
@@ -524,7 +528,8 @@ def benchmarks_section() -> list[str]:
 def archives() -> str:
     """Links to archived result sets (results/archive/<name>/README.md, first line as the title)."""
     lines = [f"- [`results/archive/{path.parent.name}/`](results/archive/{path.parent.name}/README.md): "
-             f"{path.read_text().splitlines()[0].lstrip('# ')}" for path in sorted((common.RESULTS / "archive").glob("*/README.md"))]
+             f"{path.read_text().splitlines()[0].lstrip('# ')}"
+             for path in sorted((common.RESULTS / "archive").glob("*/README.md"))]
     return "## Archived results\n\n" + "\n".join(lines) + "\n" if lines else ""
 
 
@@ -562,7 +567,8 @@ def headline() -> str:
               f"Goals of the `--scale {scale}` runs (kNN against dense: on the same prompts only):", ""]
     lines += [f"- {goal}: {measured} (met: {verdict(met)})" for goal, measured, met in goal_rows(scale)]
     if "(the shipped one)" not in model_line(scale):
-        lines += ["", "**Some of these runs used another demo checkpoint than the shipped one** (see the results page)."]
+        lines += ["", "**Some of these runs used another demo checkpoint than the shipped one** (see the results "
+                  "page)."]
     return "\n".join(lines + ["", link]) + "\n"
 
 
@@ -612,8 +618,8 @@ were converted once into the table and are kept under `results/archive/per_run_f
 
 def results_page() -> str:
     """The whole of experiments/README.md."""
-    parts = [part for scale in SCALES if any(not frame(e, scale).empty for e in ("passkey", "ingest", "decode", "recall"))
-             for part in scale_section(scale)]
+    measured = [s for s in SCALES if any(not frame(e, s).empty for e in ("passkey", "ingest", "decode", "recall"))]
+    parts = [part for scale in measured for part in scale_section(scale)]
     parts += failures_section() + [archives()] + benchmarks_section()
     return PAGE_HEADER + "\n" + "\n".join(part for part in parts if part)
 

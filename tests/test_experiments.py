@@ -21,10 +21,12 @@ from knn_longllama.passkey import INFO_TEMPLATE, make_passkey_prompt, n_garbage_
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = runner.Scale(
-    name="tiny", passkey_lengths=[200], dense_max=200, trials=2, indices={"torch": "exact", "IVF4,Flat": "IVF4,Flat nprobe=2"},
+    name="tiny", passkey_lengths=[200], dense_max=200, trials=2,
+    indices={"torch": "exact", "IVF4,Flat": "IVF4,Flat nprobe=2"},
     # recall_tokens: enough keys (1024) for IVF4 to train, so that nprobe changes what recall finds
     ks=[8], depth_length=200, depths=[0.0, 1.0], ingest_lengths=[1000], decode_sizes=[1000], recall_tokens=1600,
-    recall_sweep={"IVF4,Flat": ("IVF4,Flat", "nprobe", [1, 4]), "IVF4,Flat l2": ("IVF4,Flat metric=l2", "nprobe", [1, 4])})
+    recall_sweep={"IVF4,Flat": ("IVF4,Flat", "nprobe", [1, 4]),
+                  "IVF4,Flat l2": ("IVF4,Flat metric=l2", "nprobe", [1, 4])})
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +72,8 @@ def test_passkey_passes_the_memory_per_call_and_leaves_the_config(run, monkeypat
 
     monkeypatch.setattr(passkey, "passkey_accuracy", spy)
     runner.exp_passkey(runner.replace(TINY, depths=[], dense_sdpa=True, dense=False), run)
-    assert seen == [("dense", "dense", True), ("exact k=32", "dense", False), ("IVF4,Flat k=32 nprobe=2", "dense", False)]
+    assert seen == [("dense", "dense", True), ("exact k=32", "dense", False),
+                    ("IVF4,Flat k=32 nprobe=2", "dense", False)]
 
 
 def test_passkey_trials_depth_and_recall_rows(run):
@@ -152,12 +155,14 @@ def test_main_records_run_seed_and_overrides(monkeypatch):
     points = common.table("passkey")
     assert seeds == [3] and list(points["seed"]) == [3] and list(points["run"]) == ["spot"]
     envs = common.environments()
-    assert list(envs["env"]) == list(points["env"]) and envs["weights_sha256"][0] == common.model_identity()["weights_sha256"]
+    assert list(envs["env"]) == list(points["env"])
+    assert envs["weights_sha256"][0] == common.model_identity()["weights_sha256"]
     assert common.environment("cpu", 1) == points["env"][0] and len(common.environments()) == 1  # recorded once
 
 
 def test_main_refuses_bad_arguments(capsys):
-    for argv, message in ((["--indices", "IVF9,Bogus"], "--indices IVF9,Bogus"), (["--device", "cuda"], "--device cuda")):
+    for argv, message in ((["--indices", "IVF9,Bogus"], "--indices IVF9,Bogus"),
+                          (["--device", "cuda"], "--device cuda")):
         if argv[0] == "--device" and torch.cuda.is_available():
             continue
         with pytest.raises(SystemExit) as exit_info:
@@ -349,7 +354,8 @@ def test_ingest_and_decode_goals():
     common.append_rows("ingest", [dict(zip(keys, r), scale="s") for r in rows], ["seconds"], "r", "e")
     goals = update_readme.goals("s")
     # against the faster dense: 12 / 4 = 3x at 4000; at 16000 dense would take 12 * 4^2 = 192 s against IVF's 16 s
-    assert "3.0x at 4000 tokens (largest length dense ran; against dense sdpa, the faster of dense and dense sdpa)" in goals
+    assert ("3.0x at 4000 tokens (largest length dense ran; against dense sdpa, the faster of dense and dense sdpa)"
+            in goals)
     assert "at 16000 tokens IVF8,Flat took 16 s, dense extrapolated quadratically ~192 s, so ~12x" in goals
     assert "| IVF8,Flat: 1.00 (1000-16000 tokens), IVF8,PQ4: 2.10 (1000-4000 tokens) | with IVF8,Flat; not with " \
            "IVF8,PQ4 |" in goals
@@ -400,7 +406,8 @@ def test_update_readme_writes_the_page_plots_and_a_short_headline(results):
                                         correct=1, trials=1)], ["correct", "trials"], "old", "other")
     envs = common.environments()
     pd.concat([envs, envs.assign(env="other", weights_sha256="bbbb")]).to_csv(results / "environments.csv", index=False)
-    assert "another demo checkpoint" in update_readme.model_line("small") and "`bbbb`" in update_readme.model_line("small")
+    line = update_readme.model_line("small")
+    assert "another demo checkpoint" in line and "`bbbb`" in line
     readme_path.write_text("no markers\n")
     with pytest.raises(SystemExit):
         update_readme.main(str(readme_path), str(page_path))
