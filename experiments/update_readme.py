@@ -601,12 +601,17 @@ python -m experiments.run_experiments --scale full --only passkey --indices 'den
 python -m experiments.run_experiments --scale full --only ingest --indices dense 'dense sdpa' \\
     --lengths 4096 16384 65536   # re-time dense memory, official matmul beside fused SDPA
 python -m experiments.passkey_failures --lengths 4096 --trials 100   # passkey failures against window boundaries
+python -m experiments.passkey_failures --key-line first --lengths 2048 4096   # the key stated once
 python -m experiments.passkey_failures --recorded full   # where the key line sat in the recorded full-scale trials
 python -m experiments.bench_forward     # plain path vs transformers' LlamaForCausalLM; dense ingestion, matmul vs SDPA
 python -m experiments.bench_memory      # the kNN store: library overhead, memory-layer time vs memory size
 python -m experiments.bench_ivf_scan    # plain IVF search vs faiss.contrib.big_batch_search
+python -m experiments.train_demo_model  # the demo checkpoint (its MODEL_CARD.md gives every stage's command)
 python experiments/update_readme.py    # regenerate this file, its plots and the README's headline table
 ```
+
+A run's rows carry its label (`--run`, default its start time) and environment id; the run column of the earlier
+full-scale passkey runs (e.g. `full_1m_s3_seed12`) names the archived files that hold their exact command lines.
 
 The passkey sweeps run one dense variant: the official matmul, or fused SDPA (the same math, faster to read) when only
 `dense sdpa` is named; the kNN-vs-dense goal compares each kNN point with whichever ran on the same prompts. The `gpu`
