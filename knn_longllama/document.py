@@ -33,6 +33,7 @@ from knn_index import MemorySpec
 
 from .configuration_longllama import check_last_context_length
 from .memory import OverlayMemory
+from .parallel import ShardedMemory
 from .modeling_longllama import LongLlamaCache
 
 FORMAT_VERSION = 2
@@ -172,12 +173,15 @@ class Document:
     @classmethod
     @torch.no_grad()
     def read(cls, model, source=None, tokenizer=None, *, path=None, text=None, memory_spec=None,
-             last_context_length: int | None = None, progress: bool = True) -> "Document":
+             last_context_length: int | None = None, progress: bool = True,
+             context_parallel: bool = False) -> "Document":
         """Stream a document into memory window by window (see the module docstring).
 
         The document is one of: `path=` (a UTF-8 text file), `text=` (a string), or `source`: a `pathlib.Path`,
         token ids (tensor or list of ints) or an iterable of strings. A plain `str` source is refused: it could be
         either a path or text. `memory_spec` (default: the model config's) says how memory layers store and search.
+        `context_parallel`: shard the memory across the ranks of the initialised torch.distributed group (every
+        rank reads the same document; see `knn_longllama.parallel`).
         """
         config = model.config
         lctx = config.max_position_embeddings
@@ -187,6 +191,8 @@ class Document:
         spec = config.memory_spec if memory_spec is None else memory_spec
         device = model.device
         memories = {idx: model.model.new_memory(1, device, spec) for idx in config.mem_layers}
+        if context_parallel:
+            memories = {idx: ShardedMemory(memory) for idx, memory in memories.items()}
         buffer, total = [], 0
         with tqdm(desc="reading", unit="tok", disable=not progress) as bar:
             for chunk in chunks:

@@ -138,7 +138,7 @@ class KnnMemory:
         import knn_index  # the Faiss side is only needed by the kNN backends
 
         self.store = knn_index.KnnStore(batch_size, num_kv_heads, head_dim, spec, dtype=dtype, device=device)
-        self.k = self.store.spec.k
+        self.k, self.dtype = self.store.spec.k, dtype
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
         self.store.add(keys.detach(), values.detach(), mask.bool())
@@ -221,7 +221,7 @@ class OverlayMemory:
 
     def __init__(self, base):
         self.base = base
-        self.overlay = DenseMemory(getattr(base, "dtype", None) or base.store.dtype)
+        self.overlay = DenseMemory(base.dtype)
         self.all_entries = getattr(base, "all_entries", False)
 
     def entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
