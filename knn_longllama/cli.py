@@ -183,12 +183,15 @@ def cmd_passkey(args) -> int:
     return 0
 
 
+def existing_file(what: str, path: str) -> None:
+    if not os.path.isfile(path):
+        raise UsageError(f"{what} {path!r} " + ("is not a regular file" if os.path.exists(path) else "does not exist"))
+
+
 def cmd_read(args) -> int:
     from .document import Document, check_output_path
 
-    if not os.path.isfile(args.file):
-        raise UsageError(f"file {args.file!r} " + ("is not a regular file" if os.path.exists(args.file)
-                                                    else "does not exist"))
+    existing_file("file", args.file)
     check_output_path(args.output, args.file)
     model, tokenizer = load_model(args.model, args.device, **model_settings(args))
     doc = Document.read(model, tokenizer=tokenizer, path=args.file, memory_spec=args.memory,
@@ -201,9 +204,7 @@ def cmd_read(args) -> int:
 def cmd_ask(args) -> int:
     from .document import Document
 
-    if not os.path.isfile(args.memory):
-        raise UsageError(f"memory file {args.memory!r} " + ("is not a regular file" if os.path.exists(args.memory)
-                                                            else "does not exist"))
+    existing_file("memory file", args.memory)
     model, tokenizer = load_model(args.model, args.device, **model_settings(args))
     doc = Document.load(args.memory, model, tokenizer)
     for question in args.questions:

@@ -598,39 +598,25 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
         cache: LongLlamaCache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        last_context_length: int | None = None,
         logits_to_keep: int = 0,
-        crossbatch_contexts: int = 0,
+        last_context_length: int | None = None,
         memory_spec=None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits for all input tokens (or the last `logits_to_keep`); `labels` give the full-sequence loss.
 
         last_context_length: trailing tokens kept in the local cache instead of memory (default: the config's).
-        crossbatch_contexts: FoT cross-batch training, see `LongLlamaModel.forward`.
         memory_spec: the memory of a new cache (a `knn_index.MemorySpec` or its text form); default the config's.
+        Every other argument goes to `LongLlamaModel.forward`: `position_ids`, `inputs_embeds`, `use_cache`,
+        `crossbatch_contexts` (FoT cross-batch training), `output_hidden_states`.
         """
         if labels is not None and logits_to_keep:
             raise ValueError("`labels` need the logits of every token; do not combine them with `logits_to_keep`.")
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache if cache is not None else kwargs.pop("past_key_values", None),
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            last_context_length=last_context_length,
-            output_hidden_states=output_hidden_states,
-            logits_to_keep=logits_to_keep,
-            crossbatch_contexts=crossbatch_contexts,
-            memory_spec=memory_spec,
-        )
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
+                             logits_to_keep=logits_to_keep, last_context_length=last_context_length,
+                             memory_spec=memory_spec, **kwargs)
         logits = self.lm_head(outputs.last_hidden_state)
         loss = None
         if labels is not None:
