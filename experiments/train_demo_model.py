@@ -398,7 +398,7 @@ def write_model_card(out_dir: str) -> None:
                  for key, v in args.items()
                  if key in defaults and v != defaults[key] and not isinstance(v, bool) and key not in no_effect]
         out = f" --out /tmp/demo_stage{stage}" if stage < len(stages) else ""
-        return "python experiments/train_demo_model.py " + " ".join(parts) + out
+        return "python -m experiments.train_demo_model " + " ".join(parts) + out
 
     first = stages[0]  # the run that trained from scratch
     b = first["args"]
