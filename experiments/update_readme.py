@@ -522,6 +522,18 @@ def benchmarks_section() -> list[str]:
                                                x="keys in the index", y="big_batch time / index.search time", logx=10,
                                                logy=True, hline=1.0,
                                                series=series(batched, ["setting"], "keys", "vs_search"))])]
+    read = frame("bench_read", points=["tokens", "memory_spec"])
+    if not read.empty:
+        columns = [c for c in ("tokens", "memory_spec", "seconds", "x_floor", "tokens_per_s", "peak_rss_mb", "memory_mb")
+                   if c in read.columns]
+        knn = read[read["memory_spec"] != "bare windows"]
+        parts += ["### Reading cost over the bare model (`python -m experiments.bench_read`)\n", environment_line(read),
+                  markdown(read[columns], "The demo model reading N filler tokens with `Document.read`, one thread: "
+                           "seconds, and x_floor, the time over the same windows through the model without memory "
+                           "layers in the same process"),
+                  plot("bench_read", [dict(title="Reading with kNN memory, as a multiple of the bare windows",
+                                           x="tokens read", y="time / bare windows", logx=2, logy=True,
+                                           series=series(knn, ["memory_spec"], "tokens", "x_floor"))])]
     return ["## Benchmarks\n", *parts] if parts else []
 
 
@@ -606,6 +618,7 @@ python -m experiments.passkey_failures --recorded full   # where the key line sa
 python -m experiments.bench_forward     # plain path vs transformers' LlamaForCausalLM; dense ingestion, matmul vs SDPA
 python -m experiments.bench_memory      # the kNN store: library overhead, memory-layer time vs memory size
 python -m experiments.bench_ivf_scan    # plain IVF search vs faiss.contrib.big_batch_search
+python -m experiments.bench_read        # reading with kNN memory as a multiple of the bare model
 python -m experiments.train_demo_model  # the demo checkpoint (its MODEL_CARD.md gives every stage's command)
 python experiments/update_readme.py    # regenerate this file, its plots and the README's headline table
 ```

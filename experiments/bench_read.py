@@ -1,0 +1,89 @@
+"""What reading through kNN memory costs over the bare model: the demo reading N tokens, as a multiple of the floor.
+
+The floor is the same windows through the same model with no memory layers (one forward of N tokens, all windows,
+no cache). Each memory spec reads the same N filler tokens with `Document.read` in the same process and threads,
+right after its floor, so each ratio compares like with like.
+
+    python -m experiments.bench_read                                   # 65536 and 262144 tokens, ~15 minutes
+    python -m experiments.bench_read --tokens 16384 --memory "IVF1024,Flat k=32 nprobe=8 train=grow"
+    python -m experiments.bench_read --tokens 1048576 --memory "IVF1024,Flat k=32 nprobe=8 train=grow"  # ~10 min
+
+Rows go to experiments/results/results.csv (experiment bench_read): seconds, tokens/s, x_floor, peak RSS.
+"""
+
+import argparse
+
+import torch
+
+from experiments import common
+
+SPECS = ["IVF1024,Flat k=32 nprobe=8", "IVF1024,Flat k=32 nprobe=8 train=grow",
+         "IVF1024,Flat k=32 nprobe=32 metric=l2 train=grow"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m experiments.bench_read", description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, nargs="+", default=[65536, 262144])
+    p.add_argument("--memory", nargs="+", default=SPECS, help="memory specs to read with")
+    p.add_argument("--floor-repeats", type=int, default=3, help="the floor is the fastest of this many runs")
+    p.add_argument("--threads", type=int, default=1, help="knn_index.set_num_threads (torch and faiss)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--run", default=None, help="the run's label (default: its start time)")
+    args = p.parse_args(argv)
+    if min(*args.tokens, args.floor_repeats, args.threads) < 1:
+        p.error("--tokens, --floor-repeats and --threads must be positive")
+    return args
+
+
+def filler_ids(tokenizer, n: int) -> torch.Tensor:
+    from knn_longllama.passkey import repeated_filler
+
+    ids = tokenizer(repeated_filler(6 * n))["input_ids"][:n]
+    if len(ids) < n:
+        raise ValueError(f"the filler made {len(ids)} tokens, fewer than {n}")
+    return torch.tensor(ids)
+
+
+def measure(tokens: int, specs: list[str], device: str, floor_repeats: int) -> list[dict]:
+    """The floor and one read per spec of `tokens` filler tokens, as rows."""
+    from knn_longllama.demo import load_demo
+    from knn_longllama.document import Document
+
+    model, tokenizer = load_demo(device=device)
+    bare, _ = load_demo(device=device, mem_layers=[])
+    ids = filler_ids(tokenizer, tokens).to(device)
+
+    def floor():
+        with torch.no_grad():
+            bare.model(ids[None], use_cache=False, logits_to_keep=1)
+
+    floor_s = min(common.timed(floor)[1] for _ in range(floor_repeats))
+    rows = [{"tokens": tokens, "memory_spec": "bare windows", "seconds": round(floor_s, 3), "x_floor": 1.0,
+             "tokens_per_s": round(tokens / floor_s)}]
+    for spec in specs:
+        common.reset_peak_rss()
+        doc, seconds = common.timed(lambda: Document.read(model, ids, memory_spec=spec, progress=False))
+        rows.append({"tokens": tokens, "memory_spec": spec, "seconds": round(seconds, 3),
+                     "x_floor": round(seconds / floor_s, 2), "tokens_per_s": round(tokens / seconds),
+                     "peak_rss_mb": common.rss_mb(),
+                     "memory_mb": round(sum(m.nbytes() for m in doc.memories.values()) / 2**20, 1)})
+        del doc
+    return rows
+
+
+def main(argv=None) -> None:
+    import knn_index
+
+    args = parse_args(argv)
+    knn_index.set_num_threads(args.threads)
+    env, run = common.environment(args.device, args.threads), common.run_id(args.run)
+    for tokens in args.tokens:
+        rows = measure(tokens, args.memory, args.device, args.floor_repeats)
+        for row in rows:
+            print(row, flush=True)
+        common.append_rows("bench_read", rows, ["seconds", "x_floor", "tokens_per_s", "peak_rss_mb", "memory_mb"],
+                           run, env)
+
+
+if __name__ == "__main__":
+    main()
