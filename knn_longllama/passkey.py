@@ -71,8 +71,17 @@ def passkey_prompts(n_garbage: int, trials: int, seed: int = 0, **prompt_kwargs)
 
 
 def answer_ids(tokenizer, key: int) -> list[int]:
-    """The ids the model must generate: the key tokenized on its own, without special tokens."""
-    return list(tokenizer(str(key), add_special_tokens=False).input_ids)
+    """The ids the model must generate: those that follow the question when the prompt goes on with " <key>".
+
+    For SentencePiece tokenizers (LLaMA's, the demo's) that is the key tokenized on its own, the official scoring
+    (identical for every key of the demo tokenizer, tested); a byte-level BPE tokenizer (GPT-2 style, SmolLM2's)
+    puts the space in a token of its own, which the model must write too. Where the question's own tokens change
+    when the key follows, the key on its own."""
+    question = tokenizer(QUESTION, add_special_tokens=False).input_ids
+    full = tokenizer(f"{QUESTION} {key}", add_special_tokens=False).input_ids
+    if full[: len(question)] != question:
+        return list(tokenizer(str(key), add_special_tokens=False).input_ids)
+    return list(full[len(question):])
 
 
 def chars_per_token(tokenizer, filler: str = FILLER, n_chars: int = 20000) -> float:

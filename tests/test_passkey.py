@@ -116,7 +116,7 @@ def test_scoring_compares_generated_ids_with_answer_ids():
     assert abs(result["mean_prompt_tokens"] - 600) < 10
     for call, trial in zip(oracle.calls, result["results"]):
         # greedy, as many new tokens as the answer has
-        assert call["do_sample"] is False and call["max_new_tokens"] == len(trial["answer"]) == len(str(trial["key"]))
+        assert call["do_sample"] is False and call["max_new_tokens"] == len(trial["answer"]) == len(f" {trial['key']}")
     wrong = passkey_accuracy(OracleModel(tokenizer, wrong_last_digit=True), tokenizer, 600, trials=20, seed=0)
     assert wrong["accuracy"] == 0.0
     # same seed and length: the same keys for every model
@@ -149,7 +149,7 @@ def test_runs_with_a_real_longllama_across_windows():
     prompt, key = make_passkey_prompt(200, random.Random(0))
     trial = passkey_trial(model, tokenizer, prompt, key)
     assert trial["prompt_tokens"] > 4 * 64
-    assert len(trial["generated"]) == len(trial["answer"]) == len(str(key))
+    assert len(trial["generated"]) == len(trial["answer"]) == len(f" {key}")  # the space is a token here
     assert trial["correct"] == (trial["generated"] == trial["answer"])
     result = passkey_accuracy(model, tokenizer, 300, trials=2, seed=0)
     again = passkey_accuracy(model, tokenizer, 300, trials=2, seed=0)
@@ -158,5 +158,15 @@ def test_runs_with_a_real_longllama_across_windows():
 
 
 @pytest.mark.parametrize("key", [1, 7, 49999])
-def test_answer_ids_are_the_key_alone(key):
-    assert answer_ids(CharTokenizer(), key) == [ord(c) for c in str(key)]
+def test_answer_ids_follow_the_question(key):
+    """The ids after "... The pass key is" when the text goes on with " K": a tokenizer that keeps the space apart
+    (this one, byte-level BPE) must generate it too."""
+    assert answer_ids(CharTokenizer(), key) == [ord(c) for c in f" {key}"]
+
+
+def test_answer_ids_are_the_key_alone_for_sentencepiece_as_officially():
+    from knn_longllama.demo import load_demo
+
+    _, tokenizer = load_demo()
+    for key in range(1, 50000, 97):
+        assert answer_ids(tokenizer, key) == tokenizer(str(key), add_special_tokens=False).input_ids
