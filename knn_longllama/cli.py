@@ -183,6 +183,22 @@ def cmd_passkey(args) -> int:
     return 0
 
 
+def join_group(args) -> bool:
+    """With --context-parallel, join the torch.distributed group torchrun set up (gloo on the CPU, NCCL on CUDA);
+    whether this process prints (rank 0, or no group)."""
+    if not args.context_parallel:
+        return True
+    import datetime
+
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise UsageError("--context-parallel runs under torchrun: torchrun --nproc-per-node N -m knn_longllama.cli ...")
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo",
+                            timeout=datetime.timedelta(seconds=args.timeout))
+    return dist.get_rank() == 0
+
+
 def existing_file(what: str, path: str) -> None:
     if not os.path.isfile(path):
         raise UsageError(f"{what} {path!r} " + ("is not a regular file" if os.path.exists(path) else "does not exist"))
@@ -194,22 +210,28 @@ def cmd_read(args) -> int:
     existing_file("file", args.file)
     check_output_path(args.output, args.file)
     model, tokenizer = load_model(args.model, args.device, **model_settings(args))
+    first = join_group(args)
     doc = Document.read(model, tokenizer=tokenizer, path=args.file, memory_spec=args.memory,
-                        progress=not args.quiet)
+                        progress=not args.quiet and first, context_parallel=args.context_parallel)
     doc.save(args.output)
-    print(f"read {doc.num_tokens} tokens into {args.output} (memory '{doc.memory_spec}')")
+    if first:
+        shards = f" as shards {args.output}.rank*" if args.context_parallel else ""
+        print(f"read {doc.num_tokens} tokens into {args.output}{shards} (memory '{doc.memory_spec}')")
     return 0
 
 
 def cmd_ask(args) -> int:
     from .document import Document
 
-    existing_file("memory file", args.memory)
+    if not args.context_parallel:  # else each rank opens its own shard file (a clear error if it is missing)
+        existing_file("memory file", args.memory)
     model, tokenizer = load_model(args.model, args.device, **model_settings(args))
-    doc = Document.load(args.memory, model, tokenizer)
+    first = join_group(args)
+    doc = Document.load(args.memory, model, tokenizer, context_parallel=args.context_parallel)
     for question in args.questions:
         answer = doc.ask(question, max_new_tokens=args.max_new_tokens, do_sample=False)
-        print(answer if len(args.questions) == 1 else f"Q: {question}\nA: {answer}\n")
+        if first:
+            print(answer if len(args.questions) == 1 else f"Q: {question}\nA: {answer}\n")
     return 0
 
 
@@ -286,14 +308,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.set_defaults(func=cmd_passkey)
 
-    p = sub.add_parser("read", parents=[common], help="read a text file into memory and save it")
+    parallel = Parser(add_help=False)
+    parallel.add_argument("--context-parallel", action="store_true",
+                          help="under torchrun: shard the memory across the processes (kNN memory specs)")
+    parallel.add_argument("--timeout", type=positive_int, default=300,
+                          help="seconds a process waits for the others before failing (--context-parallel)")
+
+    p = sub.add_parser("read", parents=[common, parallel], help="read a text file into memory and save it")
     p.add_argument("file", help="UTF-8 text file")
     p.add_argument("-o", "--output", required=True, help="memory file to write (safetensors)")
     p.add_argument("--memory", type=memory_spec, default=None, help=MEMORY_HELP + " (default: the model's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_read)
 
-    p = sub.add_parser("ask", parents=[common], help="ask questions to a saved memory (read with its own spec)")
+    p = sub.add_parser("ask", parents=[common, parallel],
+                       help="ask questions to a saved memory (read with its own spec)")
     p.add_argument("memory", help="memory file written by `knn-longllama read`")
     p.add_argument("questions", nargs="+", help="one or more questions, each answered from the read state")
     p.add_argument("--max-new-tokens", type=positive_int, default=32)

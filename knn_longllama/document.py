@@ -25,6 +25,7 @@ import secrets
 from collections.abc import Iterable, Iterator
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -33,7 +34,7 @@ from knn_index import MemorySpec
 
 from .configuration_longllama import check_last_context_length
 from .memory import OverlayMemory
-from .parallel import ShardedMemory
+from .parallel import ShardedMemory, current_shard_path, shard_path
 from .modeling_longllama import LongLlamaCache
 
 FORMAT_VERSION = 2
@@ -240,6 +241,8 @@ class Document:
         """Write the memory of every layer to one safetensors file: a temporary file in the same folder, fsynced,
         renamed over `path`, then the folder fsynced. The file gets the permissions the umask gives."""
         path = check_output_path(path)
+        if any(isinstance(memory, ShardedMemory) for memory in self.memories.values()):
+            path = shard_path(path, dist.get_rank(), dist.get_world_size())
         tensors = {}
         for idx, memory in self.memories.items():
             for name, tensor in memory.state_dict().items():
@@ -257,11 +260,14 @@ class Document:
         _atomic_save(tensors, path, {MANIFEST_KEY: manifest, DIGEST_KEY: _digest(manifest)})
 
     @classmethod
-    def load(cls, path, model, tokenizer=None) -> "Document":
+    def load(cls, path, model, tokenizer=None, *, context_parallel: bool = False) -> "Document":
         """Load a saved memory, verified end to end before use: the manifest digest (or HMAC), every tensor's
         checksum (no tensor missing or extra), the model fingerprint, and every manifest field and tensor against
-        the model and the memory spec. Anything else raises ValueError naming the file."""
+        the model and the memory spec. Anything else raises ValueError naming the file. `context_parallel`: load
+        this rank's shard of a memory saved by as many processes (see `knn_longllama.parallel`)."""
         path = os.fspath(path)
+        if context_parallel:
+            path = current_shard_path(path)
         if not os.path.isfile(path):
             raise ValueError(f"memory file {path!r} does not exist" if not os.path.exists(path) else
                              f"memory file {path!r} is not a regular file")
@@ -274,12 +280,12 @@ class Document:
                              f"{error}") from None
         try:
             manifest = _verified_manifest(metadata, tensors)
-            return cls._from_verified(manifest, tensors, model, tokenizer)
+            return cls._from_verified(manifest, tensors, model, tokenizer, context_parallel)
         except ValueError as error:
             raise ValueError(f"{path!r}: {error}") from None
 
     @classmethod
-    def _from_verified(cls, manifest: dict, tensors: dict, model, tokenizer) -> "Document":
+    def _from_verified(cls, manifest: dict, tensors: dict, model, tokenizer, context_parallel: bool) -> "Document":
         config = model.config
         if manifest["model_fingerprint"] != model_fingerprint(model):
             raise ValueError(f"made by another model or memory configuration (mem_layers {manifest['mem_layers']}, "
@@ -300,11 +306,21 @@ class Document:
         for idx in config.mem_layers:
             prefix = f"layer{idx}."
             memory = model.model.new_memory(1, model.device, spec)
+            if context_parallel:
+                memory = ShardedMemory(memory)
+            elif f"{prefix}shard" in tensors:
+                raise ValueError(f"a shard of a context-parallel memory (rank, world size: "
+                                 f"{tensors[prefix + 'shard'][:2].tolist()}); load it with context_parallel=True")
             memory.load_state_dict({k[len(prefix):]: v.to(model.device) for k, v in tensors.items()
                                     if k.startswith(prefix)})
             if len(memory) + len(pending) != num_tokens:
                 raise ValueError(f"layer {idx} holds {len(memory)} tokens and {len(pending)} are pending, but the "
                                  f"manifest says num_tokens={num_tokens}")
+            if context_parallel and (len(memory.local) != memory.local_windows() * lctx or
+                                     memory.windows * lctx != num_tokens - len(pending)):
+                raise ValueError(f"layer {idx}: the shard holds {len(memory.local)} tokens of {memory.windows} "
+                                 f"windows, which is not this rank's share of {num_tokens - len(pending)} tokens "
+                                 f"in windows of {lctx}")
             memories[idx] = memory
         stored = num_tokens - len(pending)
         if stored % lctx or not min(num_tokens, tail) <= len(pending) < tail + lctx:

@@ -10,6 +10,8 @@ single-process output. This is Faiss's `IndexShards` merge, across processes.
     torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))   # or torchrun
     doc = Document.read(model, ids, memory_spec="Flat k=32", context_parallel=True)
     doc.ask(question)        # the same answer on every rank
+    doc.save("book.memory")  # each rank writes book.memory.rank{r}-of-{world_size}
+    doc = Document.load("book.memory", model, context_parallel=True)   # with as many processes
 
 Dense memory is not sharded (it would need the softmax statistics of every shard merged inside attention).
 """
@@ -83,5 +85,46 @@ class ShardedMemory:
         return self.local.nbytes()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        raise ValueError("a context-parallel memory is not saved yet: save needs every rank's shard; read the "
-                         "document in one process to save it")
+        """This rank's shard, with (rank, world size, windows, tokens) in "shard"."""
+        state = self.local.state_dict()
+        state["shard"] = torch.tensor([self.rank, self.world_size, self.windows, self.tokens], dtype=torch.int64)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        state = dict(state)
+        shard = state.pop("shard", None)
+        if shard is None or shard.dtype != torch.int64 or tuple(shard.shape) != (4,):
+            raise ValueError("state holds no 'shard' (int64 rank, world size, windows, tokens): not a shard of a "
+                             "context-parallel memory")
+        rank, world, windows, tokens = shard.tolist()
+        if (rank, world) != (self.rank, self.world_size):
+            raise ValueError(f"the shard of rank {rank} of {world} processes cannot load into rank {self.rank} of "
+                             f"{self.world_size}: load with {world} processes")
+        if windows < 0 or tokens < 0:
+            raise ValueError(f"state['shard'] holds negative counts: {shard.tolist()}")
+        self.local.load_state_dict(state)
+        self.windows, self.tokens = windows, tokens
+
+    def local_windows(self) -> int:
+        """How many of the windows added so far this rank stores."""
+        return len(range(self.rank, self.windows, self.world_size))
+
+
+def shard_path(path: str, rank: int, world_size: int) -> str:
+    """The file of one rank's shard of a context-parallel memory saved as `path`."""
+    return f"{path}.rank{rank}-of-{world_size}"
+
+
+def current_shard_path(path: str) -> str:
+    """This rank's shard file of `path`; a clear error naming the world size the shards were saved with."""
+    import glob
+    import os
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = shard_path(path, rank, world)
+    if not os.path.exists(mine):
+        others = sorted(glob.glob(glob.escape(path) + ".rank0-of-*"))
+        saved = [f.rsplit("-of-", 1)[1] for f in others]
+        raise ValueError(f"no shard {mine!r}" + (f"; {path!r} was saved by {' or '.join(saved)} processes: load it "
+                                                  f"with that many" if saved else ""))
+    return mine
