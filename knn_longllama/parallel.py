@@ -2,10 +2,11 @@
 
 Every rank holds the model (weights replicated) and runs it on the same tokens, so every rank computes the same
 queries; only the memory is split. Window w of a memory layer is stored by rank w % world_size (round robin), every
-rank searches its shard with the same spec, and the candidates of all shards (exact scores, validity, values) are
-gathered with `all_gather` and cut to the global top-k. Since each shard returns its own exact top-k by exact score,
-the top-k of their union is the top-k of the whole memory: with exact indices (exact, Flat) the output equals the
-single-process output. This is Faiss's `IndexShards` merge, across processes.
+rank searches its shard with the same spec, and the candidates of all shards are merged in two steps: their exact
+scores are all-gathered and the global top-k chosen, then the ranks holding the winners fill in their values and
+one all-reduce hands them to every rank (docs/parallel.md). Since each shard returns its own exact top-k by exact
+score, the top-k of their union is the top-k of the whole memory: with exact indices (exact, Flat) the output equals
+the single-process output. This is Faiss's `IndexShards` merge, across processes.
 
     torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))   # or torchrun
     doc = Document.read(model, ids, memory_spec="Flat k=32", context_parallel=True)
@@ -54,17 +55,23 @@ class ShardedMemory:
         K = int(size)
         scores = queries.new_full((B, h, Q, K), float("-inf"))
         valid = torch.zeros(B, h, Q, K, dtype=torch.bool, device=queries.device)
-        values = torch.zeros(B, h, Q, K, d, dtype=self.local.store.dtype, device=queries.device)
         if found is not None:
             n = found.scores.shape[-1]
             scores[..., :n] = found.scores
             valid[..., :n] = found.valid
-            values[..., :n, :] = found.values if found.values.dim() == 5 else found.values[:, :, None]
-        parts = [self._gather(t) for t in (scores, valid, values)]
-        scores, valid, values = (torch.cat(p, dim=3) for p in parts)
+        # 1: every rank's candidate scores; the global top-k by exact score (rank r's candidates at r*K .. r*K+K-1)
+        scores, valid = (torch.cat(self._gather(t), dim=3) for t in (scores, valid))
         top = scores.masked_fill(~valid, float("-inf")).topk(min(self.k, scores.shape[-1]), dim=-1).indices
-        values = values.gather(3, top[..., None].expand(-1, -1, -1, -1, d))
-        return MemoryLookup(scores.gather(-1, top), valid.gather(-1, top), values)
+        # 2: each rank fills in the values of the winners it holds; a sum over ranks hands every rank all of them
+        values = torch.zeros(*top.shape, d, dtype=torch.float32, device=queries.device)
+        if found is not None:
+            held = found.values if found.values.dim() == 5 else found.values[:, :, None].expand(-1, -1, Q, -1, -1)
+            mine = (top // K == self.rank) & (top % K < held.shape[3])
+            slot = (top % K).clamp(max=held.shape[3] - 1)
+            picked = held.gather(3, slot[..., None].expand(-1, -1, -1, -1, d)).float()
+            values = picked.masked_fill(~mine[..., None], 0)
+        self._collective(dist.all_reduce, values, op=dist.ReduceOp.SUM)  # one holder per slot: the sum is exact
+        return MemoryLookup(scores.gather(-1, top), valid.gather(-1, top), values.to(self.local.store.dtype))
 
     def _gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         out = [torch.empty_like(tensor) for _ in range(self.world_size)]
