@@ -206,12 +206,14 @@ class KnnStore:
             pick = np.sort(np.random.default_rng(self.seed).choice(n, at, replace=False))
             x = x[:, pick]
         indexes = [self._new_index(proto) for _ in range(self.num_heads)]
+        norms = self._norms[b].copy()
         self._norms[b] = 0
         try:
             for h, idx in enumerate(indexes):
                 if not idx.is_trained:
                     idx.train(np.ascontiguousarray(self._indexable(b, h, x[h])))
-        except RuntimeError as e:  # the row keeps its indexes (or stays buffered); no key is lost
+        except RuntimeError as e:  # the row keeps its indexes and their norms (or stays buffered); no key is lost
+            self._norms[b] = norms
             raise ValueError(f"train_size={at}: Faiss could not train index={self.spec.index!r}: {e}") from None
         self._indexes[b], self._stage[b], self._indexed[b] = indexes, stage, 0
 

@@ -595,3 +595,22 @@ def test_grown_state_round_trip_and_growth_only_for_ivf_flat_or_sq():
     for index in ("HNSW16", "IVF64,PQ4", "Flat"):
         with pytest.raises(ValueError, match="train='grow' grows IVF indexes with Flat or SQ codes"):
             make_store(index, 1, 1, train="grow")
+
+
+def test_a_failed_rebuild_keeps_the_row_and_its_augmentation_norms(monkeypatch):
+    store = make_store("IVF64,Flat", 1, 1, dtype=torch.float32, index_params={"nprobe": 64}, metric="l2",
+                       train="grow")
+    store.add(*random_batch(1, 1, 700))  # IVF16 stage
+    norms, index = store._norms.copy(), store.faiss_index(0, 0)
+    queries = torch.randn(1, 1, 4, D)
+    before = store.search(queries, 5).ids
+
+    def fail(self, x):
+        raise RuntimeError("no memory")
+
+    monkeypatch.setattr(faiss.IndexIVFFlat, "train", fail)
+    with pytest.raises(ValueError, match="could not train"):
+        store.add(*random_batch(1, 1, 2000))  # reaches the IVF64 stage
+    assert store._stage == [0] and store.faiss_index(0, 0) is index and np.array_equal(store._norms, norms)
+    monkeypatch.undo()
+    assert torch.equal(store.search(queries, 5).ids, before)  # the new keys are stored, not yet indexed
