@@ -148,8 +148,8 @@ class KnnMemory:
             return None
         if self.k >= len(self.store):  # the top-k is the whole memory
             keys, values, valid = self.store.entries(slice(h0, h1))
-            return MemoryLookup(scores=queries @ keys.to(queries.dtype).transpose(-1, -2),
-                                valid=valid[:, None, None, :], values=values)
+            scores = queries.detach().float() @ keys.float().transpose(-1, -2)  # float32, as the store re-scores
+            return MemoryLookup(scores=scores.to(queries.dtype), valid=valid[:, None, None, :], values=values)
         found = self.store.search(queries.detach(), heads=slice(h0, h1))
         return MemoryLookup(scores=found.scores.to(queries.dtype), valid=found.ids >= 0, values=found.values)
 
