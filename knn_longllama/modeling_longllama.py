@@ -389,15 +389,16 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         memory_spec=None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        """Run N new tokens through the model, window by window (docs/semantics.md, "Windows" and "Eviction and generation").
+        """Run N new tokens through the model, window by window (docs/semantics.md, "Windows" and "Eviction and
+        generation").
 
         logits_to_keep: if > 0, only the hidden states of the last `logits_to_keep` tokens are returned (saves
         memory on very long inputs; the causal LM computes logits of those only).
         memory_spec: how memories created for this call store and search (default: the config's `memory_spec`);
         a cache that already holds memories keeps them.
-        crossbatch_contexts: FoT training (docs/semantics.md, "FoT cross-batch training"). If > 0, the input is one window per row and each
-        memory layer attends, with gradients, to the un-rotated keys/values of the previous `crossbatch_contexts`
-        rows of the batch instead of a memory.
+        crossbatch_contexts: FoT training (docs/semantics.md, "FoT cross-batch training"). If > 0, the input is one
+        window per row and each memory layer attends, with gradients, to the un-rotated keys/values of the previous
+        `crossbatch_contexts` rows of the batch instead of a memory.
         """
         if "past_key_values" in kwargs:
             cache = kwargs.pop("past_key_values") if cache is None else cache
