@@ -220,7 +220,7 @@ class OverlayMemory:
     """
 
     def __init__(self, base):
-        self.base = base
+        self.base, self.dtype = base, base.dtype
         self.overlay = DenseMemory(base.dtype)
         self.all_entries = getattr(base, "all_entries", False)
 
@@ -256,3 +256,100 @@ class OverlayMemory:
 
     def __len__(self) -> int:
         return len(self.base) + len(self.overlay)
+
+
+class SinkMemory:
+    """A memory whose first `n` entries per row (the document's first real tokens) are offered to every query.
+
+    Training-free reading (docs/semantics.md#training-free): the first tokens of a text absorb attention that a
+    pretrained model has nowhere else to put ("attention sinks"); here they are kept aside, outside the searched
+    memory, and every lookup returns them beside what `base` finds. `len()` counts both.
+    """
+
+    def __init__(self, base, n: int):
+        self.base, self.n = base, n
+        self.dtype = base.dtype
+        self.sinks = DenseMemory(base.dtype)
+        self.taken = None  # [B] sink tokens captured per row; None until the first add
+
+    def with_base(self, base) -> "SinkMemory":
+        """A copy of these sinks over another base (e.g. an `OverlayMemory` of this one's base)."""
+        other = SinkMemory(base, self.n)
+        other.sinks.load_state_dict(self.sinks.state_dict())
+        other.taken = self.taken
+        return other
+
+    def add(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
+        mask = mask.bool()
+        if self.taken is None:
+            self.taken = torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)
+        room = self.n - self.taken
+        if bool((room > 0).any()):
+            rank = mask.long().cumsum(-1)  # 1-based rank of each real token among this window's real tokens
+            sink = mask & (rank <= room[:, None])
+            count = sink.sum(-1)
+            width = int(count.max())
+            if width > 0:  # the chosen tokens of every row, left-aligned, padded with invalid slots
+                order = torch.sort((~sink).long(), dim=-1, stable=True).indices[:, :width]
+                pick = lambda t: t.gather(2, order[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))  # noqa
+                valid = torch.arange(width, device=mask.device)[None, :] < count[:, None]
+                self.sinks.add(pick(keys), pick(values), valid)
+                self.taken = self.taken + count
+            mask = mask & ~sink
+        self.base.add(keys, values, mask)
+
+    def lookup(self, queries: torch.Tensor, h0: int, h1: int) -> MemoryLookup | None:
+        found = self.base.lookup(queries, h0, h1)
+        sinks = self.sinks.lookup(queries, h0, h1)
+        if sinks is None or found is None:
+            return found if sinks is None else sinks
+        q = queries.shape[2]
+        if found.values.dim() == 4:  # entries shared by every query
+            values = torch.cat([sinks.values.to(found.values.dtype), found.values], dim=2)
+            valid = torch.cat([sinks.valid, found.valid], dim=-1)  # each [B, 1, 1, n]
+            return MemoryLookup(torch.cat([sinks.scores.to(found.scores.dtype), found.scores], dim=-1), valid, values)
+        per_query = sinks.values[:, :, None].expand(-1, -1, q, -1, -1).to(found.values.dtype)
+        valid = torch.cat([sinks.valid.expand_as(sinks.scores), found.valid.expand_as(found.scores)], dim=-1)
+        return MemoryLookup(torch.cat([sinks.scores.to(found.scores.dtype), found.scores], dim=-1), valid,
+                            torch.cat([per_query, found.values], dim=3))
+
+    def __len__(self) -> int:
+        return len(self.base) + (0 if self.taken is None else int(self.taken.max()))
+
+    def nbytes(self) -> int:
+        return self.base.nbytes() + self.sinks.nbytes()
+
+    def reset(self) -> None:
+        self.base.reset()
+        self.sinks.reset()
+        self.taken = None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"base.{name}": t for name, t in self.base.state_dict().items()}
+        if self.taken is not None:
+            state.update({f"sinks.{name}": t for name, t in self.sinks.state_dict().items()})
+            state["sinks.taken"] = self.taken
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load `state_dict` output; the sink tensors are checked against `n` and against each other."""
+        unknown = [name for name in state if not name.startswith(("base.", "sinks."))]
+        if unknown:
+            raise ValueError(f"state of a SinkMemory holds unknown tensors {unknown}")
+        self.reset()
+        sinks = {name[6:]: t for name, t in state.items() if name.startswith("sinks.")}
+        if sinks:
+            taken = sinks.pop("taken", None)
+            if set(sinks) != {"keys", "values", "mask"} or taken is None or taken.dtype != torch.int64 or \
+                    taken.dim() != 1:
+                raise ValueError(f"sink state needs keys, values, mask and int64 taken; got {sorted(state)}")
+            keys, values, mask = sinks["keys"], sinks["values"], sinks["mask"]
+            B = taken.shape[0]
+            if keys.dim() != 4 or keys.shape != values.shape or keys.shape[0] != B or keys.shape[2] > self.n or \
+                    tuple(mask.shape) != (B, keys.shape[2]) or mask.dtype != torch.bool or \
+                    not torch.equal(mask.sum(-1), taken) or bool((taken > self.n).any()):
+                raise ValueError(f"sink state of {tuple(keys.shape)} keys, mask {tuple(mask.shape)} and taken "
+                                 f"{taken.tolist()} is not a sink memory of at most {self.n} tokens per row")
+            self.sinks.add(keys, values, mask)
+            self.taken = taken.clone()
+        self.base.load_state_dict({name[5:]: t for name, t in state.items() if name.startswith("base.")})
