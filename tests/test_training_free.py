@@ -162,3 +162,61 @@ def test_sink_state_is_checked():
     bad = dict(state, **{"sinks.taken": torch.tensor([2])})
     with pytest.raises(ValueError, match="sink memory"):
         memory.load_state_dict(bad)
+
+
+def reference_blocks(stored, queries, block, k):
+    """Brute force for one (row, head): the k blocks of `block` tokens whose mean key best matches the mean query,
+    plus the incomplete last block; every query attends to their tokens. stored: keys, values [n, d]."""
+    keys, values = stored
+    n = len(keys)
+    complete = n // block
+    reps = keys[: complete * block].reshape(complete, block, -1).mean(1)
+    chosen = (reps @ queries.mean(0)).topk(min(k, complete)).indices if complete else torch.empty(0, dtype=torch.long)
+    tokens = torch.cat([torch.arange(c * block, (c + 1) * block) for c in chosen.tolist()] +
+                       [torch.arange(complete * block, n)])
+    return torch.softmax(queries @ keys[tokens].T, dim=-1) @ values[tokens]
+
+
+@pytest.mark.parametrize("spec", ["exact k=2 block=4", "Flat k=3 block=3", "exact k=50 block=4"])
+def test_block_memory_lookup_against_brute_force(spec):
+    from knn_longllama.memory import BlockMemory, make_memory
+
+    torch.manual_seed(0)
+    H, d = 2, 8
+    memory = make_memory(spec, 2, H, d, dtype=torch.float32, device="cpu")
+    assert isinstance(memory, BlockMemory)
+    stored = {b: ([], []) for b in range(2)}
+    for window in range(4):
+        keys, values = torch.randn(2, H, 7, d), torch.randn(2, H, 7, d)
+        mask = torch.ones(2, 7, dtype=torch.bool)
+        mask[1, : 2 + window] = False  # row 1: fewer real tokens, blocks cross windows differently
+        memory.add(keys, values, mask)
+        for b in range(2):
+            stored[b][0].append(keys[b][:, mask[b]])
+            stored[b][1].append(values[b][:, mask[b]])
+        queries = torch.randn(2, H, 5, d)
+        found = memory.lookup(queries, 0, H)
+        mixed = found.mix(torch.softmax(found.scores.masked_fill(~found.valid, float("-inf")), dim=-1))
+        block, k = memory.block, memory.k
+        for b in range(2):
+            keys_b, values_b = torch.cat(stored[b][0], dim=1), torch.cat(stored[b][1], dim=1)
+            for h in range(H):
+                want = reference_blocks((keys_b[h], values_b[h]), queries[b, h], block, k)
+                assert torch.allclose(mixed[b, h], want, atol=1e-5)
+    state = memory.state_dict()
+    again = make_memory(spec, 2, H, d, dtype=torch.float32, device="cpu")
+    again.load_state_dict(state)
+    redo = again.lookup(queries, 0, H)
+    assert torch.equal(redo.scores, found.scores) and torch.equal(redo.values, found.values)
+    with pytest.raises(ValueError, match="representatives"):
+        again.load_state_dict(dict(state, sizes=state["sizes"] - torch.tensor([0, 4])))  # row 1 is the shorter
+
+
+def test_block_memory_reads_a_document(tmp_path):
+    """Through the model: read, ask, save and load with block retrieval and sinks."""
+    model = tiny_model(seed=8, mem_distance=12, mem_sink_tokens=3, memory_spec="exact k=2 block=4", mem_layers=[1, 2])
+    ids = torch.randint(3, model.config.vocab_size, (90,), generator=torch.Generator().manual_seed(2)).tolist()
+    doc = Document.read(model, ids, progress=False)
+    before = doc.ask([4, 5], max_new_tokens=5)
+    doc.save(tmp_path / "doc.memory")
+    assert torch.equal(Document.load(tmp_path / "doc.memory", model).ask([4, 5], max_new_tokens=5), before)
