@@ -223,8 +223,9 @@ def cmd_ruler(args) -> int:
     if args.output is not None:
         check_output(args.output)
     if args.in_context:
-        if args.memory != [None] or args.mem_layers is not None:
-            raise UsageError("--in-context reads the prompt without memory: drop --memory and --mem-layers")
+        if args.memory != [None] or model_settings(args):
+            raise UsageError("--in-context reads the whole prompt without windows or memory: drop --memory, "
+                             "--mem-layers, --window, --last-context-length and --attn-implementation")
         model, tokenizer = load_in_context(args.model, args.device)
     else:
         model, tokenizer = load_model(args.model, args.device, **model_settings(args))
@@ -333,6 +334,10 @@ def model_settings(args) -> dict:
     settings = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
     if args.mem_layers is not None:
         settings["mem_layers"] = "all" if args.mem_layers == ["all"] else [int(i) for i in args.mem_layers]
+    if args.window is not None:
+        settings["max_position_embeddings"] = args.window
+    if args.last_context_length is not None:
+        settings["last_context_length"] = args.last_context_length
     return settings
 
 
@@ -356,6 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "(official LongLLaMA or Hugging Face LLaMA)")
     common.add_argument("--mem-layers", type=layer_index, nargs="*", default=None,
                         help="memory layers: indices, 'all', or no value for none (the ablation without memory)")
+    common.add_argument("--window", type=positive_int, default=None,
+                        help="tokens per window (the config's max_position_embeddings; default: the model's own)")
+    common.add_argument("--last-context-length", type=positive_int, default=None,
+                        help="tokens of the prompt's end kept local, not read into memory (default: the model's own)")
     common.add_argument("--device", type=device_name, default="cpu", help="torch device: cpu (default) or cuda[:N]")
     common.add_argument("--threads", type=thread_count, default=None,
                         help="threads for torch and Faiss together, 1 to the number of CPUs (default: their own)")
