@@ -560,16 +560,25 @@ def benchmarks_section() -> list[str]:
                                                series=series(batched, ["setting"], "keys", "vs_search"))])]
     read = frame("bench_read", points=["tokens", "memory_spec"])
     if not read.empty:
-        columns = [c for c in ("tokens", "memory_spec", "seconds", "x_floor", "tokens_per_s", "peak_rss_mb", "memory_mb")
-                   if c in read.columns]
+        columns = [c for c in ("tokens", "memory_spec", "seconds", "x_floor", "cpu_seconds", "x_floor_cpu",
+                               "tokens_per_s", "peak_rss_mb", "memory_mb") if c in read.columns]
         knn = read[read["memory_spec"] != "bare windows"]
         parts += ["### Reading cost over the bare model (`python -m experiments.bench_read`)\n", environment_line(read),
                   markdown(read[columns], "The demo model reading N filler tokens with `Document.read`, one thread: "
                            "seconds, and x_floor, the time over the same windows through the model without memory "
-                           "layers in the same process"),
+                           "layers in the same process; cpu_seconds and x_floor_cpu: the same in CPU time of the "
+                           "process, steadier when other jobs share the cores (empty in earlier runs)"),
                   plot("bench_read", [dict(title="Reading with kNN memory, as a multiple of the bare windows",
                                            x="tokens read", y="time / bare windows", logx=2, logy=True,
                                            series=series(knn, ["memory_spec"], "tokens", "x_floor"))])]
+    checks = frame("device_check", points=["check", "device"])
+    if not checks.empty:
+        columns = [c for c in ("check", "device", "memory_spec", "keys", "queries", "heads", "dim", "k", "same_ids",
+                               "max_score_diff", "recall_cpu", "recall_device", "faiss_gpu") if c in checks.columns]
+        parts += ["### Device check (`experiments/device_check.sh`)\n", environment_line(checks),
+                  markdown(checks[columns], "The device's exact top-k against the CPU's (same_ids: share of queries "
+                           "with the same id set) and IVF recall@k on the CPU and on the device (faiss_gpu: the "
+                           "indexes ran on the GPU)")]
     return ["## Benchmarks\n", *parts] if parts else []
 
 
