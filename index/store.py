@@ -25,7 +25,7 @@ class KnnStore:
     the default k, ``k_factor`` (fetch ``k_factor * k`` candidates and keep
     the k best by exact score, as faiss.IndexRefine), ``metric`` ("l2" indexes
     keys augmented to a common norm M, ``factory.augment_keys``; M per
-    (row, head) is 1.1 x the largest key norm the index is first built from),
+    (row, head) is 1.1 x the largest norm of the row's keys when its index is built),
     ``scan`` ("big_batch": faiss.contrib.big_batch_search, IVF on the CPU)
     and the Faiss search parameters (nprobe, efSearch, ...).
 
@@ -217,18 +217,21 @@ class KnnStore:
         return factory.augment_keys(x, self._norms[b, h])
 
     def _build_row(self, b: int, stage: int) -> None:
-        """New indexes of ``stage`` for row ``b``, trained on a seeded sample of the stage's size from the row's
-        keys (the augmentation norm of metric "l2" taken afresh from it); the caller adds every key."""
+        """New indexes of ``stage`` for row ``b``, trained on a seeded sample of the row's keys
+        (``factory.training_sample_size``; the augmentation norm of metric "l2" taken afresh from every stored key);
+        the caller adds every key."""
         at, proto = self._stages[stage]
         n = self._storage.sizes[b]
         x = self._storage.float_keys(b, 0, n)
+        norms = self._norms[b].copy()
+        self._norms[b] = 0
+        if self.spec.metric == "l2":
+            self._norms[b] = [factory.augmentation_norm(keys) for keys in x]
         sample = factory.training_sample_size(proto, at)
         if n > sample:  # seeded sample of the stored keys
             pick = np.sort(np.random.default_rng(self.seed).choice(n, sample, replace=False))
             x = x[:, pick]
         indexes = [self._new_index(proto) for _ in range(self.num_heads)]
-        norms = self._norms[b].copy()
-        self._norms[b] = 0
         try:
             for h, idx in enumerate(indexes):
                 if not idx.is_trained:
