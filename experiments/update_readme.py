@@ -582,7 +582,7 @@ def benchmarks_section() -> list[str]:
                                                series=series(batched, ["setting"], "keys", "vs_search"))])]
     read = frame("bench_read", points=["tokens", "memory_spec"])
     if not read.empty:
-        columns = [c for c in ("tokens", "memory_spec", "seconds", "x_floor", "cpu_seconds", "x_floor_cpu",
+        columns = [c for c in ("run", "tokens", "memory_spec", "seconds", "x_floor", "cpu_seconds", "x_floor_cpu",
                                "tokens_per_s", "peak_rss_mb", "memory_mb") if c in read.columns]
         knn = read[read["memory_spec"] != "bare windows"]
         parts += ["### Reading cost over the bare model (`python -m experiments.bench_read`)\n", environment_line(read),
