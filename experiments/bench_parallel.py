@@ -11,10 +11,10 @@ one process with plain memories (the reference), then `--ranks` processes with `
 robin" (window w on rank w % N) and "contiguous" (rank r holds the r-th block of ceil(W / N) windows). Each process
 reads the document's whole windows as `Document.read` does (`write_memory`, window by window) with the memory's
 timers on, then runs one more window through the first memory layer and records that layer's lookups. The rows
-(experiment bench_parallel): per rank, the read's wall seconds, peak RSS, keys held, and the seconds spent adding,
-searching its shard, inside collectives (waiting for the slower rank included) and merging; per configuration, the
-slowest rank's seconds and their ratio to one process, and the recall@k of the probe lookups against the exact top-k
-over all keys (ties counted: an entry found counts when its score reaches the k-th exact score).
+(experiment bench_parallel): per rank, the read's wall and CPU seconds, peak RSS, keys held, and the seconds spent
+adding, searching its shard, inside collectives (waiting for the slower rank included) and merging; per
+configuration, the slowest rank's seconds and their ratio to one process, and the recall@k of the probe lookups
+against the exact top-k over all keys (ties counted: an entry found counts when its score reaches the k-th exact score).
 
 The document is the Austen excerpt of experiments/data, its tokens repeated to N.
 """
@@ -36,8 +36,8 @@ from experiments import common
 SPEC = "IVF1024,Flat k=32 nprobe=8 train=grow"
 LAYOUTS = ("round robin", "contiguous")
 TEXT = Path(__file__).resolve().parent / "data" / "austen_pride_and_prejudice_excerpt.txt"
-METRICS = ["seconds", "x_one_process", "peak_rss_mb", "memory_mb", "keys", "add_s", "search_s", "collective_s",
-           "merge_s", "sent_mb", "recall"]
+METRICS = ["seconds", "x_one_process", "cpu_s", "peak_rss_mb", "memory_mb", "keys", "add_s", "search_s",
+           "collective_s", "merge_s", "sent_mb", "recall"]
 
 
 def parse_args(argv=None):
@@ -117,16 +117,16 @@ def _process(rank: int, world: int, layout: str, spec: str, tokens: int, port: i
     else:
         memories = {idx: _Timed(m) for idx, m in memories.items()}
     common.reset_peak_rss()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for beg in range(0, stored, lctx):
         model.model.write_memory(ids[None, beg:beg + lctx], memories)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     first = min(memories)
     probe = _Probe(memories[first])
     model.model.write_memory(ids[None, -lctx:], {first: probe})
     totals = {name: sum(m.seconds[name] for m in memories.values()) for name in ("add", "search")}
     inner = [m.local if world > 1 else m.memory for m in memories.values()]
-    row = {"seconds": seconds, "peak_rss_mb": common.rss_mb(), "keys": len(inner[0]),
+    row = {"seconds": seconds, "cpu_s": cpu, "peak_rss_mb": common.rss_mb(), "keys": len(inner[0]),
            "memory_mb": sum(m.nbytes() for m in inner) / 2**20, "add_s": totals["add"], "search_s": totals["search"]}
     if world > 1:
         lookup, collective = (sum(m.seconds[name] for m in memories.values()) for name in ("lookup", "collective"))

@@ -553,21 +553,23 @@ def parallel_section() -> list[str]:
 
     rss = ranks.groupby(keys, sort=False)["peak_rss_mb"].max()
     summary["peak_rss_mb"] = [rss.get(tuple(row[k] for k in keys)) for _, row in summary.iterrows()]
-    for column, digits in (("keys", 0), ("search_s", 1), ("collective_s", 1), ("merge_s", 1), ("sent_mb", 0)):
+    per_rank_columns = (("cpu_s", 0), ("keys", 0), ("search_s", 1), ("collective_s", 1), ("merge_s", 1), ("sent_mb", 0))
+    for column, digits in per_rank_columns:
         if column in ranks:
             summary[column] = per_rank(column, digits)
     if "recall" not in summary:
         summary["recall"] = np.nan
-    columns = [c for c in ["tokens", "memory_spec", "layout", "ranks", "seconds", "x_one_process", "peak_rss_mb",
-                           "keys", "search_s", "collective_s", "merge_s", "sent_mb", "recall"] if c in summary]
+    columns = [c for c in ["tokens", "memory_spec", "layout", "ranks", "seconds", "x_one_process", "cpu_s",
+                           "peak_rss_mb", "keys", "search_s", "collective_s", "merge_s", "sent_mb", "recall"]
+               if c in summary]
     sharded = summary[summary["layout"] != "one process"]
     return ["### Context parallelism (`python -m experiments.bench_parallel`)\n", environment_line(table),
             markdown(summary[columns], "The demo reading N tokens with its memory sharded over gloo processes (one "
                      "thread each) against one process, in the same run: seconds of the slowest rank and their ratio "
-                     "to one process; peak RSS of the largest process; per rank (r0 / r1): keys held, seconds "
-                     "searching its shard, inside collectives (waiting for the other rank included) and merging, MB "
-                     "handed to collectives; recall@k of the first memory layer's lookups for one more window "
-                     "against the exact top-k (ties counted)"),
+                     "to one process; peak RSS of the largest process; per rank (r0 / r1): CPU seconds of the read, "
+                     "keys held, seconds searching its shard, inside collectives (waiting for the other rank included) "
+                     "and merging, MB handed to collectives; recall@k of the first memory layer's lookups for one "
+                     "more window against the exact top-k (ties counted)"),
             plot("bench_parallel", [
                 dict(title="Reading time over one process's", x="tokens read", y="time / one process", logx=2,
                      hline=1.0, series=series(sharded, ["memory_spec", "layout"], "tokens", "x_one_process")),
