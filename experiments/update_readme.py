@@ -426,6 +426,42 @@ def failures_section() -> list[str]:
             *parts] if parts else []
 
 
+def ruler_section() -> list[str]:
+    """RULER-style scores of real models (`python -m experiments.ruler`): per (model, setting, task, length) the mean
+    string_match_all score over the samples measured (a sample measured again counts once: its last run), the
+    average over the tasks measured at that length, and a plot of the average against length."""
+    from knn_longllama.ruler import TASKS
+
+    samples = frame("ruler_sample", points=["model", "setting", "task", "tokens", "seed", "sample"])
+    if samples.empty:
+        return []
+    samples = samples.assign(score=100 * samples["score"])
+    cells = samples.groupby(["model", "setting", "tokens", "task"], sort=False)["score"].agg(["mean", "count"])
+    cells = cells.reset_index()
+    average = cells.groupby(["model", "setting", "tokens"], sort=False).agg(
+        mean=("mean", "mean"), tasks=("task", "nunique"), count=("count", "sum")).reset_index()
+    lengths = sorted(cells["tokens"].unique())
+    rows = []
+    for (model, setting), part in cells.groupby(["model", "setting"], sort=False):
+        for task in [t for t in TASKS if t in set(part["task"])]:
+            got = {r["tokens"]: f"{r['mean']:.0f} ({r['count']})" for _, r in part[part["task"] == task].iterrows()}
+            rows.append({"model": model, "setting": setting, "task": task, **{f"{n} tokens": got.get(n, "-")
+                                                                              for n in lengths}})
+        mean = average[(average["model"] == model) & (average["setting"] == setting)]
+        got = {r["tokens"]: f"**{r['mean']:.0f}** ({r['tasks']} tasks)" for _, r in mean.iterrows()}
+        rows.append({"model": model, "setting": setting, "task": "average",
+                     **{f"{n} tokens": got.get(n, "-") for n in lengths}})
+    lines = average.assign(setting=average["model"] + ": " + average["setting"])
+    return ["## RULER-style suite on real models (`python -m experiments.ruler`)\n", environment_line(samples),
+            "Tasks and templates of RULER (arXiv 2404.06654; knn_longllama/ruler.py), Austen prose as the essay "
+            "haystack; a length is prompt + tokens to generate. *in context*: transformers' own LlamaForCausalLM on "
+            "the whole prompt (no windows, no memory); *memory ...*: the model read through its memory windows.\n",
+            markdown(pd.DataFrame(rows), "Score (string_match_all, %) per task and length: mean over samples "
+                     "(number of samples); average: mean over the tasks measured"),
+            plot("ruler", [dict(title="RULER-style average score", x="context tokens (prompt + generation)",
+                                y="average score (%)", logx=2, series=series(lines, ["setting"], "tokens", "mean"))])]
+
+
 def environment_line(table: pd.DataFrame) -> str:
     known = common.environments().set_index("env")
     lines = [f"{e['cpus']} CPUs ({e['processor'] or 'processor not recorded'}), torch {e['torch']}, faiss "
@@ -660,6 +696,8 @@ python -m experiments.bench_memory      # the kNN store: library overhead, memor
 python -m experiments.bench_ivf_scan    # plain IVF search vs faiss.contrib.big_batch_search
 python -m experiments.bench_read        # reading with kNN memory as a multiple of the bare model
 python -m experiments.bench_parallel    # the memory sharded over 2 processes against one process
+python -m experiments.ruler --model smollm2 --in-context --lengths 2048 4096 8192 --samples 10   # RULER baseline
+python -m experiments.ruler --model smollm2 --memory "exact k=32" --lengths 8192 --samples 3     # a memory mode
 python -m experiments.train_demo_model  # the demo checkpoint (its MODEL_CARD.md gives every stage's command)
 python experiments/update_readme.py    # regenerate this file, its plots and the README's headline table
 ```
@@ -679,7 +717,7 @@ def results_page() -> str:
     """The whole of experiments/README.md."""
     measured = [s for s in SCALES if any(not frame(e, s).empty for e in ("passkey", "ingest", "decode", "recall"))]
     parts = [part for scale in measured for part in scale_section(scale)]
-    parts += failures_section() + [archives()] + benchmarks_section()
+    parts += failures_section() + ruler_section() + [archives()] + benchmarks_section()
     return PAGE_HEADER + "\n" + "\n".join(part for part in parts if part)
 
 

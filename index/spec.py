@@ -6,7 +6,7 @@
 
 The text form is the index (``dense``, ``exact`` or a Faiss ``index_factory`` string, no spaces) followed by
 ``name=value`` options: ``k``, ``k_factor``, ``metric`` (ip, l2), ``scan`` (index, big_batch), ``train`` (once,
-grow) and the Faiss parameters in ``SEARCH_PARAMS``. ``str(spec)`` gives it back. Everything that can be checked without knowing the
+grow), ``block`` and the Faiss parameters in ``SEARCH_PARAMS``. ``str(spec)`` gives it back. Everything that can be checked without knowing the
 vector dimension is checked here, including the factory strings that make Faiss abort, crash or hang; what depends
 on the dimension (``PQ16`` needs d divisible by 16) is checked when a store builds its index.
 This module imports neither torch nor Faiss.
@@ -28,6 +28,7 @@ TRAINS = ("once", "grow")
 SEARCH_PARAMS = {"nprobe": 1 << 20, "efSearch": 1 << 20, "efConstruction": 1 << 16, "quantizer_efSearch": 1 << 20,
                  "max_codes": 1 << 40}
 MAX_K = 1 << 24
+MAX_BLOCK = 1 << 16
 MAX_K_FACTOR = 1 << 10
 
 
@@ -44,6 +45,9 @@ class MemorySpec:
     train:    "once" (search a trainable index's keys exactly until it trains, once) or "grow" (IVF with Flat or SQ
               codes: train a smaller IVF early and again at every 4x more keys, up to the spec's nlist).
     index_params: Faiss search parameters, e.g. {"nprobe": 32} or {"efSearch": 64}; positive integers.
+    block:    tokens per retrieved unit. 1: the top-k tokens per query. b > 1: the memory is cut into blocks of b
+              consecutive tokens, each searchable by one representative key (the mean of its keys); a lookup
+              retrieves the k best blocks for the mean of its queries, and every query attends to all their tokens.
     """
 
     index: str = DENSE
@@ -53,6 +57,7 @@ class MemorySpec:
     scan: str = "index"
     train: str = "once"
     index_params: dict = field(default_factory=dict)
+    block: int = 1
 
     def __post_init__(self):
         index = self.index.strip() if isinstance(self.index, str) else self.index
@@ -67,6 +72,9 @@ class MemorySpec:
         _choice("scan", self.scan, SCANS)
         _choice("train", self.train, TRAINS)
         set_(self, "index_params", _search_params(self.index_params))
+        set_(self, "block", _int("block", self.block, MAX_BLOCK))
+        if self.index == DENSE and self.block != 1:
+            raise ValueError(f"memory 'dense' attends to every entry and retrieves no blocks; got block={self.block}")
         if self.index != DENSE and self.index != EXACT:
             return
         extra = {name: value for name, value in (("k_factor", self.k_factor), ("metric", self.metric),
@@ -96,7 +104,7 @@ class MemorySpec:
                 raise ValueError(f"memory {text!r}: options are name=value, got {option!r}")
             if name in fields or name in params:
                 raise ValueError(f"memory {text!r}: {name!r} is given twice")
-            if name in ("k", "k_factor"):
+            if name in ("k", "k_factor", "block"):
                 fields[name] = _number(name, value)
             elif name in ("metric", "scan", "train"):
                 fields[name] = value
@@ -104,7 +112,7 @@ class MemorySpec:
                 params[name] = _number(name, value)
             else:
                 raise ValueError(f"memory {text!r}: unknown option {name!r}; accepted: k, k_factor, metric, scan, train, "
-                                 f"{', '.join(SEARCH_PARAMS)}")
+                                 f"block, {', '.join(SEARCH_PARAMS)}")
         return cls(index=index, index_params=params, **fields)
 
     @classmethod
@@ -115,10 +123,10 @@ class MemorySpec:
         if isinstance(value, str):
             return cls.parse(value)
         if isinstance(value, dict):
-            unknown = set(value) - {"index", "k", "k_factor", "metric", "scan", "train", "index_params"}
+            unknown = set(value) - {"index", "k", "k_factor", "metric", "scan", "train", "index_params", "block"}
             if unknown:
                 raise ValueError(f"memory: unknown fields {sorted(unknown)}; accepted: index, k, k_factor, metric, "
-                                 "scan, train, index_params")
+                                 "scan, train, index_params, block")
             return cls(**value)
         raise ValueError(f"memory must be a MemorySpec, a string such as 'IVF1024,Flat k=32 nprobe=32' or a dict, "
                          f"got {type(value).__name__}")
@@ -131,7 +139,7 @@ class MemorySpec:
 
     def to_dict(self) -> dict:
         return dict(index=self.index, k=self.k, k_factor=self.k_factor, metric=self.metric, scan=self.scan,
-                    train=self.train, index_params=dict(self.index_params))
+                    train=self.train, index_params=dict(self.index_params), block=self.block)
 
     def __str__(self) -> str:
         if self.index == DENSE:
@@ -140,6 +148,7 @@ class MemorySpec:
         options += [f"{name}={getattr(self, name)}" for name in ("k_factor", "metric", "scan", "train")
                     if getattr(self, name) != getattr(MemorySpec, name)]
         options += [f"{name}={value}" for name, value in sorted(self.index_params.items())]
+        options += [f"block={self.block}"] if self.block != 1 else []
         return " ".join([self.index, *options])
 
     def __hash__(self) -> int:

@@ -33,6 +33,11 @@ class LongLlamaConfig(PreTrainedConfig):
     Added by this project:
 
     - `num_key_value_heads`: grouped-query attention (defaults to `num_attention_heads`, plain multi-head).
+    - `mem_distance`: the RoPE distance at which every query of a memory layer sees every memory entry; null (the
+      official scheme) places memory keys at window position 0, so a query at window position p sees them at
+      distance p. Needs `mem_positionals`. For checkpoints without FoT training (docs/semantics.md#training-free).
+    - `mem_sink_tokens`: the first n tokens of each document, once they leave the local window, are attended by
+      every query of the memory layers (as memory entries, beside the retrieved ones) instead of being searched.
     - `attn_implementation` (transformers' own setting): `"eager"` (default, the official math: matmul + fp32
       softmax) or `"sdpa"` (fused scaled_dot_product_attention in non-memory layers and in memory layers with dense
       memory, over local keys and every memory entry; kNN memory layers keep matmul + fp32 softmax).
@@ -71,6 +76,8 @@ class LongLlamaConfig(PreTrainedConfig):
     mem_attention_grouping: list[int] | tuple[int, int] | None = None
     gradient_checkpoint_every_ith: int = 1
     memory_spec: str | dict | None = None
+    mem_distance: int | None = None
+    mem_sink_tokens: int = 0
 
     def __post_init__(self, **kwargs):
         legacy = {name: kwargs.pop(name) for name in LEGACY_MEMORY_FIELDS if name in kwargs}
@@ -145,6 +152,16 @@ class LongLlamaConfig(PreTrainedConfig):
                     "`mem_attention_grouping` must be null or a pair of positive ints (heads, queries), "
                     f"got {self.mem_attention_grouping!r}."
                 )
+        if self.mem_distance is not None:
+            if isinstance(self.mem_distance, bool) or not isinstance(self.mem_distance, int) or self.mem_distance < 0:
+                raise ValueError(f"`mem_distance` must be null or an int >= 0 (a RoPE distance), "
+                                 f"got {self.mem_distance!r}.")
+            if not self.mem_positionals:
+                raise ValueError("`mem_distance` needs `mem_positionals=True` (memory layers without RoPE have no "
+                                 "distance to set).")
+        if isinstance(self.mem_sink_tokens, bool) or not isinstance(self.mem_sink_tokens, int) or \
+                self.mem_sink_tokens < 0:
+            raise ValueError(f"`mem_sink_tokens` must be an int >= 0, got {self.mem_sink_tokens!r}.")
         try:
             self.memory_spec = str(MemorySpec.coerce(self.memory_spec))
         except ValueError as error:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from knn_index import MemorySpec
 
 from .configuration_longllama import check_last_context_length
-from .memory import OverlayMemory
+from .memory import OverlayMemory, SinkMemory
 from .parallel import ShardedMemory, current_shard_path, shard_path
 from .modeling_longllama import LongLlamaCache
 
@@ -45,7 +45,7 @@ MANIFEST_FIELDS = {"format_version": int, "model_fingerprint": str, "memory_spec
                    "num_tokens": int, "last_context_length": int, "checksums": dict}
 FINGERPRINT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                       "num_key_value_heads", "max_position_embeddings", "rope_theta", "rms_norm_eps", "hidden_act",
-                      "mem_layers", "mem_positionals", "mem_dtype")
+                      "mem_layers", "mem_positionals", "mem_dtype", "mem_distance", "mem_sink_tokens")
 
 
 def model_fingerprint(model) -> str:
@@ -193,6 +193,8 @@ class Document:
         device = model.device
         memories = {idx: model.model.new_memory(1, device, spec) for idx in config.mem_layers}
         if context_parallel:
+            if config.mem_sink_tokens:
+                raise ValueError("context_parallel does not support mem_sink_tokens > 0 yet; set mem_sink_tokens=0")
             memories = {idx: ShardedMemory(memory) for idx, memory in memories.items()}
         buffer, total = [], 0
         with tqdm(desc="reading", unit="tok", disable=not progress) as bar:
@@ -212,7 +214,8 @@ class Document:
     def new_cache(self) -> LongLlamaCache:
         """A generation cache over this document's memory; what it adds goes to a private overlay."""
         cache = LongLlamaCache(self.model.config.num_hidden_layers)
-        cache.memories = {idx: OverlayMemory(memory) for idx, memory in self.memories.items()}
+        cache.memories = {idx: memory.with_base(OverlayMemory(memory.base)) if isinstance(memory, SinkMemory)
+                          else OverlayMemory(memory) for idx, memory in self.memories.items()}
         return cache
 
     @torch.no_grad()
