@@ -462,6 +462,28 @@ def ruler_section() -> list[str]:
                                 y="average score (%)", logx=2, series=series(lines, ["setting"], "tokens", "mean"))])]
 
 
+def training_free_section() -> list[str]:
+    """Passkey trials of pretrained checkpoints read training-free (`python -m experiments.training_free`): per
+    (model, settings, memory, length) correct / trials with the Wilson interval and the median seconds per trial."""
+    trials = frame("training_free", points=["model", "settings", "memory_spec", "tokens", "seed", "trial"])
+    if trials.empty:
+        return []
+    rows = []
+    for (model, settings, memory, tokens), part in trials.groupby(["model", "settings", "memory_spec", "tokens"],
+                                                                  sort=False):
+        correct, count = int(part["correct"].sum()), len(part)
+        rows.append({"model": model, "settings": settings, "memory": memory, "tokens": tokens,
+                     "correct / trials": f"{correct}/{count} ({interval(correct, count)})",
+                     "median s / trial": f"{part['seconds'].median():.0f}"})
+    rows = pd.DataFrame(rows).sort_values(["model", "tokens", "settings", "memory"], kind="stable")
+    return ["## Pretrained checkpoints read training-free (`python -m experiments.training_free`)\n",
+            environment_line(trials),
+            "Passkey prompts of the demo's format; *settings*: config overrides on top of the model's defaults "
+            "(`--model smollm2`: memory in all 30 layers, windows of 512, 256 tokens kept local; "
+            "docs/semantics.md#training-free); *memory*: the memory spec (`block=b`: block retrieval).\n",
+            markdown(rows, "Passkey retrieval: correct / trials (95% Wilson interval), median seconds per trial")]
+
+
 def environment_line(table: pd.DataFrame) -> str:
     known = common.environments().set_index("env")
     lines = [f"{e['cpus']} CPUs ({e['processor'] or 'processor not recorded'}), torch {e['torch']}, faiss "
@@ -560,16 +582,25 @@ def benchmarks_section() -> list[str]:
                                                series=series(batched, ["setting"], "keys", "vs_search"))])]
     read = frame("bench_read", points=["tokens", "memory_spec"])
     if not read.empty:
-        columns = [c for c in ("tokens", "memory_spec", "seconds", "x_floor", "tokens_per_s", "peak_rss_mb", "memory_mb")
-                   if c in read.columns]
+        columns = [c for c in ("tokens", "memory_spec", "seconds", "x_floor", "cpu_seconds", "x_floor_cpu",
+                               "tokens_per_s", "peak_rss_mb", "memory_mb") if c in read.columns]
         knn = read[read["memory_spec"] != "bare windows"]
         parts += ["### Reading cost over the bare model (`python -m experiments.bench_read`)\n", environment_line(read),
                   markdown(read[columns], "The demo model reading N filler tokens with `Document.read`, one thread: "
                            "seconds, and x_floor, the time over the same windows through the model without memory "
-                           "layers in the same process"),
+                           "layers in the same process; cpu_seconds and x_floor_cpu: the same in CPU time of the "
+                           "process, steadier when other jobs share the cores (empty in earlier runs)"),
                   plot("bench_read", [dict(title="Reading with kNN memory, as a multiple of the bare windows",
                                            x="tokens read", y="time / bare windows", logx=2, logy=True,
                                            series=series(knn, ["memory_spec"], "tokens", "x_floor"))])]
+    checks = frame("device_check", points=["check", "device"])
+    if not checks.empty:
+        columns = [c for c in ("check", "device", "memory_spec", "keys", "queries", "heads", "dim", "k", "same_ids",
+                               "max_score_diff", "recall_cpu", "recall_device", "faiss_gpu") if c in checks.columns]
+        parts += ["### Device check (`experiments/device_check.sh`)\n", environment_line(checks),
+                  markdown(checks[columns], "The device's exact top-k against the CPU's (same_ids: share of queries "
+                           "with the same id set) and IVF recall@k on the CPU and on the device (faiss_gpu: the "
+                           "indexes ran on the GPU)")]
     parts += parallel_section()
     return ["## Benchmarks\n", *parts] if parts else []
 
@@ -698,6 +729,8 @@ python -m experiments.bench_read        # reading with kNN memory as a multiple 
 python -m experiments.bench_parallel    # the memory sharded over 2 processes against one process
 python -m experiments.ruler --model smollm2 --in-context --lengths 2048 4096 8192 --samples 10   # RULER baseline
 python -m experiments.ruler --model smollm2 --memory "exact k=32" --lengths 8192 --samples 3     # a memory mode
+python -m experiments.training_free --lengths 32768 --trials 2 --settings "mem_distance=1024,mem_sink_tokens=64" \\
+    --memory "exact k=16 block=128"   # a pretrained checkpoint (SmolLM2) read training-free, per setting
 python -m experiments.train_demo_model  # the demo checkpoint (its MODEL_CARD.md gives every stage's command)
 python experiments/update_readme.py    # regenerate this file, its plots and the README's headline table
 ```
@@ -717,7 +750,7 @@ def results_page() -> str:
     """The whole of experiments/README.md."""
     measured = [s for s in SCALES if any(not frame(e, s).empty for e in ("passkey", "ingest", "decode", "recall"))]
     parts = [part for scale in measured for part in scale_section(scale)]
-    parts += failures_section() + ruler_section() + [archives()] + benchmarks_section()
+    parts += failures_section() + ruler_section() + training_free_section() + [archives()] + benchmarks_section()
     return PAGE_HEADER + "\n" + "\n".join(part for part in parts if part)
 
 

@@ -109,6 +109,9 @@ def load_model(name: str | None, device: str, **overrides):
     if name in (None, "demo"):
         from .demo import load_demo
 
+        if overrides.get("training_free"):
+            raise UsageError("--training-free sets up a pretrained checkpoint (smollm2, a .gguf file or a folder); "
+                             "the demo model is FoT-trained")
         return load_demo(device=device, **overrides)
     from transformers import AutoTokenizer
 
@@ -338,7 +341,17 @@ def model_settings(args) -> dict:
         settings["max_position_embeddings"] = args.window
     if args.last_context_length is not None:
         settings["last_context_length"] = args.last_context_length
+    if args.mem_distance is not None:
+        settings["mem_distance"] = None if args.mem_distance == "none" else args.mem_distance
+    if args.sink_tokens is not None:
+        settings["mem_sink_tokens"] = args.sink_tokens
+    if args.training_free:
+        settings["training_free"] = True
     return settings
+
+
+def distance(text: str):
+    return "none" if text == "none" else non_negative_int(text)
 
 
 def layer_index(text: str) -> str:
@@ -365,6 +378,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tokens per window (the config's max_position_embeddings; default: the model's own)")
     common.add_argument("--last-context-length", type=positive_int, default=None,
                         help="tokens of the prompt's end kept local, not read into memory (default: the model's own)")
+    common.add_argument("--training-free", action="store_true",
+                        help="read a pretrained checkpoint never trained with FoT: memory in every layer, windows, "
+                             "distance, sinks and block retrieval set from its trained context (docs/tuning.md); the "
+                             "other flags override single settings")
+    common.add_argument("--mem-distance", type=distance, default=None,
+                        help="RoPE distance of every memory entry from every query (an int >= 0), or 'none' for the "
+                             "official scheme (default: the model's own; docs/semantics.md#training-free)")
+    common.add_argument("--sink-tokens", type=non_negative_int, default=None,
+                        help="first tokens of a document attended by every query of the memory layers (default: the "
+                             "model's own)")
     common.add_argument("--device", type=device_name, default="cpu", help="torch device: cpu (default) or cuda[:N]")
     common.add_argument("--threads", type=thread_count, default=None,
                         help="threads for torch and Faiss together, 1 to the number of CPUs (default: their own)")

@@ -198,6 +198,25 @@ class LongLlamaConfig(PreTrainedConfig):
         return cls(**kwargs)
 
 
+# The training-free rule (docs/tuning.md#pretrained-checkpoints): windows of TF_WINDOW tokens with half kept local,
+# memory in every layer at distance 2 x window, the first TF_SINKS tokens always attended, and the TF_BLOCKS best
+# blocks of TF_BLOCK tokens retrieved per window (at most a quarter of the trained context).
+TF_WINDOW, TF_SINKS, TF_BLOCK, TF_BLOCKS = 512, 64, 128, 16
+
+
+def training_free_settings(trained_context: int) -> dict:
+    """Config overrides that let a pretrained LLaMA-family checkpoint, never trained with FoT, read past its trained
+    context (`trained_context` tokens, its `max_position_embeddings`) through memory in every layer."""
+    if isinstance(trained_context, bool) or not isinstance(trained_context, int) or trained_context < 1:
+        raise ValueError(f"trained_context must be a positive int (the checkpoint's max_position_embeddings), "
+                         f"got {trained_context!r}")
+    window = min(TF_WINDOW, max(1, trained_context // 4))
+    blocks = max(1, min(TF_BLOCKS, trained_context // 4 // TF_BLOCK))
+    return dict(mem_layers="all", max_position_embeddings=window, last_context_length=max(1, window // 2),
+                mem_distance=min(2 * window, trained_context - 1), mem_sink_tokens=min(TF_SINKS, window // 4),
+                memory_spec=f"exact k={blocks} block={min(TF_BLOCK, window)}")
+
+
 def legacy_memory_spec(fields: dict) -> str:
     """The `memory_spec` text equal to the memory fields of earlier versions (`LEGACY_MEMORY_FIELDS`)."""
     backend = fields.get("mem_backend", "dense")
@@ -222,4 +241,4 @@ def check_last_context_length(value) -> int:
     return value
 
 
-__all__ = ["LongLlamaConfig"]
+__all__ = ["LongLlamaConfig", "training_free_settings"]

@@ -18,7 +18,7 @@ from transformers.generation.stopping_criteria import MaxLengthCriteria
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_longllama import (ATTN_IMPLEMENTATIONS, LEGACY_MEMORY_FIELDS, LongLlamaConfig,
-                                     check_last_context_length, legacy_memory_spec)
+                                     check_last_context_length, legacy_memory_spec, training_free_settings)
 from .memory import CrossBatchMemory, SinkMemory, SoftmaxPart, make_memory
 
 
@@ -320,7 +320,11 @@ class LongLlamaPreTrainedModel(PreTrainedModel):
         Hugging Face LLaMA folder or GGUF file (`model_type: "llama"`, GQA allowed), whose memory layers are then
         those given as `mem_layers=[...]` (none by default). Config fields passed as keyword arguments
         (`mem_layers`, `mem_dtype`, `mem_attention_grouping`, `last_context_length`, `memory_spec`, ...) override
-        the stored config."""
+        the stored config. `training_free=True` first applies `training_free_settings` for the checkpoint's trained
+        context (its `max_position_embeddings`); explicit keyword arguments still win."""
+        training_free = kwargs.pop("training_free", False)
+        if training_free and config is not None:
+            raise ValueError("`training_free=True` derives a config from the checkpoint's; pass it without `config`.")
         if config is None:
             fields = set(LongLlamaConfig.__annotations__) | set(LEGACY_MEMORY_FIELDS)
             if "torch_attention" in kwargs:  # the official field, an alias of attn_implementation
@@ -335,10 +339,14 @@ class LongLlamaPreTrainedModel(PreTrainedModel):
             if kwargs.get("gguf_file"):
                 # transformers maps GGUF tensor names by model type: load as LLaMA, then convert.
                 llama = LlamaForCausalLM.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+                if training_free:
+                    overrides = {**training_free_settings(llama.config.max_position_embeddings), **overrides}
                 return cls.from_llama(llama, **overrides)
             config_dict, _ = LongLlamaConfig.get_config_dict(
                 pretrained_model_name_or_path, local_files_only=kwargs.get("local_files_only", False)
             )
+            if training_free:
+                overrides = {**training_free_settings(config_dict["max_position_embeddings"]), **overrides}
             if config_dict.get("model_type") == "llama":
                 config = LongLlamaConfig.from_llama_config(config_dict, **overrides)
             else:

@@ -144,3 +144,17 @@ def test_window_flags_reach_the_model():
     args = build_parser().parse_args(["ruler", "--window", "128", "--last-context-length", "32"])
     model, _ = load_model(None, "cpu", **model_settings(args))
     assert (model.config.max_position_embeddings, model.config.last_context_length) == (128, 32)
+
+
+def test_training_free_flags_reach_the_model(capsys):
+    from knn_longllama.cli import build_parser, load_model, main, model_settings
+
+    args = build_parser().parse_args(["passkey", "--mem-distance", "300", "--sink-tokens", "16"])
+    model, _ = load_model(None, "cpu", **model_settings(args))
+    assert (model.config.mem_distance, model.config.mem_sink_tokens) == (300, 16)
+    args = build_parser().parse_args(["passkey", "--mem-distance", "none"])
+    assert load_model(None, "cpu", **model_settings(args))[0].config.mem_distance is None
+    for flag, value in (("--mem-distance", "-1"), ("--mem-distance", "far"), ("--sink-tokens", "-4")):
+        assert main(["passkey", flag, value, "--lengths", "300"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and flag in err[0]

@@ -220,3 +220,33 @@ def test_block_memory_reads_a_document(tmp_path):
     before = doc.ask([4, 5], max_new_tokens=5)
     doc.save(tmp_path / "doc.memory")
     assert torch.equal(Document.load(tmp_path / "doc.memory", model).ask([4, 5], max_new_tokens=5), before)
+
+
+def test_training_free_rule_from_a_llama_folder(tmp_path):
+    """from_pretrained(training_free=True) sets the rule's settings from the checkpoint's trained context; explicit
+    keyword arguments win."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from knn_longllama import LongLlamaForCausalLM
+    from knn_longllama.configuration_longllama import training_free_settings
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+                     ).save_pretrained(tmp_path / "llama")
+    model = LongLlamaForCausalLM.from_pretrained(tmp_path / "llama", training_free=True, mem_sink_tokens=8)
+    c = model.config
+    assert (c.mem_layers, c.max_position_embeddings, c.last_context_length, c.mem_distance, c.mem_sink_tokens,
+            c.memory_spec) == ([0, 1, 2], 256, 128, 512, 8, "exact k=2 block=128")
+    assert training_free_settings(8192)["memory_spec"] == "exact k=16 block=128"
+    with pytest.raises(ValueError, match="trained_context"):
+        training_free_settings(0)
+    with pytest.raises(ValueError, match="training_free"):
+        LongLlamaForCausalLM.from_pretrained(tmp_path / "llama", config=c, training_free=True)
+
+
+def test_training_free_flag_refuses_the_demo(capsys):
+    from knn_longllama.cli import main
+
+    assert main(["passkey", "--training-free", "--lengths", "300"]) == 2
+    assert "--training-free" in capsys.readouterr().err
