@@ -601,7 +601,47 @@ def benchmarks_section() -> list[str]:
                   markdown(checks[columns], "The device's exact top-k against the CPU's (same_ids: share of queries "
                            "with the same id set) and IVF recall@k on the CPU and on the device (faiss_gpu: the "
                            "indexes ran on the GPU)")]
+    parts += parallel_section()
     return ["## Benchmarks\n", *parts] if parts else []
+
+
+def parallel_section() -> list[str]:
+    """bench_parallel: a row per (tokens, memory, layout), per-rank values side by side ("rank 0 / rank 1")."""
+    table = frame("bench_parallel", points=["tokens", "memory_spec", "layout", "rank"])
+    if table.empty:
+        return []
+    ranks, summary = table[table["rank"] != "all"], table[table["rank"] == "all"].copy()
+    keys = ["tokens", "memory_spec", "layout"]
+
+    def per_rank(column: str, digits: int = 1) -> list[str]:
+        grouped = ranks.groupby(keys, sort=False)[column].agg(lambda v: " / ".join(
+            "-" if pd.isna(x) else f"{x:.{digits}f}" for x in v))
+        return [grouped.get(tuple(row[k] for k in keys), "-") for _, row in summary.iterrows()]
+
+    rss = ranks.groupby(keys, sort=False)["peak_rss_mb"].max()
+    summary["peak_rss_mb"] = [rss.get(tuple(row[k] for k in keys)) for _, row in summary.iterrows()]
+    per_rank_columns = (("cpu_s", 0), ("keys", 0), ("search_s", 1), ("collective_s", 1), ("merge_s", 1), ("sent_mb", 0))
+    for column, digits in per_rank_columns:
+        if column in ranks:
+            summary[column] = per_rank(column, digits)
+    if "recall" not in summary:
+        summary["recall"] = np.nan
+    columns = [c for c in ["tokens", "memory_spec", "layout", "ranks", "seconds", "x_one_process", "cpu_s",
+                           "peak_rss_mb", "keys", "search_s", "collective_s", "merge_s", "sent_mb", "recall"]
+               if c in summary]
+    sharded = summary[summary["layout"] != "one process"]
+    return ["### Context parallelism (`python -m experiments.bench_parallel`)\n", environment_line(table),
+            markdown(summary[columns], "The demo reading N tokens with its memory sharded over gloo processes (one "
+                     "thread each) against one process, in the same run: seconds of the slowest rank and their ratio "
+                     "to one process; peak RSS of the largest process; per rank (r0 / r1): CPU seconds of the read, "
+                     "keys held, seconds searching its shard, inside collectives (waiting for the other rank included) "
+                     "and merging, MB handed to collectives; recall@k of the first memory layer's lookups for one "
+                     "more window against the exact top-k (ties counted)"),
+            plot("bench_parallel", [
+                dict(title="Reading time over one process's", x="tokens read", y="time / one process", logx=2,
+                     hline=1.0, series=series(sharded, ["memory_spec", "layout"], "tokens", "x_one_process")),
+                dict(title="Peak RSS of the largest process", x="tokens read", y="peak RSS (MB)", logx=2,
+                     series=series(summary, ["memory_spec", "layout"], "tokens", "peak_rss_mb"))])]
 
 
 def archives() -> str:
@@ -686,6 +726,7 @@ python -m experiments.bench_forward     # plain path vs transformers' LlamaForCa
 python -m experiments.bench_memory      # the kNN store: library overhead, memory-layer time vs memory size
 python -m experiments.bench_ivf_scan    # plain IVF search vs faiss.contrib.big_batch_search
 python -m experiments.bench_read        # reading with kNN memory as a multiple of the bare model
+python -m experiments.bench_parallel    # the memory sharded over 2 processes against one process
 python -m experiments.ruler --model smollm2 --in-context --lengths 2048 4096 8192 --samples 10   # RULER baseline
 python -m experiments.ruler --model smollm2 --memory "exact k=32" --lengths 8192 --samples 3     # a memory mode
 python -m experiments.training_free --lengths 32768 --trials 2 --settings "mem_distance=1024,mem_sink_tokens=64" \\

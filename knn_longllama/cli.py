@@ -434,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parallel = Parser(add_help=False)
     parallel.add_argument("--context-parallel", action="store_true",
-                          help="under torchrun: shard the memory across the processes (kNN memory specs)")
+                          help="under torchrun: shard the memory across the processes (kNN or dense)")
     parallel.add_argument("--timeout", type=positive_int, default=300,
                           help="seconds a process waits for the others before failing (--context-parallel)")
 

@@ -11,6 +11,10 @@ earlier windows. The attention layer talks to it through two calls:
 (`entries()`, flagged by `all_entries`) for attention with fused SDPA (`attn_implementation="sdpa"`). `KnnMemory` offers
 the top-k entries per query found in per-(row, head) Faiss indices (or exact torch top-k) with exact re-scored inner
 products.
+
+A memory whose entries are spread over several processes (dense memory under context parallelism) may answer a lookup
+with a `SoftmaxPart` instead: the softmax statistics of the queries over all its entries, which attention combines
+with the local scores in the same joint softmax.
 """
 
 from dataclasses import dataclass
@@ -37,6 +41,51 @@ class MemoryLookup:
         if values.dim() == 4:
             return probs @ values
         return (probs.unsqueeze(-2) @ values).squeeze(-2)
+
+
+@dataclass
+class SoftmaxPart:
+    """Softmax statistics of a block of queries over a set of memory entries (log-sum-exp form), for attention that
+    never sees the entries' scores one by one (each rank of a context-parallel group holds a share of them).
+
+    max: `[B, h, Q]` the largest logit; total: `[B, h, Q]` the sum of exp(logit - max); weighted: `[B, h, Q, d]` the
+    values summed with those weights; all float32. Logits are the attention's: `<q, k> * scale`, invalid entries set
+    to `floor` and every logit clamped from below at it, as `LongLlamaAttention._attend_eager` does. A part of no
+    entries has zero sums (its max is then any value).
+    """
+
+    max: torch.Tensor
+    total: torch.Tensor
+    weighted: torch.Tensor
+    scale: float
+    floor: float
+
+    @classmethod
+    def of(cls, found: MemoryLookup, scale: float, floor: float) -> "SoftmaxPart":
+        logits = (found.scores * scale).masked_fill(~found.valid, floor).clamp_(min=floor).float()
+        top = logits.amax(dim=-1)
+        weights = torch.exp(logits - top[..., None])
+        return cls(top, weights.sum(dim=-1), found.mix(weights), scale, floor)
+
+    def rescaled(self, top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(total, weighted) relative to a larger max `top` instead of `self.max`."""
+        factor = torch.exp(self.max - top)
+        return self.total * factor, self.weighted * factor[..., None]
+
+    def merge(self, other: "SoftmaxPart") -> "SoftmaxPart":
+        """The statistics of both parts' entries together."""
+        top = torch.maximum(self.max, other.max)
+        (total, weighted), (total2, weighted2) = self.rescaled(top), other.rescaled(top)
+        return SoftmaxPart(top, total + total2, weighted + weighted2, self.scale, self.floor)
+
+    def attend(self, local: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Attention output `[B, h, Q, d]` (float32) of one softmax over local logits `[B, h, Q, T]` (scaled and
+        masked) with values `[B, h, T, d]`, together with this part's entries."""
+        local = local.clamp(min=self.floor).float()
+        top = torch.maximum(local.amax(dim=-1), self.max)
+        weights = torch.exp(local - top[..., None])
+        total, weighted = self.rescaled(top)
+        return (weights @ values.float() + weighted) / (weights.sum(dim=-1) + total)[..., None]
 
 
 class _GrowingBuffer:
@@ -365,11 +414,13 @@ class OverlayMemory:
     def add(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
         self.overlay.add(keys, values, mask)
 
-    def lookup(self, queries: torch.Tensor, h0: int, h1: int) -> MemoryLookup | None:
+    def lookup(self, queries: torch.Tensor, h0: int, h1: int) -> MemoryLookup | SoftmaxPart | None:
         extra = self.overlay.lookup(queries, h0, h1)
         base = self.base.lookup(queries, h0, h1)
         if extra is None:
             return base
+        if isinstance(base, SoftmaxPart):  # a sharded dense base answers with statistics: add the overlay's
+            return base.merge(SoftmaxPart.of(extra, base.scale, base.floor))
         parts = [extra] if base is None else [base, extra]
         scores = torch.cat([p.scores for p in parts], dim=-1)
         k = getattr(self.base, "k", None)  # kNN base: keep the top-k of base and overlay together

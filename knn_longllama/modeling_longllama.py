@@ -19,7 +19,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .configuration_longllama import (ATTN_IMPLEMENTATIONS, LEGACY_MEMORY_FIELDS, LongLlamaConfig,
                                      check_last_context_length, legacy_memory_spec, training_free_settings)
-from .memory import CrossBatchMemory, SinkMemory, make_memory
+from .memory import CrossBatchMemory, SinkMemory, SoftmaxPart, make_memory
 
 
 def split_windows(num_tokens: int, window: int, last_context_length: int) -> list[tuple[int, int]]:
@@ -206,6 +206,8 @@ class LongLlamaAttention(nn.Module):
                 if found is None:
                     probs = torch.softmax(local.clamp_(min=floor), dim=-1, dtype=torch.float32).to(q.dtype)
                     block_out = probs @ v[:, h0:h1]
+                elif isinstance(found, SoftmaxPart):  # memory spread over ranks: its softmax statistics
+                    block_out = found.attend(local, v[:, h0:h1]).to(q.dtype)
                 else:
                     mem = (found.scores * scale).masked_fill_(~found.valid, floor)
                     scores = torch.cat([local, mem], dim=-1).clamp_(min=floor)

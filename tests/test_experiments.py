@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from experiments import bench_ivf_scan, common, passkey_failures, update_readme
+from experiments import bench_ivf_scan, bench_parallel, common, passkey_failures, update_readme
 from experiments import run_experiments as runner
 from knn_longllama.passkey import INFO_TEMPLATE, make_passkey_prompt, n_garbage_for_tokens, passkey_prompts
 
@@ -247,6 +247,33 @@ def test_ivf_scan_benchmark_compares_the_same_searches():
     assert (rows["same_ids"] == 1.0).all() and (rows["ms"] > 0).all()
     with pytest.raises(SystemExit):
         bench_ivf_scan.parse_args(["--nlist", "0"])
+
+
+def test_parallel_benchmark_rows_and_section(results):
+    """One process, then 2 ranks per layout, read the same tokens: the ranks hold every key between them, exact Flat
+    keeps recall 1 through the merge, and the results page renders the rows."""
+    bench_parallel.main(["--tokens", "1500", "--memory", "Flat k=8", "--run", "t"])
+    bench_parallel.main(["--tokens", "1500", "--memory", "dense", "--layouts", "contiguous", "--run", "t"])
+    rows = common.table("bench_parallel")
+    for spec, layouts in (("Flat k=8", ["round robin", "contiguous"]), ("dense", ["contiguous"])):
+        part = rows[rows["memory_spec"] == spec]
+        assert list(dict.fromkeys(part["layout"])) == ["one process", *layouts]
+        summary, ranks = part[part["rank"] == "all"], part[part["rank"] != "all"]
+        assert (summary["seconds"] > 0).all() and list(summary["x_one_process"])[0] == 1.0
+        whole = int(ranks[ranks["layout"] == "one process"]["keys"].iloc[0])
+        assert whole == 1280  # 5 whole windows of 256; the last 220 tokens stay pending
+        for layout in layouts:  # 3 windows on rank 0 (0, 2, 4 or 0, 1, 2) and 2 on rank 1
+            shard = ranks[ranks["layout"] == layout]
+            held = [768, 512]
+            assert list(shard["keys"]) == held and (shard["sent_mb"] > 0).all() and (shard["collective_s"] > 0).all()
+        if spec == "Flat k=8":
+            assert (summary["recall"] == 1.0).all()
+    assert bench_parallel.tie_aware_recall(torch.tensor([[3.0, 2.0, 2.0]]), torch.tensor([[3.0, 2.0, 1.0]])) == 1.0
+    assert bench_parallel.tie_aware_recall(torch.tensor([[3.0, -float("inf")]]), torch.tensor([[3.0, 2.0]])) == 0.5
+    section = "\n".join(update_readme.parallel_section())
+    assert "| 1500 | Flat k=8 | round robin | 2 |" in section and (results / "bench_parallel.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        bench_parallel.parse_args(["--ranks", "1"])
 
 
 def test_passkey_failure_window_rule():
