@@ -116,6 +116,9 @@ class DenseMemory:
     def reset(self) -> None:
         self.__init__(self.dtype)
 
+    def close(self) -> None:
+        pass
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         if len(self) == 0:
             return {}
@@ -134,10 +137,12 @@ class KnnMemory:
     gathering a copy of the values per query.
     """
 
-    def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, spec, *, dtype: torch.dtype, device):
+    def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, spec, *, dtype: torch.dtype, device,
+                 directory=None, verify: bool = True):
         import knn_index  # the Faiss side is only needed by the kNN backends
 
-        self.store = knn_index.KnnStore(batch_size, num_kv_heads, head_dim, spec, dtype=dtype, device=device)
+        self.store = knn_index.KnnStore(batch_size, num_kv_heads, head_dim, spec, dtype=dtype, device=device,
+                                        directory=directory, verify=verify)
         self.k, self.dtype = self.store.spec.k, dtype
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
@@ -159,6 +164,14 @@ class KnnMemory:
     def nbytes(self) -> int:
         return self.store.nbytes()
 
+    def reserve(self, tokens: int) -> None:
+        """See `KnnStore.reserve`."""
+        self.store.reserve(tokens)
+
+    def close(self) -> None:
+        """Close a disk memory's files (see `KnnStore.close`)."""
+        self.store.close()
+
     def reset(self) -> None:
         self.store.reset()
 
@@ -169,16 +182,19 @@ class KnnMemory:
         self.store.load_state_dict(state)
 
 
-def make_memory(spec, batch_size: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype, device):
+def make_memory(spec, batch_size: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype, device,
+                directory=None, verify: bool = True):
     """An empty memory for one memory layer: `DenseMemory` for spec "dense", else a `KnnMemory`.
 
-    spec: a `knn_index.MemorySpec` (or its text / dict form, validated here)."""
+    spec: a `knn_index.MemorySpec` (or its text / dict form, validated here). directory, verify: where a
+    `storage=disk` memory keeps its files (see `knn_index.KnnStore`)."""
     from knn_index import MemorySpec
 
     spec = MemorySpec.coerce(spec)
     if spec.kind == "dense":
         return DenseMemory(dtype)
-    return KnnMemory(batch_size, num_kv_heads, head_dim, spec, dtype=dtype, device=device)
+    return KnnMemory(batch_size, num_kv_heads, head_dim, spec, dtype=dtype, device=device, directory=directory,
+                     verify=verify)
 
 
 def crossbatch_sources(batch_size: int, extra_contexts: int, device=None) -> torch.Tensor:
