@@ -9,12 +9,15 @@ Two experiments, every case in a fresh process (so its peak RSS is its own), one
   The same synthetic window is added to the three layers (each layer is its own store, as in the model).
 - `read`: the demo model reading N filler tokens with `Document.read` in disk and RAM mode at the same index settings:
   seconds, peak RSS, and passkey answers of a few trials in both modes.
+- `growth`: RAM storage of one 3B-shaped layer filled window by window, its capacity grown by doubling or reserved
+  exactly first (as `Document.read` does when it knows the token count): peak RSS.
 
     python -m experiments.bench_disk store --tokens 65536 --compare            # RAM and disk side by side
     python -m experiments.bench_disk store --tokens 1048576 --modes disk       # the 1M-token build (~38 GB of files)
     python -m experiments.bench_disk read --tokens 65536 262144 --passkey-tokens 8192 --trials 3
+    python -m experiments.bench_disk growth       # RAM storage: capacity reserved exactly vs grown by doubling
 
-Rows go to experiments/results/results.csv (experiments `disk_store` and `disk_read`).
+Rows go to experiments/results/results.csv (experiments `disk_store`, `disk_read` and `disk_growth`).
 """
 
 import argparse
@@ -45,7 +48,10 @@ def parse_args(argv=None):
     read.add_argument("--memory", default=READ_SPEC, help="memory spec (storage= is set per mode)")
     read.add_argument("--passkey-tokens", type=int, default=0, help="passkey prompt length (0: no passkey trials)")
     read.add_argument("--trials", type=int, default=3)
-    for q in (store, read):
+    growth = sub.add_parser("growth", help="RAM storage: peak RSS with the exact capacity reserved vs grown")
+    growth.add_argument("--tokens", type=int, nargs="+", default=[67584])
+    growth.add_argument("--modes", nargs="+", default=["grow", "reserve"], choices=["grow", "reserve"])
+    for q in (store, read, growth):
         q.add_argument("--threads", type=int, default=1, help="knn_index.set_num_threads (torch and faiss)")
         q.add_argument("--ram-budget", type=int, default=256, help="ram_budget of the disk mode (MiB)")
         q.add_argument("--dir", default=None, help="folder for the disk mode's files (default: a temporary one)")
@@ -81,7 +87,6 @@ def queries_for(centers, Q: int, seed: int):
 
 def store_case(cfg) -> dict:
     """Build a 3B-shaped memory of cfg["tokens"] tokens, time adds and one layer's search, measure peak RSS."""
-    import numpy as np
     import torch
 
     import knn_index
@@ -132,7 +137,6 @@ def store_case(cfg) -> dict:
 
 def read_case(cfg) -> dict:
     """The demo model reads cfg["tokens"] filler tokens with Document.read; then passkey trials."""
-    import torch
 
     import knn_index
     from experiments.bench_read import filler_ids
@@ -159,6 +163,29 @@ def read_case(cfg) -> dict:
     return row
 
 
+def growth_case(cfg) -> dict:
+    """One 3B-shaped layer (32 heads x 100, bf16, exact) in RAM filled with cfg["tokens"] tokens window by window,
+    its capacity grown by doubling or reserved exactly first: peak RSS over the start."""
+    import torch
+
+    import knn_index
+
+    knn_index.set_num_threads(cfg["threads"])
+    H, d, W = SHAPE_3B["heads"], SHAPE_3B["head_dim"], SHAPE_3B["window"]
+    gen = torch.Generator().manual_seed(0)
+    window = torch.randn(1, H, W, d, generator=gen).to(torch.bfloat16)
+    store = knn_index.KnnStore(1, H, d, "exact k=32", dtype=torch.bfloat16)
+    common.reset_peak_rss()
+    start = common.rss_mb("VmRSS")
+    if cfg["mode"] == "reserve":
+        store.reserve(cfg["tokens"])
+    for _ in range(cfg["tokens"] // W):
+        store.add(window, window)
+    return dict(peak_over_start_mb=round(common.rss_mb() - start, 1),
+                stored_mb=round(cfg["tokens"] // W * W * H * d * 2 * 2 / 2**20, 1),
+                allocated_mb=round(store.nbytes() / 2**20, 1))
+
+
 def run_isolated(ctx, fn, cfg) -> dict:
     with ctx.Pool(1, maxtasksperchild=1) as pool:
         return pool.apply(fn, (cfg,))
@@ -175,7 +202,7 @@ def main(argv=None) -> None:
         results = {}
         for mode in a.modes:
             cfg = dict(vars(a), tokens=tokens, mode=mode)
-            setting = dict(mode=mode, tokens=tokens, memory_spec=a.memory, threads=a.threads)
+            setting = dict(mode=mode, tokens=tokens, memory_spec=getattr(a, "memory", ""), threads=a.threads)
             if a.experiment == "store":
                 row = run_isolated(ctx, store_case, cfg)
                 results[mode] = {k: row.pop(k) for k in ("ids", "scores", "values")}
@@ -187,14 +214,17 @@ def main(argv=None) -> None:
                                               for k in ("ids", "scores", "values"))
                 metrics = ["add_s", "add_tokens_per_s", "build_peak_rss_mb", "start_rss_mb", "search_ms",
                            "search_repeats", "search_peak_rss_mb", "disk_gb", "recall", "same_ids", "same_results"]
+            elif a.experiment == "growth":
+                row = run_isolated(ctx, growth_case, cfg)
+                setting.update(memory_spec="exact k=32", layers=1, heads=32, head_dim=100)
+                metrics = ["peak_over_start_mb", "stored_mb", "allocated_mb"]
             else:
                 row = run_isolated(ctx, read_case, cfg)
                 setting.update(passkey_tokens=a.passkey_tokens)
                 metrics = ["seconds", "peak_rss_mb", "memory_mb", "disk_mb", "passkey_correct", "passkey_trials",
                            "passkey_generated"]
             print(setting, row, flush=True)
-            common.append_rows("disk_store" if a.experiment == "store" else "disk_read", [dict(setting, **row)],
-                               metrics, run, env)
+            common.append_rows(f"disk_{a.experiment}", [dict(setting, **row)], metrics, run, env)
 
 
 if __name__ == "__main__":

@@ -570,6 +570,12 @@ def disk_section() -> list[str]:
                   plot("disk_read", [dict(title="Demo model reading: peak RSS", x="tokens read", y="peak RSS (MB)",
                                           logx=2, series=series(read, ["mode", "memory_spec"], "tokens",
                                                                 "peak_rss_mb"))])]
+    growth = frame("disk_growth", points=["mode", "tokens"])
+    if not growth.empty:
+        parts.append(markdown(growth[["mode", "tokens", "stored_mb", "allocated_mb", "peak_over_start_mb"]],
+                              "RAM storage of one 3B-shaped layer (exact), filled window by window: capacity grown "
+                              "by doubling vs reserved exactly first (`KnnStore.reserve`, as `Document.read` of "
+                              "token ids does); peak RSS over the start"))
     return parts
 
 

@@ -8,11 +8,9 @@ import sys
 import textwrap
 import time
 
-import numpy as np
 import pytest
 import torch
 
-import knn_index
 from knn_index import KnnStore, MemorySpec
 from knn_index import disk as disk_module
 
