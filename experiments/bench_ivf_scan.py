@@ -15,7 +15,10 @@ returns (1.0: the same neighbours).
     python -m experiments.bench_ivf_scan --keys 100000 --nprobes 8 32 --seconds 0.5   # quick look
 
 Keys and queries are synthetic (``bench_memory.unit_data``, clustered unit vectors), so the inverted lists are about
-equally full; real keys of repeated filler fill a few lists far more. Rows go to experiments/results/results.csv.
+equally full; real keys of repeated filler fill a few lists far more. Method ``torch_coarse`` is what the store does
+for ``scan=index`` on the CPU: the coarse step (nearest nprobe centroids) as a torch matrix product and top-k, then
+Faiss's ``search_preassigned`` (one head here; the store batches the coarse step over a row's heads). Rows go to
+experiments/results/results.csv.
 """
 
 import argparse
@@ -42,11 +45,24 @@ def parse_args(argv=None):
     return a
 
 
+def preassigned_search(coarse, queries, k: int):
+    """Ids [nq, k] of the store's IVF path: the coarse step in torch (``knn_index.coarse``), then
+    ``search_preassigned`` of the probed lists."""
+    import numpy as np
+    import torch
+
+    near, lists = coarse.assign(torch.from_numpy(queries)[None], [0], coarse.ivfs[0].nprobe)
+    dist, ids = np.empty((len(queries), k), np.float32), np.empty((len(queries), k), np.int64)
+    coarse.search(0, queries, k, lists[0], near[0], dist, ids)
+    return ids
+
+
 def run(a) -> list[dict]:
     import numpy as np
 
     import knn_index
     from knn_index import factory
+    from knn_index.coarse import Coarse
 
     knn_index.set_num_threads(a.threads)
     rows = []
@@ -56,8 +72,10 @@ def run(a) -> list[dict]:
         index = factory.make_index(f"IVF{a.nlist},Flat", a.d, "l2")
         index.train(x[np.random.default_rng(0).choice(n, min(n, 40 * a.nlist), replace=False)])
         index.add(x)
+        coarse = Coarse([index])
         methods = {"search": lambda q: index.search(q, a.k)[1],
-                   "big_batch": lambda q: factory.big_batch_search(index, q, a.k)[1]}
+                   "big_batch": lambda q: factory.big_batch_search(index, q, a.k)[1],
+                   "torch_coarse": lambda q: preassigned_search(coarse, q, a.k)}
         for Q in a.queries:
             q = factory.augment_queries(unit_data(n, a.d, Q, seed=1)[2].numpy())
             for nprobe in a.nprobes:

@@ -9,6 +9,8 @@ a column per metric. The results page is a set of group-bys on these frames (`ex
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -37,19 +39,34 @@ def read_results(results: Path | None = None) -> pd.DataFrame:
     return pd.read_csv(path, dtype=str, keep_default_na=False)
 
 
+@contextlib.contextmanager
+def _locked(folder: Path):
+    """Hold an exclusive lock on `folder`/.lock: runs that append at the same time take turns."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def append_rows(experiment: str, rows: list[dict], metrics: list[str], run: str, env: str,
                 results: Path | None = None) -> None:
     """Append one run's `rows` (dicts of settings and metrics) to the table: a line per metric a row has; the
-    row's other keys are its settings."""
+    row's other keys are its settings. Concurrent runs take turns (a lock file); the table is replaced atomically."""
     lines = [{"experiment": experiment, "run": run, "env": env,
               **{name: str(v) for name, v in row.items() if name not in metrics}, "metric": metric,
               "value": str(row[metric])} for row in rows for metric in metrics if metric in row]
     if not lines:
         return
-    table = pd.concat([read_results(results), pd.DataFrame(lines, dtype=str)], ignore_index=True).fillna("")
-    settings = [c for c in table.columns if c not in ID_COLUMNS + ["metric", "value"]]
-    Path(results or RESULTS).mkdir(parents=True, exist_ok=True)
-    table[ID_COLUMNS + settings + ["metric", "value"]].to_csv(Path(results or RESULTS) / "results.csv", index=False)
+    folder = Path(results or RESULTS)
+    with _locked(folder):
+        table = pd.concat([read_results(results), pd.DataFrame(lines, dtype=str)], ignore_index=True).fillna("")
+        settings = [c for c in table.columns if c not in ID_COLUMNS + ["metric", "value"]]
+        partial = folder / f".results.csv.{os.getpid()}"
+        table[ID_COLUMNS + settings + ["metric", "value"]].to_csv(partial, index=False)
+        os.replace(partial, folder / "results.csv")
 
 
 def table(experiment: str, results: Path | None = None) -> pd.DataFrame:

@@ -426,6 +426,64 @@ def failures_section() -> list[str]:
             *parts] if parts else []
 
 
+def ruler_section() -> list[str]:
+    """RULER-style scores of real models (`python -m experiments.ruler`): per (model, setting, task, length) the mean
+    string_match_all score over the samples measured (a sample measured again counts once: its last run), the
+    average over the tasks measured at that length, and a plot of the average against length."""
+    from knn_longllama.ruler import TASKS
+
+    samples = frame("ruler_sample", points=["model", "setting", "task", "tokens", "seed", "sample"])
+    if samples.empty:
+        return []
+    samples = samples.assign(score=100 * samples["score"])
+    cells = samples.groupby(["model", "setting", "tokens", "task"], sort=False)["score"].agg(["mean", "count"])
+    cells = cells.reset_index()
+    average = cells.groupby(["model", "setting", "tokens"], sort=False).agg(
+        mean=("mean", "mean"), tasks=("task", "nunique"), count=("count", "sum")).reset_index()
+    lengths = sorted(cells["tokens"].unique())
+    rows = []
+    for (model, setting), part in cells.groupby(["model", "setting"], sort=False):
+        for task in [t for t in TASKS if t in set(part["task"])]:
+            got = {r["tokens"]: f"{r['mean']:.0f} ({r['count']})" for _, r in part[part["task"] == task].iterrows()}
+            rows.append({"model": model, "setting": setting, "task": task, **{f"{n} tokens": got.get(n, "-")
+                                                                              for n in lengths}})
+        mean = average[(average["model"] == model) & (average["setting"] == setting)]
+        got = {r["tokens"]: f"**{r['mean']:.0f}** ({r['tasks']} tasks)" for _, r in mean.iterrows()}
+        rows.append({"model": model, "setting": setting, "task": "average",
+                     **{f"{n} tokens": got.get(n, "-") for n in lengths}})
+    lines = average.assign(setting=average["model"] + ": " + average["setting"])
+    return ["## RULER-style suite on real models (`python -m experiments.ruler`)\n", environment_line(samples),
+            "Tasks and templates of RULER (arXiv 2404.06654; knn_longllama/ruler.py), Austen prose as the essay "
+            "haystack; a length is prompt + tokens to generate. *in context*: transformers' own LlamaForCausalLM on "
+            "the whole prompt (no windows, no memory); *memory ...*: the model read through its memory windows.\n",
+            markdown(pd.DataFrame(rows), "Score (string_match_all, %) per task and length: mean over samples "
+                     "(number of samples); average: mean over the tasks measured"),
+            plot("ruler", [dict(title="RULER-style average score", x="context tokens (prompt + generation)",
+                                y="average score (%)", logx=2, series=series(lines, ["setting"], "tokens", "mean"))])]
+
+
+def training_free_section() -> list[str]:
+    """Passkey trials of pretrained checkpoints read training-free (`python -m experiments.training_free`): per
+    (model, settings, memory, length) correct / trials with the Wilson interval and the median seconds per trial."""
+    trials = frame("training_free", points=["model", "settings", "memory_spec", "tokens", "seed", "trial"])
+    if trials.empty:
+        return []
+    rows = []
+    for (model, settings, memory, tokens), part in trials.groupby(["model", "settings", "memory_spec", "tokens"],
+                                                                  sort=False):
+        correct, count = int(part["correct"].sum()), len(part)
+        rows.append({"model": model, "settings": settings, "memory": memory, "tokens": tokens,
+                     "correct / trials": f"{correct}/{count} ({interval(correct, count)})",
+                     "median s / trial": f"{part['seconds'].median():.0f}"})
+    rows = pd.DataFrame(rows).sort_values(["model", "tokens", "settings", "memory"], kind="stable")
+    return ["## Pretrained checkpoints read training-free (`python -m experiments.training_free`)\n",
+            environment_line(trials),
+            "Passkey prompts of the demo's format; *settings*: config overrides on top of the model's defaults "
+            "(`--model smollm2`: memory in all 30 layers, windows of 512, 256 tokens kept local; "
+            "docs/semantics.md#training-free); *memory*: the memory spec (`block=b`: block retrieval).\n",
+            markdown(rows, "Passkey retrieval: correct / trials (95% Wilson interval), median seconds per trial")]
+
+
 def environment_line(table: pd.DataFrame) -> str:
     known = common.environments().set_index("env")
     lines = [f"{e['cpus']} CPUs ({e['processor'] or 'processor not recorded'}), torch {e['torch']}, faiss "
@@ -524,16 +582,25 @@ def benchmarks_section() -> list[str]:
                                                series=series(batched, ["setting"], "keys", "vs_search"))])]
     read = frame("bench_read", points=["tokens", "memory_spec"])
     if not read.empty:
-        columns = [c for c in ("tokens", "memory_spec", "seconds", "x_floor", "tokens_per_s", "peak_rss_mb", "memory_mb")
-                   if c in read.columns]
+        columns = [c for c in ("tokens", "memory_spec", "seconds", "x_floor", "cpu_seconds", "x_floor_cpu",
+                               "tokens_per_s", "peak_rss_mb", "memory_mb") if c in read.columns]
         knn = read[read["memory_spec"] != "bare windows"]
         parts += ["### Reading cost over the bare model (`python -m experiments.bench_read`)\n", environment_line(read),
                   markdown(read[columns], "The demo model reading N filler tokens with `Document.read`, one thread: "
                            "seconds, and x_floor, the time over the same windows through the model without memory "
-                           "layers in the same process"),
+                           "layers in the same process; cpu_seconds and x_floor_cpu: the same in CPU time of the "
+                           "process, steadier when other jobs share the cores (empty in earlier runs)"),
                   plot("bench_read", [dict(title="Reading with kNN memory, as a multiple of the bare windows",
                                            x="tokens read", y="time / bare windows", logx=2, logy=True,
                                            series=series(knn, ["memory_spec"], "tokens", "x_floor"))])]
+    checks = frame("device_check", points=["check", "device"])
+    if not checks.empty:
+        columns = [c for c in ("check", "device", "memory_spec", "keys", "queries", "heads", "dim", "k", "same_ids",
+                               "max_score_diff", "recall_cpu", "recall_device", "faiss_gpu") if c in checks.columns]
+        parts += ["### Device check (`experiments/device_check.sh`)\n", environment_line(checks),
+                  markdown(checks[columns], "The device's exact top-k against the CPU's (same_ids: share of queries "
+                           "with the same id set) and IVF recall@k on the CPU and on the device (faiss_gpu: the "
+                           "indexes ran on the GPU)")]
     parts += disk_section()
     return ["## Benchmarks\n", *parts] if parts else []
 
@@ -661,6 +728,10 @@ python -m experiments.bench_forward     # plain path vs transformers' LlamaForCa
 python -m experiments.bench_memory      # the kNN store: library overhead, memory-layer time vs memory size
 python -m experiments.bench_ivf_scan    # plain IVF search vs faiss.contrib.big_batch_search
 python -m experiments.bench_read        # reading with kNN memory as a multiple of the bare model
+python -m experiments.ruler --model smollm2 --in-context --lengths 2048 4096 8192 --samples 10   # RULER baseline
+python -m experiments.ruler --model smollm2 --memory "exact k=32" --lengths 8192 --samples 3     # a memory mode
+python -m experiments.training_free --lengths 32768 --trials 2 --settings "mem_distance=1024,mem_sink_tokens=64" \\
+    --memory "exact k=16 block=128"   # a pretrained checkpoint (SmolLM2) read training-free, per setting
 python -m experiments.train_demo_model  # the demo checkpoint (its MODEL_CARD.md gives every stage's command)
 python experiments/update_readme.py    # regenerate this file, its plots and the README's headline table
 ```
@@ -680,7 +751,7 @@ def results_page() -> str:
     """The whole of experiments/README.md."""
     measured = [s for s in SCALES if any(not frame(e, s).empty for e in ("passkey", "ingest", "decode", "recall"))]
     parts = [part for scale in measured for part in scale_section(scale)]
-    parts += failures_section() + [archives()] + benchmarks_section()
+    parts += failures_section() + ruler_section() + training_free_section() + [archives()] + benchmarks_section()
     return PAGE_HEADER + "\n" + "\n".join(part for part in parts if part)
 
 

@@ -25,6 +25,9 @@ NORM_MARGIN = 1.1
 
 # Points per centroid used to size default training sets. Faiss warns below 39.
 POINTS_PER_CENTROID = 40
+# Keys a list that an IVF with Flat or SQ codes is trained on (a sample of the keys buffered until its training
+# size, POINTS_PER_CENTROID a list): k-means costs in proportion, and more keys did not raise recall on the demo.
+TRAIN_POINTS_PER_LIST = 16
 # Default training-set size for trainable indices with no centroids to count
 # (e.g. scalar quantizers, which only learn per-dimension ranges).
 MIN_TRAIN_SIZE = 1024
@@ -154,6 +157,16 @@ def growth_stages(index: str, train_size: int) -> list[tuple[int, str]]:
     return sorted(stages) + [(train_size, index)]
 
 
+def training_sample_size(index: faiss.Index, at: int) -> int:
+    """Keys to train ``index`` on when ``at`` keys are there: TRAIN_POINTS_PER_LIST a list (at least
+    MIN_TRAIN_SIZE) for an IVF index with Flat or SQ codes, whose coarse k-means is all it learns; ``at`` for the
+    others (PQ and OPQ codebooks learn from every key)."""
+    index = faiss.downcast_index(index)
+    if not isinstance(index, (faiss.IndexIVFFlat, faiss.IndexIVFScalarQuantizer)):
+        return at
+    return min(at, max(MIN_TRAIN_SIZE, TRAIN_POINTS_PER_LIST * index.nlist))
+
+
 def min_train_size(index: faiss.Index) -> int:
     """Fewest keys Faiss accepts for training: one per centroid of the largest codebook."""
     return max([1] + list(_codebooks(index)))
@@ -172,6 +185,8 @@ def prepare_training(index: faiss.Index, seed: int) -> None:
         cp = getattr(part, "cp", None)
         if cp is not None:
             cp.seed = seed
+            if hasattr(part, "nlist"):  # only a warning threshold: Faiss prints one below it
+                cp.min_points_per_centroid = min(cp.min_points_per_centroid, TRAIN_POINTS_PER_LIST)
         pq = getattr(part, "pq", None)
         if pq is not None and getattr(pq, "cp", None) is not None:
             pq.cp.seed = seed

@@ -6,8 +6,8 @@
 
 The text form is the index (``dense``, ``exact`` or a Faiss ``index_factory`` string, no spaces) followed by
 ``name=value`` options: ``k``, ``k_factor``, ``metric`` (ip, l2), ``scan`` (index, big_batch), ``train`` (once,
-grow), ``storage`` (ram, disk), ``ram_budget`` (MiB, disk storage) and the Faiss parameters in ``SEARCH_PARAMS``.
-``str(spec)`` gives it back. Everything that can be checked without knowing the
+grow), ``storage`` (ram, disk), ``ram_budget`` (MiB, disk storage), ``block`` and the Faiss parameters in
+``SEARCH_PARAMS``. ``str(spec)`` gives it back. Everything that can be checked without knowing the
 vector dimension is checked here, including the factory strings that make Faiss abort, crash or hang; what depends
 on the dimension (``PQ16`` needs d divisible by 16) is checked when a store builds its index.
 This module imports neither torch nor Faiss.
@@ -32,6 +32,7 @@ MAX_RAM_BUDGET = 1 << 24
 SEARCH_PARAMS = {"nprobe": 1 << 20, "efSearch": 1 << 20, "efConstruction": 1 << 16, "quantizer_efSearch": 1 << 20,
                  "max_codes": 1 << 40}
 MAX_K = 1 << 24
+MAX_BLOCK = 1 << 16
 MAX_K_FACTOR = 1 << 10
 
 
@@ -54,6 +55,9 @@ class MemorySpec:
     ram_budget: storage "disk": MiB of file pages that reading candidates may map at once before they are
               dropped again (MADV_DONTNEED); bounds the resident set, not the page cache.
     index_params: Faiss search parameters, e.g. {"nprobe": 32} or {"efSearch": 64}; positive integers.
+    block:    tokens per retrieved unit. 1: the top-k tokens per query. b > 1: the memory is cut into blocks of b
+              consecutive tokens, each searchable by one representative key (the mean of its keys); a lookup
+              retrieves the k best blocks for the mean of its queries, and every query attends to all their tokens.
     """
 
     index: str = DENSE
@@ -65,6 +69,7 @@ class MemorySpec:
     storage: str = "ram"
     ram_budget: int = DEFAULT_RAM_BUDGET
     index_params: dict = field(default_factory=dict)
+    block: int = 1
 
     def __post_init__(self):
         index = self.index.strip() if isinstance(self.index, str) else self.index
@@ -86,6 +91,11 @@ class MemorySpec:
             raise ValueError("memory 'dense' attends to every entry and keeps them in RAM; storage=disk needs a kNN "
                              "index such as 'IVF1024,PQ16' or 'exact'")
         set_(self, "index_params", _search_params(self.index_params))
+        set_(self, "block", _int("block", self.block, MAX_BLOCK))
+        if self.index == DENSE and self.block != 1:
+            raise ValueError(f"memory 'dense' attends to every entry and retrieves no blocks; got block={self.block}")
+        if self.block != 1 and self.storage == "disk":
+            raise ValueError(f"block={self.block}: block retrieval keeps its tokens in RAM; storage=disk needs block=1")
         if self.index != DENSE and self.index != EXACT:
             return
         extra = {name: value for name, value in (("k_factor", self.k_factor), ("metric", self.metric),
@@ -115,7 +125,7 @@ class MemorySpec:
                 raise ValueError(f"memory {text!r}: options are name=value, got {option!r}")
             if name in fields or name in params:
                 raise ValueError(f"memory {text!r}: {name!r} is given twice")
-            if name in ("k", "k_factor", "ram_budget"):
+            if name in ("k", "k_factor", "ram_budget", "block"):
                 fields[name] = _number(name, value)
             elif name in ("metric", "scan", "train", "storage"):
                 fields[name] = value
@@ -123,7 +133,7 @@ class MemorySpec:
                 params[name] = _number(name, value)
             else:
                 raise ValueError(f"memory {text!r}: unknown option {name!r}; accepted: k, k_factor, metric, scan, train, "
-                                 f"storage, ram_budget, {', '.join(SEARCH_PARAMS)}")
+                                 f"storage, ram_budget, block, {', '.join(SEARCH_PARAMS)}")
         return cls(index=index, index_params=params, **fields)
 
     @classmethod
@@ -135,10 +145,10 @@ class MemorySpec:
             return cls.parse(value)
         if isinstance(value, dict):
             unknown = set(value) - {"index", "k", "k_factor", "metric", "scan", "train", "storage", "ram_budget",
-                                    "index_params"}
+                                    "index_params", "block"}
             if unknown:
                 raise ValueError(f"memory: unknown fields {sorted(unknown)}; accepted: index, k, k_factor, metric, "
-                                 "scan, train, storage, ram_budget, index_params")
+                                 "scan, train, storage, ram_budget, index_params, block")
             return cls(**value)
         raise ValueError(f"memory must be a MemorySpec, a string such as 'IVF1024,Flat k=32 nprobe=32' or a dict, "
                          f"got {type(value).__name__}")
@@ -152,7 +162,7 @@ class MemorySpec:
     def to_dict(self) -> dict:
         return dict(index=self.index, k=self.k, k_factor=self.k_factor, metric=self.metric, scan=self.scan,
                     train=self.train, storage=self.storage, ram_budget=self.ram_budget,
-                    index_params=dict(self.index_params))
+                    index_params=dict(self.index_params), block=self.block)
 
     def __str__(self) -> str:
         if self.index == DENSE:
@@ -162,6 +172,7 @@ class MemorySpec:
                                                                  "ram_budget")
                     if getattr(self, name) != getattr(MemorySpec, name)]
         options += [f"{name}={value}" for name, value in sorted(self.index_params.items())]
+        options += [f"block={self.block}"] if self.block != 1 else []
         return " ".join([self.index, *options])
 
     def __hash__(self) -> int:

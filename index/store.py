@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from . import checks, factory
+from .coarse import Coarse, preassignable
 from .exact import exact_topk
 from .result import SearchResult, empty_result, rescore
 from .spec import MemorySpec
@@ -26,7 +27,7 @@ class KnnStore:
     the default k, ``k_factor`` (fetch ``k_factor * k`` candidates and keep
     the k best by exact score, as faiss.IndexRefine), ``metric`` ("l2" indexes
     keys augmented to a common norm M, ``factory.augment_keys``; M per
-    (row, head) is 1.1 x the largest key norm the index is first built from),
+    (row, head) is 1.1 x the largest norm of the row's keys when its index is built),
     ``scan`` ("big_batch": faiss.contrib.big_batch_search, IVF on the CPU)
     and the Faiss search parameters (nprobe, efSearch, ...).
 
@@ -123,6 +124,7 @@ class KnnStore:
         self._stage = [0 if faiss_path and self.train_size == 0 else -1] * B
         self._indexed = [0] * B  # keys of the row already added to its indexes
         self._norms = np.zeros((B, H))  # faiss_metric "l2": augmentation norm per (row, head), 0 = not set yet
+        self._coarse = [None] * B  # per row: (the index list it describes, its Coarse or None); see _row_coarse
 
     # ---------------------------------------------------------------- state
     def __len__(self) -> int:
@@ -168,6 +170,12 @@ class KnnStore:
     def flush(self) -> None:
         """Make a disk store's files durable (fsync); nothing in RAM."""
         self._storage.flush()
+
+    def journal_sha256(self) -> str:
+        """SHA-256 of a disk store's journal, which records the CRC-32 of every appended byte."""
+        if self.directory is None:
+            raise ValueError("journal_sha256: this store keeps its keys in RAM (storage=ram)")
+        return self._storage.journal_sha256()
 
     def close(self) -> None:
         """Flush and close a disk store's files (a temporary directory is removed); nothing in RAM."""
@@ -225,10 +233,18 @@ class KnnStore:
         if stage != self._stage[b]:
             self._build_row(b, stage)
             done = 0
+        coarse = self._row_coarse(b)
         for start in range(done, n, ADD_CHUNK):
             x = self._storage.float_keys(b, start, min(n, start + ADD_CHUNK))
-            for h, idx in enumerate(self._indexes[b]):
-                factory.add_sequential(idx, self._indexable(b, h, x[h]), start)
+            if coarse is None:
+                for h, idx in enumerate(self._indexes[b]):
+                    factory.add_sequential(idx, self._indexable(b, h, x[h]), start)
+            else:  # every head's keys assigned to lists at once, then appended with ids start, start + 1, ...
+                x = np.stack([self._indexable(b, h, x[h]) for h in range(self.num_heads)])
+                lists = coarse.nearest(torch.from_numpy(x), list(range(self.num_heads)))
+                for h, idx in enumerate(self._indexes[b]):
+                    assert idx.ntotal == start, "index and storage out of sync"
+                    coarse.add(h, x[h], lists[h])
         self._indexed[b] = n
 
     def _ensure_indexed(self) -> None:
@@ -238,6 +254,16 @@ class KnnStore:
             if not self.exact:
                 for b in range(self.batch_size):
                     self._sync_row(b)
+
+    def _row_coarse(self, b: int) -> Coarse | None:
+        """The torch coarse step of row ``b``'s trained IVF indexes (built when they change), or None where each
+        index runs its own quantizer (GPU indexes, non-IVF indexes, rows not trained yet)."""
+        row = self._indexes[b]
+        cached = self._coarse[b]
+        if cached is None or cached[0] is not row:
+            usable = self._gpu is None and self._stage[b] >= 0 and all(preassignable(i) for i in row)
+            cached = self._coarse[b] = (row, Coarse(row) if usable else None)
+        return cached[1]
 
     def _indexable(self, b: int, h: int, x: np.ndarray) -> np.ndarray:
         """Keys [n, d] as the index of (row b, head h) takes them: as they are ("ip") or norm-augmented ("l2",
@@ -249,17 +275,21 @@ class KnnStore:
         return factory.augment_keys(x, self._norms[b, h])
 
     def _build_row(self, b: int, stage: int) -> None:
-        """New indexes of ``stage`` for row ``b``, trained on a seeded sample of the stage's size from the row's
-        keys (the augmentation norm of metric "l2" taken afresh from it); the caller adds every key."""
+        """New indexes of ``stage`` for row ``b``, trained on a seeded sample of the row's keys
+        (``factory.training_sample_size``; the augmentation norm of metric "l2" taken afresh from every stored key);
+        the caller adds every key."""
         at, proto = self._stages[stage]
         n = self._storage.sizes[b]
         x = self._storage.float_keys(b, 0, n)
-        if n > at:  # seeded sample of `at` stored keys
-            pick = np.sort(np.random.default_rng(self.seed).choice(n, at, replace=False))
-            x = x[:, pick]
-        indexes = [self._new_index(proto) for _ in range(self.num_heads)]
         norms = self._norms[b].copy()
         self._norms[b] = 0
+        if self.spec.metric == "l2":
+            self._norms[b] = [factory.augmentation_norm(keys) for keys in x]
+        sample = factory.training_sample_size(proto, at)
+        if n > sample:  # seeded sample of the stored keys
+            pick = np.sort(np.random.default_rng(self.seed).choice(n, sample, replace=False))
+            x = x[:, pick]
+        indexes = [self._new_index(proto) for _ in range(self.num_heads)]
         try:
             for h, idx in enumerate(indexes):
                 if not idx.is_trained:
@@ -332,6 +362,13 @@ class KnnStore:
                 qn = factory.augment_queries(qn)
             dist = np.empty((Q, K), dtype=np.float32)
             for b in indexed:
+                coarse = self._row_coarse(b) if self.spec.scan == "index" else None
+                if coarse is not None:  # the coarse step of every head at once, then each head scans its lists
+                    nprobe = faiss.downcast_index(self._indexes[b][hs[0]]).nprobe
+                    near, lists = coarse.assign(torch.from_numpy(qn[b]), hs, nprobe)
+                    for j, h in enumerate(hs):
+                        coarse.search(h, qn[b, j], K, lists[j], near[j], dist, ids[b, j])
+                    continue
                 for j, h in enumerate(hs):
                     if self.spec.scan == "big_batch":
                         ids[b, j] = factory.big_batch_search(self._indexes[b][h], qn[b, j], K)[1]

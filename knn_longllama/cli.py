@@ -5,6 +5,7 @@
     knn-longllama read book.txt -o book.memory --memory "Flat k=32"
     knn-longllama ask book.memory "What is the pass key?"      # the memory file knows its memory spec
     knn-longllama generate "Once upon a time" --max-new-tokens 40
+    knn-longllama ruler --model smollm2 --lengths 4096 8192 --tasks niah_single_1 vt --samples 10 --threads 1
 
 A memory spec is a `knn_index.MemorySpec` in text form: `dense`, `exact k=32`, or a Faiss index_factory string with
 options (k, k_factor, metric=ip|l2, scan=index|big_batch, nprobe, efSearch, ...). Every error is one line on
@@ -38,6 +39,16 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
     return value
 
 
@@ -98,6 +109,9 @@ def load_model(name: str | None, device: str, **overrides):
     if name in (None, "demo"):
         from .demo import load_demo
 
+        if overrides.get("training_free"):
+            raise UsageError("--training-free sets up a pretrained checkpoint (smollm2, a .gguf file or a folder); "
+                             "the demo model is FoT-trained")
         return load_demo(device=device, **overrides)
     from transformers import AutoTokenizer
 
@@ -114,6 +128,29 @@ def load_model(name: str | None, device: str, **overrides):
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
     else:
         raise UsageError(f"--model {name!r}: expected 'demo', 'smollm2', a .gguf file or a checkpoint folder")
+    return model.to(device).eval(), tokenizer
+
+
+def load_in_context(name: str | None, device: str):
+    """transformers' own LlamaForCausalLM reading the whole prompt in context (no windows, no memory): the baseline
+    of the long-context evaluations. `name`: 'smollm2', a .gguf file or a Hugging Face LLaMA folder."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    if name in (None, "demo"):
+        raise UsageError("--in-context needs 'smollm2', a .gguf file or a Hugging Face LLaMA folder (the demo model "
+                         "reads through its memory only)")
+    name = smollm2_file() if name == "smollm2" else name
+    if os.path.isfile(name) and name.endswith(".gguf"):
+        folder, gguf = os.path.split(os.path.abspath(name))
+        model = LlamaForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype="float32")
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    elif os.path.isdir(name):
+        model = LlamaForCausalLM.from_pretrained(name, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
+    else:
+        raise UsageError(f"--model {name!r}: expected 'smollm2', a .gguf file or a checkpoint folder")
     return model.to(device).eval(), tokenizer
 
 
@@ -180,6 +217,41 @@ def cmd_passkey(args) -> int:
         print("\n| memory | tokens | accuracy | seconds |\n|---|---|---|---|")
         for row in rows:
             print(f"| {row['memory']} | {row['tokens']} | {row['accuracy']:.2f} | {row['seconds']} |")
+    return 0
+
+
+def cmd_ruler(args) -> int:
+    from .ruler import check_output, ruler_scores, save_rows, score_table
+
+    if args.output is not None:
+        check_output(args.output)
+    if args.in_context:
+        if args.memory != [None] or model_settings(args):
+            raise UsageError("--in-context reads the whole prompt without windows or memory: drop --memory, "
+                             "--mem-layers, --window, --last-context-length and --attn-implementation")
+        model, tokenizer = load_in_context(args.model, args.device)
+    else:
+        model, tokenizer = load_model(args.model, args.device, **model_settings(args))
+        longest, budget = max(args.lengths), available_ram()
+        for spec in args.memory:
+            need = passkey_ram(model.config, spec or model.config.memory_spec, longest)
+            if need > budget and not args.force:
+                raise UsageError(f"--lengths {longest} with memory '{spec or model.config.memory_spec}' needs about "
+                                 f"{need / 2**30:.1f} GiB of RAM; {budget / 2**30:.1f} GiB are available (pass "
+                                 "--force to try anyway)")
+    chat = {"auto": "auto", "yes": True, "no": False}[args.chat]
+    rows = []
+    for spec in args.memory:
+        label = "in context" if args.in_context else spec or model.config.memory_spec
+        kwargs = {} if spec is None else {"memory_spec": spec}
+        results = ruler_scores(model, tokenizer, args.lengths, args.tasks, samples=args.samples, seed=args.seed,
+                               start=args.first_sample, chat=chat, progress=not args.quiet, **kwargs)
+        rows += [{"memory": label, **row} for row in results]
+        for length in args.lengths:
+            print(f"\nmemory '{label}'\n" + score_table([r for r in results if r["tokens"] == length]), flush=True)
+    if args.output is not None:
+        save_rows(args.output, rows)
+        print(f"\nwrote {len(rows)} rows to {args.output}")
     return 0
 
 
@@ -266,7 +338,21 @@ def model_settings(args) -> dict:
     settings = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
     if args.mem_layers is not None:
         settings["mem_layers"] = "all" if args.mem_layers == ["all"] else [int(i) for i in args.mem_layers]
+    if args.window is not None:
+        settings["max_position_embeddings"] = args.window
+    if args.last_context_length is not None:
+        settings["last_context_length"] = args.last_context_length
+    if args.mem_distance is not None:
+        settings["mem_distance"] = None if args.mem_distance == "none" else args.mem_distance
+    if args.sink_tokens is not None:
+        settings["mem_sink_tokens"] = args.sink_tokens
+    if args.training_free:
+        settings["training_free"] = True
     return settings
+
+
+def distance(text: str):
+    return "none" if text == "none" else non_negative_int(text)
 
 
 def layer_index(text: str) -> str:
@@ -289,6 +375,20 @@ def build_parser() -> argparse.ArgumentParser:
                              "(official LongLLaMA or Hugging Face LLaMA)")
     common.add_argument("--mem-layers", type=layer_index, nargs="*", default=None,
                         help="memory layers: indices, 'all', or no value for none (the ablation without memory)")
+    common.add_argument("--window", type=positive_int, default=None,
+                        help="tokens per window (the config's max_position_embeddings; default: the model's own)")
+    common.add_argument("--last-context-length", type=positive_int, default=None,
+                        help="tokens of the prompt's end kept local, not read into memory (default: the model's own)")
+    common.add_argument("--training-free", action="store_true",
+                        help="read a pretrained checkpoint never trained with FoT: memory in every layer, windows, "
+                             "distance, sinks and block retrieval set from its trained context (docs/tuning.md); the "
+                             "other flags override single settings")
+    common.add_argument("--mem-distance", type=distance, default=None,
+                        help="RoPE distance of every memory entry from every query (an int >= 0), or 'none' for the "
+                             "official scheme (default: the model's own; docs/semantics.md#training-free)")
+    common.add_argument("--sink-tokens", type=non_negative_int, default=None,
+                        help="first tokens of a document attended by every query of the memory layers (default: the "
+                             "model's own)")
     common.add_argument("--device", type=device_name, default="cpu", help="torch device: cpu (default) or cuda[:N]")
     common.add_argument("--threads", type=thread_count, default=None,
                         help="threads for torch and Faiss together, 1 to the number of CPUs (default: their own)")
@@ -308,6 +408,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="run even where the RAM estimate exceeds the available RAM")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.set_defaults(func=cmd_passkey)
+
+    from .ruler import TASKS
+
+    p = sub.add_parser("ruler", parents=[common],
+                       help="RULER-style needle-in-a-haystack and variable-tracking scores per length "
+                            "(knn_longllama/ruler.py)")
+    p.add_argument("--lengths", type=positive_int, nargs="+", default=[4096],
+                   help="target lengths in tokens (prompt + tokens to generate, as in RULER)")
+    p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS), metavar="TASK",
+                   help=f"tasks (default: all): {', '.join(TASKS)}")
+    p.add_argument("--samples", type=positive_int, default=5, help="prompts per task and length (fixed seeds)")
+    p.add_argument("--first-sample", type=non_negative_int, default=0,
+                   help="index of the first sample (samples of a seed are numbered; e.g. 5 adds samples 5..)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memory", type=memory_spec, nargs="+", default=[None],
+                   help=MEMORY_HELP + " (several allowed; default: the model's own)")
+    p.add_argument("--in-context", action="store_true",
+                   help="the baseline: transformers' own LlamaForCausalLM on the whole prompt, no windows, no memory")
+    p.add_argument("--chat", choices=["auto", "yes", "no"], default="auto",
+                   help="wrap the task in the tokenizer's chat template (auto: when it has one, as RULER does for "
+                        "chat models)")
+    p.add_argument("--output", default=None, help="also write the rows to this .csv or .json file (atomically)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--force", action="store_true", help="run even where the RAM estimate exceeds the available RAM")
+    p.set_defaults(func=cmd_ruler)
 
     parallel = Parser(add_help=False)
     parallel.add_argument("--context-parallel", action="store_true",

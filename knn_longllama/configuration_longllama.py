@@ -33,6 +33,11 @@ class LongLlamaConfig(PreTrainedConfig):
     Added by this project:
 
     - `num_key_value_heads`: grouped-query attention (defaults to `num_attention_heads`, plain multi-head).
+    - `mem_distance`: the RoPE distance at which every query of a memory layer sees every memory entry; null (the
+      official scheme) places memory keys at window position 0, so a query at window position p sees them at
+      distance p. Needs `mem_positionals`. For checkpoints without FoT training (docs/semantics.md#training-free).
+    - `mem_sink_tokens`: the first n tokens of each document, once they leave the local window, are attended by
+      every query of the memory layers (as memory entries, beside the retrieved ones) instead of being searched.
     - `attn_implementation` (transformers' own setting): `"eager"` (default, the official math: matmul + fp32
       softmax) or `"sdpa"` (fused scaled_dot_product_attention in non-memory layers and in memory layers with dense
       memory, over local keys and every memory entry; kNN memory layers keep matmul + fp32 softmax).
@@ -71,6 +76,8 @@ class LongLlamaConfig(PreTrainedConfig):
     mem_attention_grouping: list[int] | tuple[int, int] | None = None
     gradient_checkpoint_every_ith: int = 1
     memory_spec: str | dict | None = None
+    mem_distance: int | None = None
+    mem_sink_tokens: int = 0
 
     def __post_init__(self, **kwargs):
         legacy = {name: kwargs.pop(name) for name in LEGACY_MEMORY_FIELDS if name in kwargs}
@@ -145,6 +152,16 @@ class LongLlamaConfig(PreTrainedConfig):
                     "`mem_attention_grouping` must be null or a pair of positive ints (heads, queries), "
                     f"got {self.mem_attention_grouping!r}."
                 )
+        if self.mem_distance is not None:
+            if isinstance(self.mem_distance, bool) or not isinstance(self.mem_distance, int) or self.mem_distance < 0:
+                raise ValueError(f"`mem_distance` must be null or an int >= 0 (a RoPE distance), "
+                                 f"got {self.mem_distance!r}.")
+            if not self.mem_positionals:
+                raise ValueError("`mem_distance` needs `mem_positionals=True` (memory layers without RoPE have no "
+                                 "distance to set).")
+        if isinstance(self.mem_sink_tokens, bool) or not isinstance(self.mem_sink_tokens, int) or \
+                self.mem_sink_tokens < 0:
+            raise ValueError(f"`mem_sink_tokens` must be an int >= 0, got {self.mem_sink_tokens!r}.")
         try:
             self.memory_spec = str(MemorySpec.coerce(self.memory_spec))
         except ValueError as error:
@@ -181,6 +198,25 @@ class LongLlamaConfig(PreTrainedConfig):
         return cls(**kwargs)
 
 
+# The training-free rule (docs/tuning.md#pretrained-checkpoints): windows of TF_WINDOW tokens with half kept local,
+# memory in every layer at distance 2 x window, the first TF_SINKS tokens always attended, and the TF_BLOCKS best
+# blocks of TF_BLOCK tokens retrieved per window (at most a quarter of the trained context).
+TF_WINDOW, TF_SINKS, TF_BLOCK, TF_BLOCKS = 512, 64, 128, 16
+
+
+def training_free_settings(trained_context: int) -> dict:
+    """Config overrides that let a pretrained LLaMA-family checkpoint, never trained with FoT, read past its trained
+    context (`trained_context` tokens, its `max_position_embeddings`) through memory in every layer."""
+    if isinstance(trained_context, bool) or not isinstance(trained_context, int) or trained_context < 1:
+        raise ValueError(f"trained_context must be a positive int (the checkpoint's max_position_embeddings), "
+                         f"got {trained_context!r}")
+    window = min(TF_WINDOW, max(1, trained_context // 4))
+    blocks = max(1, min(TF_BLOCKS, trained_context // 4 // TF_BLOCK))
+    return dict(mem_layers="all", max_position_embeddings=window, last_context_length=max(1, window // 2),
+                mem_distance=min(2 * window, trained_context - 1), mem_sink_tokens=min(TF_SINKS, window // 4),
+                memory_spec=f"exact k={blocks} block={min(TF_BLOCK, window)}")
+
+
 def legacy_memory_spec(fields: dict) -> str:
     """The `memory_spec` text equal to the memory fields of earlier versions (`LEGACY_MEMORY_FIELDS`)."""
     backend = fields.get("mem_backend", "dense")
@@ -205,4 +241,4 @@ def check_last_context_length(value) -> int:
     return value
 
 
-__all__ = ["LongLlamaConfig"]
+__all__ = ["LongLlamaConfig", "training_free_settings"]

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from knn_index import MemorySpec
 
 from .configuration_longllama import check_last_context_length
-from .memory import OverlayMemory
+from .memory import OverlayMemory, SinkMemory
 from .parallel import ShardedMemory, current_shard_path, shard_path
 from .modeling_longllama import LongLlamaCache
 
@@ -56,7 +56,7 @@ MANIFEST_FIELDS = {"format_version": int, "model_fingerprint": str, "memory_spec
 DISK_FIELD = "disk"  # optional manifest field of a storage=disk memory: {"dir": str, "journals": {layer: sha256}}
 FINGERPRINT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                       "num_key_value_heads", "max_position_embeddings", "rope_theta", "rms_norm_eps", "hidden_act",
-                      "mem_layers", "mem_positionals", "mem_dtype")
+                      "mem_layers", "mem_positionals", "mem_dtype", "mem_distance", "mem_sink_tokens")
 
 
 def model_fingerprint(model) -> str:
@@ -185,7 +185,9 @@ class Document:
     def close(self) -> None:
         """Close the files of a `storage=disk` memory (a temporary folder is removed); nothing to do in RAM."""
         for memory in self.memories.values():
-            memory.close()
+            store = _knn_store(memory)
+            if store is not None:
+                store.close()
 
     @classmethod
     @torch.no_grad()
@@ -218,9 +220,11 @@ class Document:
         memories = {idx: model.model.new_memory(1, device, spec, directory=dirs[idx]) for idx in config.mem_layers}
         known = len(source_kwargs.get("ids") or ())
         if known - tail >= lctx:
-            for memory in memories.values():
-                memory.reserve((known - tail) // lctx * lctx)
+            for store in filter(None, map(_knn_store, memories.values())):
+                store.reserve((known - tail) // lctx * lctx)
         if context_parallel:
+            if config.mem_sink_tokens:
+                raise ValueError("context_parallel does not support mem_sink_tokens > 0 yet; set mem_sink_tokens=0")
             memories = {idx: ShardedMemory(memory) for idx, memory in memories.items()}
         buffer, total = [], 0
         with tqdm(desc="reading", unit="tok", disable=not progress) as bar:
@@ -241,7 +245,8 @@ class Document:
     def new_cache(self) -> LongLlamaCache:
         """A generation cache over this document's memory; what it adds goes to a private overlay."""
         cache = LongLlamaCache(self.model.config.num_hidden_layers)
-        cache.memories = {idx: OverlayMemory(memory) for idx, memory in self.memories.items()}
+        cache.memories = {idx: memory.with_base(OverlayMemory(memory.base)) if isinstance(memory, SinkMemory)
+                          else OverlayMemory(memory) for idx, memory in self.memories.items()}
         return cache
 
     @torch.no_grad()
@@ -278,10 +283,10 @@ class Document:
                 raise ValueError("this document's disk memory lives in a temporary folder; read it with "
                                  "memory_dir= to save it")
             for memory in self.memories.values():
-                memory.store.flush()
+                _knn_store(memory).flush()
             folder = os.path.dirname(os.path.abspath(path))
             disk = {"dir": os.path.relpath(self.memory_dir, folder),
-                    "journals": {str(idx): m.store._storage.journal_sha256() for idx, m in self.memories.items()}}
+                    "journals": {str(idx): _knn_store(m).journal_sha256() for idx, m in self.memories.items()}}
         tensors = {}
         for idx, memory in self.memories.items():
             for name, tensor in memory.state_dict().items():
@@ -378,6 +383,15 @@ class Document:
                              f"windows of {lctx} and last_context_length={tail}")
         return cls(model, tokenizer, memories, pending, num_tokens, tail, spec,
                    None if dirs is None else os.path.dirname(next(iter(dirs.values()), "")) or None)
+
+
+def _knn_store(memory):
+    """The `knn_index.KnnStore` holding a memory's entries (through sink and shard wrappers), or None."""
+    while not hasattr(memory, "store"):
+        memory = getattr(memory, "base", None) or getattr(memory, "local", None)
+        if memory is None:
+            return None
+    return memory.store
 
 
 def _layer_dirs(memory_dir, spec: MemorySpec, mem_layers, context_parallel: bool) -> dict:

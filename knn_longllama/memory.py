@@ -182,9 +182,138 @@ class KnnMemory:
         self.store.load_state_dict(state)
 
 
+class BlockMemory:
+    """Top-k blocks: the memory is cut into blocks of `spec.block` consecutive real tokens per row. A lookup retrieves,
+    per row and KV head, the k blocks whose representative key (the mean of the block's keys) scores highest against
+    the mean of the lookup's queries, plus the row's last, incomplete block, and offers all their tokens to every
+    query (exact scores). The representatives are searched with the spec's index (a `knn_index.KnnStore`).
+    docs/semantics.md#block-retrieval.
+    """
+
+    def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, spec, *, dtype: torch.dtype, device):
+        import knn_index
+
+        self.block, self.k, self.dtype = spec.block, spec.k, dtype
+        self.shape = (batch_size, num_kv_heads, head_dim)
+        self.index = knn_index.KnnStore(batch_size, num_kv_heads, head_dim, spec.replace(block=1),
+                                        dtype=torch.float32, device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        B = self.shape[0]
+        self.keys, self.values = [_GrowingBuffer() for _ in range(B)], [_GrowingBuffer() for _ in range(B)]
+        self.index.reset()
+
+    def sizes(self) -> list[int]:
+        return [buffer.length for buffer in self.keys]
+
+    def add(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
+        B, H, d = self.shape
+        reps = []
+        for b in range(B):
+            sel = mask[b].bool()
+            before = self.keys[b].length
+            if bool(sel.any()):
+                self.keys[b].append(keys[b : b + 1, :, sel].detach().to(self.dtype))
+                self.values[b].append(values[b : b + 1, :, sel].detach().to(self.dtype))
+            first, last = before // self.block, self.keys[b].length // self.block  # blocks completed by this add
+            row = self.keys[b].view()
+            reps.append(row[0, :, first * self.block : last * self.block].float().reshape(H, last - first, self.block, d)
+                        .mean(2) if last > first else torch.zeros(H, 0, d, device=keys.device))
+        width = max(r.shape[1] for r in reps)
+        if width == 0:
+            return
+        padded = torch.zeros(B, H, width, d, device=keys.device)
+        valid = torch.zeros(B, width, dtype=torch.bool, device=keys.device)
+        for b, r in enumerate(reps):
+            padded[b, :, : r.shape[1]], valid[b, : r.shape[1]] = r, True
+        self.index.add(padded, padded, valid)
+
+    def lookup(self, queries: torch.Tensor, h0: int, h1: int) -> MemoryLookup | None:
+        if len(self) == 0:
+            return None
+        B, h, block = queries.shape[0], h1 - h0, self.block
+        blocks = None
+        if len(self.index) > 0:
+            mean = queries.detach().float().mean(2, keepdim=True)  # [B, h, 1, d]
+            blocks = self.index.search(mean, k=self.k, heads=slice(h0, h1)).ids[:, :, 0]  # [B, h, k'], -1 = none
+        rows = []
+        for b in range(B):
+            n = self.keys[b].length
+            tail = torch.arange(n // block * block, n, device=queries.device).expand(h, -1)
+            ids = tail
+            if blocks is not None:
+                found = blocks[b]
+                tokens = (found.clamp_min(0)[:, :, None] * block + torch.arange(block, device=queries.device))
+                tokens = tokens.masked_fill((found < 0)[:, :, None], -1).reshape(h, -1)
+                ids = torch.cat([tokens, tail], dim=1)
+            rows.append(ids)
+        width = max(ids.shape[1] for ids in rows)
+        if width == 0:
+            return None
+        ids = torch.full((B, h, width), -1, dtype=torch.long, device=queries.device)
+        for b, row in enumerate(rows):
+            ids[b, :, : row.shape[1]] = row
+        keys = torch.zeros(B, h, width, self.shape[2], dtype=self.dtype, device=queries.device)
+        values = torch.zeros_like(keys)
+        for b in range(B):
+            if self.keys[b].length:
+                index = ids[b].clamp_min(0)[:, :, None].expand(-1, -1, self.shape[2])
+                keys[b] = self.keys[b].view()[0, h0:h1].gather(1, index)
+                values[b] = self.values[b].view()[0, h0:h1].gather(1, index)
+        scores = queries.detach().float() @ keys.float().transpose(-1, -2)
+        return MemoryLookup(scores=scores.to(queries.dtype), valid=(ids >= 0)[:, :, None, :], values=values)
+
+    def __len__(self) -> int:
+        return max(self.sizes())
+
+    def nbytes(self) -> int:
+        return sum(buffer.nbytes() for buffer in self.keys + self.values) + self.index.nbytes()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tokens of every row (zeros past a shorter row's end), row sizes, and the representatives' index."""
+        B, H, d = self.shape
+        n = len(self)
+        state = {"sizes": torch.tensor(self.sizes(), dtype=torch.int64)}
+        for name, buffers in (("keys", self.keys), ("values", self.values)):
+            out = torch.zeros(B, H, n, d, dtype=self.dtype)
+            for b, buffer in enumerate(buffers):
+                if buffer.length:
+                    out[b, :, : buffer.length] = buffer.view()[0].cpu()
+            state[name] = out
+        state.update({f"index.{name}": t for name, t in self.index.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load `state_dict` output, checked: shapes, sizes, and one representative per complete block."""
+        B, H, d = self.shape
+        sizes = state.get("sizes")
+        if sizes is None or sizes.dtype != torch.int64 or tuple(sizes.shape) != (B,) or bool((sizes < 0).any()):
+            raise ValueError(f"block memory state needs int64 'sizes' of shape ({B},) >= 0")
+        n = int(sizes.max())
+        for name in ("keys", "values"):
+            t = state.get(name)
+            if t is None or not t.is_floating_point() or tuple(t.shape) != (B, H, n, d):
+                raise ValueError(f"block memory state[{name!r}] must be a float tensor of shape {(B, H, n, d)}")
+        unexpected = [name for name in state if name not in ("sizes", "keys", "values") and not name.startswith("index.")]
+        if unexpected:
+            raise ValueError(f"block memory state holds unexpected tensors {unexpected}")
+        index_state = {name[6:]: t for name, t in state.items() if name.startswith("index.")}
+        self.reset()
+        self.index.load_state_dict(index_state)
+        if self.index.sizes() != [int(s) // self.block for s in sizes]:
+            raise ValueError(f"block memory state: the index holds {self.index.sizes()} representatives for rows of "
+                             f"{sizes.tolist()} tokens in blocks of {self.block}")
+        for b, size in enumerate(sizes.tolist()):
+            if size:
+                self.keys[b].append(state["keys"][b : b + 1, :, :size].to(self.dtype))
+                self.values[b].append(state["values"][b : b + 1, :, :size].to(self.dtype))
+
+
 def make_memory(spec, batch_size: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype, device,
                 directory=None, verify: bool = True):
-    """An empty memory for one memory layer: `DenseMemory` for spec "dense", else a `KnnMemory`.
+    """An empty memory for one memory layer: `DenseMemory` for spec "dense", `BlockMemory` for a spec with
+    block > 1, else a `KnnMemory`.
 
     spec: a `knn_index.MemorySpec` (or its text / dict form, validated here). directory, verify: where a
     `storage=disk` memory keeps its files (see `knn_index.KnnStore`)."""
@@ -193,6 +322,11 @@ def make_memory(spec, batch_size: int, num_kv_heads: int, head_dim: int, *, dtyp
     spec = MemorySpec.coerce(spec)
     if spec.kind == "dense":
         return DenseMemory(dtype)
+    if spec.block > 1:
+        if directory is not None:
+            raise ValueError("directory: block retrieval (block > 1) keeps its tokens in RAM; memory_dir applies to "
+                             "block=1")
+        return BlockMemory(batch_size, num_kv_heads, head_dim, spec, dtype=dtype, device=device)
     return KnnMemory(batch_size, num_kv_heads, head_dim, spec, dtype=dtype, device=device, directory=directory,
                      verify=verify)
 
@@ -236,7 +370,7 @@ class OverlayMemory:
     """
 
     def __init__(self, base):
-        self.base = base
+        self.base, self.dtype = base, base.dtype
         self.overlay = DenseMemory(base.dtype)
         self.all_entries = getattr(base, "all_entries", False)
 
@@ -272,3 +406,101 @@ class OverlayMemory:
 
     def __len__(self) -> int:
         return len(self.base) + len(self.overlay)
+
+
+class SinkMemory:
+    """A memory whose first `n` entries per row (the document's first real tokens) are offered to every query.
+
+    Training-free reading (docs/semantics.md#training-free): the first tokens of a text absorb attention that a
+    pretrained model has nowhere else to put ("attention sinks"); here they are kept aside, outside the searched
+    memory, and every lookup returns them beside what `base` finds. `len()` counts both.
+    """
+
+    def __init__(self, base, n: int):
+        self.base, self.n = base, n
+        self.dtype = base.dtype
+        self.sinks = DenseMemory(base.dtype)
+        self.taken = None  # [B] sink tokens captured per row; None until the first add
+
+    def with_base(self, base) -> "SinkMemory":
+        """A copy of these sinks over another base (e.g. an `OverlayMemory` of this one's base)."""
+        other = SinkMemory(base, self.n)
+        other.sinks.load_state_dict(self.sinks.state_dict())
+        other.taken = self.taken
+        return other
+
+    def add(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
+        mask = mask.bool()
+        if self.taken is None:
+            self.taken = torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)
+        room = self.n - self.taken
+        if bool((room > 0).any()):
+            rank = mask.long().cumsum(-1)  # 1-based rank of each real token among this window's real tokens
+            sink = mask & (rank <= room[:, None])
+            count = sink.sum(-1)
+            width = int(count.max())
+            if width > 0:  # the chosen tokens of every row, left-aligned, padded with invalid slots
+                order = torch.sort((~sink).long(), dim=-1, stable=True).indices[:, :width]
+                pick = lambda t: t.gather(2, order[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))  # noqa
+                valid = torch.arange(width, device=mask.device)[None, :] < count[:, None]
+                self.sinks.add(pick(keys), pick(values), valid)
+                self.taken = self.taken + count
+            mask = mask & ~sink
+        self.base.add(keys, values, mask)
+
+    def lookup(self, queries: torch.Tensor, h0: int, h1: int) -> MemoryLookup | None:
+        found = self.base.lookup(queries, h0, h1)
+        sinks = self.sinks.lookup(queries, h0, h1)
+        if sinks is None or found is None:
+            return found if sinks is None else sinks
+        q = queries.shape[2]
+        if found.values.dim() == 4:  # entries shared by every query
+            values = torch.cat([sinks.values.to(found.values.dtype), found.values], dim=2)
+            heads = max(sinks.valid.shape[1], found.valid.shape[1])  # [B, 1 or h, 1, n] each
+            valid = torch.cat([v.expand(-1, heads, -1, -1) for v in (sinks.valid, found.valid)], dim=-1)
+            return MemoryLookup(torch.cat([sinks.scores.to(found.scores.dtype), found.scores], dim=-1), valid, values)
+        per_query = sinks.values[:, :, None].expand(-1, -1, q, -1, -1).to(found.values.dtype)
+        valid = torch.cat([sinks.valid.expand_as(sinks.scores), found.valid.expand_as(found.scores)], dim=-1)
+        return MemoryLookup(torch.cat([sinks.scores.to(found.scores.dtype), found.scores], dim=-1), valid,
+                            torch.cat([per_query, found.values], dim=3))
+
+    def __len__(self) -> int:
+        return len(self.base) + (0 if self.taken is None else int(self.taken.max()))
+
+    def nbytes(self) -> int:
+        return self.base.nbytes() + self.sinks.nbytes()
+
+    def reset(self) -> None:
+        self.base.reset()
+        self.sinks.reset()
+        self.taken = None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"base.{name}": t for name, t in self.base.state_dict().items()}
+        if self.taken is not None:
+            state.update({f"sinks.{name}": t for name, t in self.sinks.state_dict().items()})
+            state["sinks.taken"] = self.taken
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load `state_dict` output; the sink tensors are checked against `n` and against each other."""
+        unknown = [name for name in state if not name.startswith(("base.", "sinks."))]
+        if unknown:
+            raise ValueError(f"state of a SinkMemory holds unknown tensors {unknown}")
+        self.reset()
+        sinks = {name[6:]: t for name, t in state.items() if name.startswith("sinks.")}
+        if sinks:
+            taken = sinks.pop("taken", None)
+            if set(sinks) != {"keys", "values", "mask"} or taken is None or taken.dtype != torch.int64 or \
+                    taken.dim() != 1:
+                raise ValueError(f"sink state needs keys, values, mask and int64 taken; got {sorted(state)}")
+            keys, values, mask = sinks["keys"], sinks["values"], sinks["mask"]
+            B = taken.shape[0]
+            if keys.dim() != 4 or keys.shape != values.shape or keys.shape[0] != B or keys.shape[2] > self.n or \
+                    tuple(mask.shape) != (B, keys.shape[2]) or mask.dtype != torch.bool or \
+                    not torch.equal(mask.sum(-1), taken) or bool((taken > self.n).any()):
+                raise ValueError(f"sink state of {tuple(keys.shape)} keys, mask {tuple(mask.shape)} and taken "
+                                 f"{taken.tolist()} is not a sink memory of at most {self.n} tokens per row")
+            self.sinks.add(keys, values, mask)
+            self.taken = taken.clone()
+        self.base.load_state_dict({name[5:]: t for name, t in state.items() if name.startswith("base.")})

@@ -18,8 +18,8 @@ from transformers.generation.stopping_criteria import MaxLengthCriteria
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_longllama import (ATTN_IMPLEMENTATIONS, LEGACY_MEMORY_FIELDS, LongLlamaConfig,
-                                     check_last_context_length, legacy_memory_spec)
-from .memory import CrossBatchMemory, make_memory
+                                     check_last_context_length, legacy_memory_spec, training_free_settings)
+from .memory import CrossBatchMemory, SinkMemory, make_memory
 
 
 def split_windows(num_tokens: int, window: int, last_context_length: int) -> list[tuple[int, int]]:
@@ -102,6 +102,7 @@ class WindowContext:
     allowed: torch.Tensor
     past: list | None
     mask: torch.Tensor | None = None  # `[B, T_keys]` padding mask, needed for FoT cross-batch training
+    memory_rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin) at `mem_distance`, `[1, 1, 1, d]`
     crossbatch_contexts: int = 0  # FoT training: memory layers attend to the previous rows of the batch
 
 
@@ -135,16 +136,20 @@ class LongLlamaAttention(nn.Module):
         if self.is_memory_layer and window.crossbatch_contexts > 0:
             memory = CrossBatchMemory(k, v, window.mask, window.crossbatch_contexts)
 
+        q_memory = None  # memory queries rotated at `mem_distance` (docs/semantics.md#training-free)
+        if self.is_memory_layer and memory is not None and window.memory_rope is not None:
+            q_memory = apply_rotary(q, *window.memory_rope)
         if not self.is_memory_layer or self.config.mem_positionals:
             cos, sin = window.rope
             q = apply_rotary(q, cos[:, :, -q_len:], sin[:, :, -q_len:])
             k = apply_rotary(k, cos, sin)
 
-        fusable = not self.is_memory_layer or memory is None or getattr(memory, "all_entries", False)
+        fusable = not self.is_memory_layer or memory is None or (getattr(memory, "all_entries", False)
+                                                                 and q_memory is None)
         if self.config._attn_implementation == "sdpa" and fusable:
             out = self._attend_sdpa(q, k, v, window.allowed, memory.entries() if memory is not None else None)
         else:
-            out = self._attend_eager(q, k, v, window.allowed, memory)
+            out = self._attend_eager(q, k, v, window.allowed, memory, q_memory)
         out = out.transpose(1, 2).reshape(bsz, q_len, self.num_heads * self.head_dim)
         return self.o_proj(out), local_kv
 
@@ -171,11 +176,13 @@ class LongLlamaAttention(nn.Module):
         out[:, :, local.shape[2] :] = mem
         return out
 
-    def _attend_eager(self, q, k, v, allowed, memory):
-        """matmul + fp32 softmax over `[local ; memory]`, chunked by `mem_attention_grouping` (same results)."""
+    def _attend_eager(self, q, k, v, allowed, memory, q_memory=None):
+        """matmul + fp32 softmax over `[local ; memory]`, chunked by `mem_attention_grouping` (same results).
+        Memory is looked up with `q_memory` where given (queries at `mem_distance`), else with `q`."""
         bsz, _, q_len, d = q.shape
         groups = self.num_heads // self.num_kv_heads
         q = q.view(bsz, self.num_kv_heads, groups, q_len, d)
+        q_memory = q if q_memory is None else q_memory.view(bsz, self.num_kv_heads, groups, q_len, d)
         heads_per_chunk, queries_per_chunk = self.num_kv_heads, q_len
         if self.is_memory_layer and self.config.mem_attention_grouping is not None:
             max_heads, max_queries = self.config.mem_attention_grouping
@@ -192,7 +199,10 @@ class LongLlamaAttention(nn.Module):
                 q_block = q[:, h0:h1, :, t0:t1].reshape(bsz, h1 - h0, groups * (t1 - t0), d)
                 local = (q_block @ k[:, h0:h1].transpose(-1, -2)).mul_(scale)
                 local.view(bsz, h1 - h0, groups, t1 - t0, -1).masked_fill_(blocked[..., t0:t1, :], floor)
-                found = memory.lookup(q_block, h0, h1) if memory is not None else None
+                found = None
+                if memory is not None:
+                    q_mem = q_memory[:, h0:h1, :, t0:t1].reshape(bsz, h1 - h0, groups * (t1 - t0), d)
+                    found = memory.lookup(q_mem, h0, h1)
                 if found is None:
                     probs = torch.softmax(local.clamp_(min=floor), dim=-1, dtype=torch.float32).to(q.dtype)
                     block_out = probs @ v[:, h0:h1]
@@ -308,7 +318,11 @@ class LongLlamaPreTrainedModel(PreTrainedModel):
         Hugging Face LLaMA folder or GGUF file (`model_type: "llama"`, GQA allowed), whose memory layers are then
         those given as `mem_layers=[...]` (none by default). Config fields passed as keyword arguments
         (`mem_layers`, `mem_dtype`, `mem_attention_grouping`, `last_context_length`, `memory_spec`, ...) override
-        the stored config."""
+        the stored config. `training_free=True` first applies `training_free_settings` for the checkpoint's trained
+        context (its `max_position_embeddings`); explicit keyword arguments still win."""
+        training_free = kwargs.pop("training_free", False)
+        if training_free and config is not None:
+            raise ValueError("`training_free=True` derives a config from the checkpoint's; pass it without `config`.")
         if config is None:
             fields = set(LongLlamaConfig.__annotations__) | set(LEGACY_MEMORY_FIELDS)
             if "torch_attention" in kwargs:  # the official field, an alias of attn_implementation
@@ -323,10 +337,14 @@ class LongLlamaPreTrainedModel(PreTrainedModel):
             if kwargs.get("gguf_file"):
                 # transformers maps GGUF tensor names by model type: load as LLaMA, then convert.
                 llama = LlamaForCausalLM.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+                if training_free:
+                    overrides = {**training_free_settings(llama.config.max_position_embeddings), **overrides}
                 return cls.from_llama(llama, **overrides)
             config_dict, _ = LongLlamaConfig.get_config_dict(
                 pretrained_model_name_or_path, local_files_only=kwargs.get("local_files_only", False)
             )
+            if training_free:
+                overrides = {**training_free_settings(config_dict["max_position_embeddings"]), **overrides}
             if config_dict.get("model_type") == "llama":
                 config = LongLlamaConfig.from_llama_config(config_dict, **overrides)
             else:
@@ -372,9 +390,10 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         config's `memory_spec`; keys and values stored in `mem_dtype`; `directory`: the folder of a `storage=disk`
         memory's files (default: a temporary one), opened if it holds a store (`verify`: every byte's CRC)."""
         spec = self.config.memory_spec if memory_spec is None else memory_spec
-        return make_memory(spec, batch_size, self.config.num_key_value_heads, self.config.head_dim,
-                           dtype=getattr(torch, self.config.mem_dtype), device=device, directory=directory,
-                           verify=verify)
+        memory = make_memory(spec, batch_size, self.config.num_key_value_heads, self.config.head_dim,
+                             dtype=getattr(torch, self.config.mem_dtype), device=device, directory=directory,
+                             verify=verify)
+        return SinkMemory(memory, self.config.mem_sink_tokens) if self.config.mem_sink_tokens else memory
 
     def forward(
         self,
@@ -531,7 +550,12 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         columns = torch.arange(num_keys, device=embeds.device)
         causal = columns[None, :] <= columns[num_keys - num_new :, None]
         allowed = (causal[None] & mask[:, None, :])[:, None]
-        window = WindowContext(rope=rope, allowed=allowed, past=past, mask=mask, crossbatch_contexts=crossbatch_contexts)
+        memory_rope = None
+        if self.config.mem_distance is not None:
+            distance = torch.full((1, 1), self.config.mem_distance, device=embeds.device)
+            memory_rope = self.rotary_emb(distance, embeds.dtype)
+        window = WindowContext(rope=rope, allowed=allowed, past=past, mask=mask, crossbatch_contexts=crossbatch_contexts,
+                               memory_rope=memory_rope)
 
         hidden = embeds
         layer_states = [hidden]

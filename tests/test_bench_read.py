@@ -14,6 +14,8 @@ def test_bench_read_measures_specs_against_the_bare_windows():
     for row in rows:
         assert row["tokens"] == 1200 and row["seconds"] > 0
         assert row["x_floor"] == pytest.approx(row["seconds"] / floor, rel=0.02, abs=0.01)
+        assert row["cpu_seconds"] > 0
+        assert row["x_floor_cpu"] == pytest.approx(row["cpu_seconds"] / rows[0]["cpu_seconds"], rel=0.02, abs=0.01)
     assert all(r["memory_mb"] > 0 and r["peak_rss_mb"] > 0 for r in rows[1:])
     with pytest.raises(SystemExit):
         bench_read.parse_args(["--tokens", "0"])

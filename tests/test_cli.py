@@ -1,6 +1,7 @@
 """Command-line smoke tests through subprocess, on the embedded demo model at small lengths."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -101,3 +102,59 @@ def test_mem_layers_all_and_none():
     assert model_settings(parse(["generate", "hi", "--mem-layers", "all"]))["mem_layers"] == "all"
     assert model_settings(parse(["generate", "hi", "--mem-layers", "0", "2"]))["mem_layers"] == [0, 2]
     assert model_settings(parse(["generate", "hi", "--mem-layers"]))["mem_layers"] == []
+    assert model_settings(parse(["ruler", "--window", "512", "--last-context-length", "128"])) == dict(
+        max_position_embeddings=512, last_context_length=128)
+
+
+def test_ruler_on_the_demo_model_writes_its_rows(tmp_path):
+    out = run("ruler", "--lengths", "1024", "--tasks", "niah_single_1", "vt", "--samples", "1", "--memory", "exact k=8",
+              "--output", str(tmp_path / "ruler.json"), "--quiet", "--threads", "1").stdout
+    assert "| task | score | samples | prompt tokens | seconds |" in out and "| average |" in out
+    rows = json.loads((tmp_path / "ruler.json").read_text())
+    assert [(r["memory"], r["task"], r["tokens"], r["samples"]) for r in rows] == [
+        ("exact k=8", "niah_single_1", 1024, 1), ("exact k=8", "vt", 1024, 1), ("exact k=8", "average", 1024, 2)]
+    assert all(0 <= r["score"] <= 100 and r["mean_prompt_tokens"] <= 1024 for r in rows)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tasks", "niah"], "argument --tasks: invalid choice: 'niah'"),
+    (["--lengths", "0"], "argument --lengths: expected a positive integer, got '0'"),
+    (["--first-sample", "-1"], "argument --first-sample: expected an integer >= 0, got '-1'"),
+    (["--chat", "maybe"], "argument --chat: invalid choice: 'maybe'"),
+    (["--output", "rows.txt"], "output 'rows.txt': expected a file name ending in .csv or .json"),
+    (["--output", "no/such/folder/rows.csv"], "does not exist or is not writable"),
+    (["--in-context"], "--in-context needs 'smollm2', a .gguf file or a Hugging Face LLaMA folder"),
+    (["--in-context", "--model", "smollm2", "--memory", "dense"], "--in-context reads the whole prompt without"),
+    (["--lengths", "300", "--tasks", "vt"], "task vt at 300 tokens: the prompt without haystack already takes"),
+    (["--in-context", "--model", "smollm2", "--window", "512"], "--in-context reads the whole prompt without windows"),
+    (["--window", "0"], "argument --window: expected a positive integer, got '0'"),
+])
+def test_ruler_bad_input_is_one_line(argv, message, capsys):
+    from knn_longllama.cli import main
+
+    assert main(["ruler", *argv, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    # argparse errors come before the command is known: "knn-longllama: error: ..."
+    assert len(err) == 1 and re.match(r"knn-longllama( ruler)?: error: ", err[0]) and message in err[0], err
+
+
+def test_window_flags_reach_the_model():
+    from knn_longllama.cli import build_parser, load_model, model_settings
+
+    args = build_parser().parse_args(["ruler", "--window", "128", "--last-context-length", "32"])
+    model, _ = load_model(None, "cpu", **model_settings(args))
+    assert (model.config.max_position_embeddings, model.config.last_context_length) == (128, 32)
+
+
+def test_training_free_flags_reach_the_model(capsys):
+    from knn_longllama.cli import build_parser, load_model, main, model_settings
+
+    args = build_parser().parse_args(["passkey", "--mem-distance", "300", "--sink-tokens", "16"])
+    model, _ = load_model(None, "cpu", **model_settings(args))
+    assert (model.config.mem_distance, model.config.mem_sink_tokens) == (300, 16)
+    args = build_parser().parse_args(["passkey", "--mem-distance", "none"])
+    assert load_model(None, "cpu", **model_settings(args))[0].config.mem_distance is None
+    for flag, value in (("--mem-distance", "-1"), ("--mem-distance", "far"), ("--sink-tokens", "-4")):
+        assert main(["passkey", flag, value, "--lengths", "300"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and flag in err[0]

@@ -531,6 +531,7 @@ def test_non_finite_rejected(bad):
 
 
 # ----------------------------------------------------------------- GPU
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kind", ["Flat", "torch", "IVF4,Flat"])
 def test_gpu_matches_cpu(kind):
@@ -614,3 +615,63 @@ def test_a_failed_rebuild_keeps_the_row_and_its_augmentation_norms(monkeypatch):
     assert store._stage == [0] and store.faiss_index(0, 0) is index and np.array_equal(store._norms, norms)
     monkeypatch.undo()
     assert torch.equal(store.search(queries, 5).ids, before)  # the new keys are stored, not yet indexed
+
+
+# ----------------------------------------------------------------- torch coarse step (knn_index.coarse)
+def _lists(index):
+    """Per inverted list, the sorted ids it holds."""
+    ivf = faiss.extract_index_ivf(index)
+    return [sorted(faiss.rev_swig_ptr(ivf.invlists.get_ids(i), ivf.invlists.list_size(i)).tolist())
+            for i in range(ivf.nlist)]
+
+
+@pytest.mark.parametrize("kind,metric", [("IVF32,Flat", "ip"), ("IVF32,Flat", "l2"), ("IVF32,SQ8", "l2"),
+                                         ("IVF32,PQ4", "ip")])
+def test_torch_coarse_step_fills_and_searches_as_faiss_does(kind, metric):
+    """The store assigns keys and queries to lists in torch, batched over heads; Faiss's own add and search on a
+    copy of each trained index put every key in the same list and return the same neighbours."""
+    B, H = 2, 3
+    gen = torch.Generator().manual_seed(7)
+    store = make_store(kind, B, H, dtype=torch.float32, metric=metric, index_params={"nprobe": 5}, train_size=1300)
+    keys, values = random_batch(B, H, 1600, gen=gen)
+    for t in range(0, 1600, 400):  # trains at 1300 keys, then adds window by window
+        store.add(keys[:, :, t:t + 400], values[:, :, t:t + 400])
+    assert store._row_coarse(0) is not None and store.trained == [True, True]
+    queries = torch.randn(B, H, 9, D, generator=gen)
+    found = store.search(queries, 6)
+    for b in range(B):
+        for h in range(H):
+            index = store.faiss_index(b, h)
+            assert index.ntotal == 1600
+            ref = faiss.clone_index(index)
+            ref.reset()
+            x = keys[b, h].numpy()
+            if metric == "l2":
+                x = knn_index.factory.augment_keys(x, store._norms[b, h])
+            ref.add(x)
+            assert _lists(ref) == _lists(index)
+            q = queries[b, h].numpy()
+            ids = ref.search(knn_index.factory.augment_queries(q) if metric == "l2" else q, 6)[1]
+            assert [sorted(r) for r in ids.tolist()] == [sorted(r) for r in found.ids[b, h].tolist()]
+
+
+def test_torch_coarse_step_follows_a_rebuilt_or_reloaded_row():
+    store = make_store("IVF16,Flat", 1, 2, dtype=torch.float32, index_params={"nprobe": 16}, train_size=640)
+    ref = BruteForce(1, 2, torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    coarse = []
+    for _ in range(3):  # buffered, trained at 640 keys, more keys
+        keys, values = random_batch(1, 2, 400, gen=gen)
+        store.add(keys, values)
+        ref.add(keys, values)
+        coarse.append(store._row_coarse(0))
+    assert coarse[0] is None and coarse[1] is coarse[2] and coarse[1].nlist == 16
+    loaded = make_store("IVF16,Flat", 1, 2, dtype=torch.float32, index_params={"nprobe": 16}, train_size=640)
+    loaded.load_state_dict(store.state_dict())
+    queries = torch.randn(1, 2, 5, D, generator=gen)
+    for s in (store, loaded):  # every list probed: the exact top-k
+        found = s.search(queries, 4)
+        for h in range(2):
+            truth = np.argsort(-np.stack([ref.scores(0, h, q) for q in queries[0, h]]), axis=1)[:, :4]
+            assert [sorted(r) for r in truth.tolist()] == [sorted(r) for r in found.ids[0, h].tolist()]
+    assert loaded._row_coarse(0) is not None and loaded._row_coarse(0).indexes is loaded._indexes[0]

@@ -35,6 +35,13 @@ class ReferenceRow:
         c, s = torch.cos(angle), torch.sin(angle)
         return torch.cat([x[..., :half] * c - x[..., half:] * s, x[..., half:] * c + x[..., :half] * s], dim=-1)
 
+    def memory_scores(self, layer, kv_head, q_raw, q_rot):
+        """Raw scores and values [m], [m, d] of the memory entries one query head attends: every entry, its key
+        un-rotated, scored with the query as rotated for the local keys (`q_rot`; `q_raw`: before rotation)."""
+        keys = torch.stack([km[kv_head] for km, _ in self.memory[layer]])
+        values = torch.stack([vm[kv_head] for _, vm in self.memory[layer]])
+        return keys @ q_rot, values
+
     def to_memory(self, layer, k, v):
         cast = lambda t: t.to(self.mem_dtype).double()  # noqa: E731  stored in mem_dtype
         self.memory[layer].append((cast(k), cast(v)))
@@ -103,18 +110,18 @@ class ReferenceRow:
                 if not window[t]["real"]:
                     continue
                 qt = self.rotate(q[t], window[t]["pos"] - min_pos) if use_rope else q[t]
-                # causal over the local keys, padding skipped; then every memory entry (un-rotated keys)
+                # causal over the local keys, padding skipped; then the memory entries (`memory_scores`)
                 visible = [j for j in range(n_past + t + 1) if keys_tokens[j]["real"]]
-                keys = [local_keys[j] for j in visible]
-                values = [keys_tokens[j]["kv"][layer][1] for j in visible]
-                if is_mem:
-                    keys += [km for km, _ in self.memory[layer]]
-                    values += [vm for _, vm in self.memory[layer]]
-                keys, values = torch.stack(keys), torch.stack(values)  # [n, Hkv, d]
+                keys = torch.stack([local_keys[j] for j in visible])  # [n, Hkv, d]
+                values = torch.stack([keys_tokens[j]["kv"][layer][1] for j in visible])
                 for hq in range(heads):
                     hk = hq // (heads // kv_heads)
-                    probs = torch.softmax(keys[:, hk] @ qt[hq] / math.sqrt(d), dim=0)
-                    attn[t, hq] = probs @ values[:, hk]
+                    scores, vals = keys[:, hk] @ qt[hq], values[:, hk]
+                    if is_mem and self.memory[layer]:
+                        mem_scores, mem_values = self.memory_scores(layer, hk, q[t, hq], qt[hq])
+                        scores, vals = torch.cat([scores, mem_scores]), torch.cat([vals, mem_values])
+                    probs = torch.softmax(scores / math.sqrt(d), dim=0)
+                    attn[t, hq] = probs @ vals
             x = x + attn.view(len(window), heads * d) @ w[p + "self_attn.o_proj.weight"].T
             h = torch.stack([self.norm(row, p + "post_attention_layernorm.weight") for row in x])
             gate = h @ w[p + "mlp.gate_proj.weight"].T
