@@ -13,6 +13,7 @@ from .storage import RowStorage
 
 ADD_CHUNK = 1 << 14  # keys per (row, head) cast to float32 and added to an index at once
 
+
 class KnnStore:
     """Keys/values of a batch of sequences, searchable by inner product.
 
@@ -188,8 +189,8 @@ class KnnStore:
         self._unindexed = False
 
     def entries(self, heads: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every stored entry of ``heads``: keys and values [B, h, N, d] (views of the storage, N = ``len(self)``)
-        and valid bool [B, N] (False past a shorter row's end)."""
+        """Every stored entry of ``heads``: keys and values [B, h, N, d] (views of RAM storage, read from the files
+        of disk storage; N = ``len(self)``) and valid bool [B, N] (False past a shorter row's end)."""
         st, n = self._storage, len(self)
         valid = torch.arange(n, device=self.device)[None, :] < torch.tensor(st.sizes, device=self.device)[:, None]
         return *st.entries(heads, n), valid
@@ -234,6 +235,13 @@ class KnnStore:
             self._build_row(b, stage)
             done = 0
         coarse = self._row_coarse(b)
+        if self.spec.metric == "l2" and not self._norms[b].all() and n - done > ADD_CHUNK:
+            # the norms come from every key of this first add, as if it were added at once
+            largest = np.zeros(self.num_heads)
+            for start in range(done, n, ADD_CHUNK):
+                x = self._storage.float_keys(b, start, min(n, start + ADD_CHUNK))
+                largest = np.maximum(largest, [factory.augmentation_norm(x[h]) for h in range(self.num_heads)])
+            self._norms[b] = np.where(self._norms[b] == 0, largest, self._norms[b])
         for start in range(done, n, ADD_CHUNK):
             x = self._storage.float_keys(b, start, min(n, start + ADD_CHUNK))
             if coarse is None:

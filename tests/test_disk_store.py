@@ -8,6 +8,7 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -364,3 +365,20 @@ def test_cli_read_and_ask_with_memory_dir(tmp_path):
     assert cli.main(["ask", str(tmp_path / "book.memory"), "What is the pass key?", "--max-new-tokens", "3"]) == 0
     assert cli.main(["read", str(text), "-o", str(tmp_path / "b2.memory"), "--memory", "Flat k=8",
                      "--memory-dir", str(tmp_path / "x")]) == 2
+
+
+def test_chunked_index_adds_equal_one_add(monkeypatch):
+    """Keys reach the index ADD_CHUNK at a time (bounded float32 copies); the l2 norm still comes from all keys of
+    the first add, so results equal one add of everything."""
+    from knn_index import store as store_module
+
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(1, 2, 5000, 8, generator=g) * torch.linspace(0.5, 2, 5000)[:, None]  # longest keys last
+    values, q = torch.randn(1, 2, 5000, 8, generator=g), torch.randn(1, 2, 6, 8, generator=g)
+    whole = KnnStore(1, 2, 8, "Flat k=5 metric=l2")
+    whole.add(keys, values)
+    monkeypatch.setattr(store_module, "ADD_CHUNK", 700)
+    chunked = KnnStore(1, 2, 8, "Flat k=5 metric=l2")
+    chunked.add(keys, values)
+    assert np.array_equal(whole._norms, chunked._norms)
+    assert same(whole.search(q), chunked.search(q))
