@@ -601,7 +601,7 @@ def benchmarks_section() -> list[str]:
                   markdown(checks[columns], "The device's exact top-k against the CPU's (same_ids: share of queries "
                            "with the same id set) and IVF recall@k on the CPU and on the device (faiss_gpu: the "
                            "indexes ran on the GPU)")]
-    parts += parallel_section()
+    parts += parallel_section() + disk_section()
     return ["## Benchmarks\n", *parts] if parts else []
 
 
@@ -642,6 +642,47 @@ def parallel_section() -> list[str]:
                      hline=1.0, series=series(sharded, ["memory_spec", "layout"], "tokens", "x_one_process")),
                 dict(title="Peak RSS of the largest process", x="tokens read", y="peak RSS (MB)", logx=2,
                      series=series(summary, ["memory_spec", "layout"], "tokens", "peak_rss_mb"))])]
+
+
+def disk_section() -> list[str]:
+    """`storage=disk` against RAM: the 3B-shaped store and the demo model reading (experiments/bench_disk.py)."""
+    parts = []
+    store = frame("disk_store", points=["mode", "tokens", "memory_spec", "threads"])
+    if not store.empty:
+        columns = [c for c in ("mode", "tokens", "memory_spec", "threads", "queries", "add_tokens_per_s",
+                               "build_peak_rss_mb", "search_ms", "search_peak_rss_mb", "disk_gb", "recall",
+                               "same_ids", "same_results") if c in store.columns]
+        parts += ["### Memory on disk (`python -m experiments.bench_disk`)\n", environment_line(store),
+                  markdown(store[columns], "A LongLLaMA-3B-shaped memory (3 layers x 32 heads x head dim 100, bf16) "
+                           "built from synthetic keys through `KnnStore`: add throughput, peak RSS of the build and of "
+                           "one layer's search (`queries` per head), files on disk, recall@32 against the exact top-32 "
+                           "and, for disk, the share of ids (same_results: ids, scores and values) equal to the RAM "
+                           "store's"),
+                  plot("disk_store", [dict(title="3B-shaped memory: peak RSS of the build", x="tokens",
+                                           y="peak RSS (MB)", logx=2,
+                                           series=series(store, ["mode", "memory_spec"], "tokens",
+                                                         "build_peak_rss_mb"))])]
+    read = frame("disk_read", points=["mode", "tokens", "memory_spec"])
+    if not read.empty:
+        ram = read[read["mode"] == "ram"].set_index(["run", "tokens", "memory_spec"])["seconds"]
+        read = read.assign(time_vs_ram=[round(s / ram.get((r, t, m), float("nan")), 2) for r, t, m, s in
+                                        zip(read["run"], read["tokens"], read["memory_spec"], read["seconds"])])
+        columns = [c for c in ("mode", "tokens", "memory_spec", "seconds", "time_vs_ram", "peak_rss_mb", "memory_mb",
+                               "disk_mb", "passkey_tokens", "passkey_correct", "passkey_trials", "passkey_generated")
+                   if c in read.columns]
+        parts += [markdown(read[columns], "The demo model reading N filler tokens with `Document.read`, keys and "
+                           "values in RAM or on disk (same index settings): seconds, time over RAM mode in the same "
+                           "run, peak RSS, then passkey trials in both modes (the generated ids per trial)"),
+                  plot("disk_read", [dict(title="Demo model reading: peak RSS", x="tokens read", y="peak RSS (MB)",
+                                          logx=2, series=series(read, ["mode", "memory_spec"], "tokens",
+                                                                "peak_rss_mb"))])]
+    growth = frame("disk_growth", points=["mode", "tokens"])
+    if not growth.empty:
+        parts.append(markdown(growth[["mode", "tokens", "stored_mb", "allocated_mb", "peak_over_start_mb"]],
+                              "RAM storage of one 3B-shaped layer (exact), filled window by window: capacity grown "
+                              "by doubling vs reserved exactly first (`KnnStore.reserve`, as `Document.read` of "
+                              "token ids does); peak RSS over the start"))
+    return parts
 
 
 def archives() -> str:

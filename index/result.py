@@ -32,28 +32,25 @@ def empty_result(B: int, H: int, Q: int, d: int, dtype: torch.dtype, device) -> 
     )
 
 
-def rescore(queries: torch.Tensor, ids: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-            heads: list[int], k: int) -> SearchResult:
+def rescore(queries: torch.Tensor, ids: torch.Tensor, storage, heads: list[int], k: int) -> SearchResult:
     """Recompute exact scores of candidate ``ids``, keep the ``k`` best, gather their values.
 
     queries: float32 [B, h, Q, d] for storage heads ``heads`` (h of them);
-    ids: int64 [B, h, Q, K >= k] (-1 = none); keys, values: storage [B, H, C, d].
+    ids: int64 [B, h, Q, K >= k] (-1 = none); storage: a RowStorage or DiskStorage, whose ``take`` reads rows.
     Scores are float32 dot products of the float32 query with the stored key
     cast to float32.
     """
-    B, H, C, d = keys.shape
-    rows = torch.arange(B, device=ids.device).view(B, 1) * H
-    offsets = (rows + torch.tensor(heads, device=ids.device).view(1, -1)).view(B, -1, 1, 1) * C
-    flat = ids.clamp_min(0) + offsets
-    k_rows = keys.view(B * H * C, d).index_select(0, flat.view(-1)).view(*ids.shape, d)
+    safe = ids.clamp_min(0)
+    k_rows = storage.take("keys", safe, heads)
     scores = torch.einsum("bhqkd,bhqd->bhqk", k_rows.float(), queries)
+    del k_rows
     missing = ids.device.type != "cpu" or bool((ids < 0).any())  # skip masking work on CPU when possible
     if missing:
         scores.masked_fill_(ids < 0, float("-inf"))
     scores, order = scores.sort(dim=-1, descending=True, stable=True)
     scores, order = scores[..., :k], order[..., :k]
-    ids, flat = ids.gather(-1, order), flat.gather(-1, order)
-    v_rows = values.view(B * H * C, -1).index_select(0, flat.reshape(-1)).view(*ids.shape, -1)
+    ids, safe = ids.gather(-1, order), safe.gather(-1, order)
+    v_rows = storage.take("values", safe, heads)
     if missing:
         v_rows.masked_fill_((ids < 0).unsqueeze(-1), 0)
     return SearchResult(ids=ids, scores=scores, values=v_rows)

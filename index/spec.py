@@ -6,7 +6,8 @@
 
 The text form is the index (``dense``, ``exact`` or a Faiss ``index_factory`` string, no spaces) followed by
 ``name=value`` options: ``k``, ``k_factor``, ``metric`` (ip, l2), ``scan`` (index, big_batch), ``train`` (once,
-grow), ``block`` and the Faiss parameters in ``SEARCH_PARAMS``. ``str(spec)`` gives it back. Everything that can be checked without knowing the
+grow), ``storage`` (ram, disk), ``ram_budget`` (MiB, disk storage), ``block`` and the Faiss parameters in
+``SEARCH_PARAMS``. ``str(spec)`` gives it back. Everything that can be checked without knowing the
 vector dimension is checked here, including the factory strings that make Faiss abort, crash or hang; what depends
 on the dimension (``PQ16`` needs d divisible by 16) is checked when a store builds its index.
 This module imports neither torch nor Faiss.
@@ -24,6 +25,9 @@ EXACT_ALIASES = ("torch", "torch_topk")  # earlier spellings of exact search
 METRICS = ("ip", "l2")
 SCANS = ("index", "big_batch")
 TRAINS = ("once", "grow")
+STORAGES = ("ram", "disk")
+DEFAULT_RAM_BUDGET = 256  # MiB of mapped key/value file pages a disk store lets stay resident (see MemorySpec)
+MAX_RAM_BUDGET = 1 << 24
 # Faiss index parameters a spec may set (faiss.ParameterSpace names) and their largest accepted value.
 SEARCH_PARAMS = {"nprobe": 1 << 20, "efSearch": 1 << 20, "efConstruction": 1 << 16, "quantizer_efSearch": 1 << 20,
                  "max_codes": 1 << 40}
@@ -44,6 +48,12 @@ class MemorySpec:
     scan:     "index" (the index's own search) or "big_batch" (IVF lists scanned once for all queries of a window).
     train:    "once" (search a trainable index's keys exactly until it trains, once) or "grow" (IVF with Flat or SQ
               codes: train a smaller IVF early and again at every 4x more keys, up to the spec's nlist).
+    storage:  "ram" (keys and values in tensors) or "disk" (in files appended window by window, read back only
+              for the candidates of a search; see ``knn_index.disk``). Searching needs the index itself in RAM: with
+              "disk" use compressed codes ("IVF1024,PQ16", "IVF1024,SQ8") to bound RAM; "Flat"/"IVF,Flat" hold
+              every key in float32.
+    ram_budget: storage "disk": MiB of file pages that reading candidates may map at once before they are
+              dropped again (MADV_DONTNEED); bounds the resident set, not the page cache.
     index_params: Faiss search parameters, e.g. {"nprobe": 32} or {"efSearch": 64}; positive integers.
     block:    tokens per retrieved unit. 1: the top-k tokens per query. b > 1: the memory is cut into blocks of b
               consecutive tokens, each searchable by one representative key (the mean of its keys); a lookup
@@ -56,6 +66,8 @@ class MemorySpec:
     metric: str = "ip"
     scan: str = "index"
     train: str = "once"
+    storage: str = "ram"
+    ram_budget: int = DEFAULT_RAM_BUDGET
     index_params: dict = field(default_factory=dict)
     block: int = 1
 
@@ -71,10 +83,19 @@ class MemorySpec:
         _choice("metric", self.metric, METRICS)
         _choice("scan", self.scan, SCANS)
         _choice("train", self.train, TRAINS)
+        _choice("storage", self.storage, STORAGES)
+        set_(self, "ram_budget", _int("ram_budget", self.ram_budget, MAX_RAM_BUDGET))
+        if self.storage == "ram" and self.ram_budget != DEFAULT_RAM_BUDGET:
+            raise ValueError(f"ram_budget={self.ram_budget} sizes a disk memory; add storage=disk or drop it")
+        if self.index == DENSE and self.storage != "ram":
+            raise ValueError("memory 'dense' attends to every entry and keeps them in RAM; storage=disk needs a kNN "
+                             "index such as 'IVF1024,PQ16' or 'exact'")
         set_(self, "index_params", _search_params(self.index_params))
         set_(self, "block", _int("block", self.block, MAX_BLOCK))
         if self.index == DENSE and self.block != 1:
             raise ValueError(f"memory 'dense' attends to every entry and retrieves no blocks; got block={self.block}")
+        if self.block != 1 and self.storage == "disk":
+            raise ValueError(f"block={self.block}: block retrieval keeps its tokens in RAM; storage=disk needs block=1")
         if self.index != DENSE and self.index != EXACT:
             return
         extra = {name: value for name, value in (("k_factor", self.k_factor), ("metric", self.metric),
@@ -104,15 +125,15 @@ class MemorySpec:
                 raise ValueError(f"memory {text!r}: options are name=value, got {option!r}")
             if name in fields or name in params:
                 raise ValueError(f"memory {text!r}: {name!r} is given twice")
-            if name in ("k", "k_factor", "block"):
+            if name in ("k", "k_factor", "ram_budget", "block"):
                 fields[name] = _number(name, value)
-            elif name in ("metric", "scan", "train"):
+            elif name in ("metric", "scan", "train", "storage"):
                 fields[name] = value
             elif name in SEARCH_PARAMS:
                 params[name] = _number(name, value)
             else:
                 raise ValueError(f"memory {text!r}: unknown option {name!r}; accepted: k, k_factor, metric, scan, train, "
-                                 f"block, {', '.join(SEARCH_PARAMS)}")
+                                 f"storage, ram_budget, block, {', '.join(SEARCH_PARAMS)}")
         return cls(index=index, index_params=params, **fields)
 
     @classmethod
@@ -123,10 +144,11 @@ class MemorySpec:
         if isinstance(value, str):
             return cls.parse(value)
         if isinstance(value, dict):
-            unknown = set(value) - {"index", "k", "k_factor", "metric", "scan", "train", "index_params", "block"}
+            unknown = set(value) - {"index", "k", "k_factor", "metric", "scan", "train", "storage", "ram_budget",
+                                    "index_params", "block"}
             if unknown:
                 raise ValueError(f"memory: unknown fields {sorted(unknown)}; accepted: index, k, k_factor, metric, "
-                                 "scan, train, index_params, block")
+                                 "scan, train, storage, ram_budget, index_params, block")
             return cls(**value)
         raise ValueError(f"memory must be a MemorySpec, a string such as 'IVF1024,Flat k=32 nprobe=32' or a dict, "
                          f"got {type(value).__name__}")
@@ -139,13 +161,15 @@ class MemorySpec:
 
     def to_dict(self) -> dict:
         return dict(index=self.index, k=self.k, k_factor=self.k_factor, metric=self.metric, scan=self.scan,
-                    train=self.train, index_params=dict(self.index_params), block=self.block)
+                    train=self.train, storage=self.storage, ram_budget=self.ram_budget,
+                    index_params=dict(self.index_params), block=self.block)
 
     def __str__(self) -> str:
         if self.index == DENSE:
             return DENSE
         options = [f"k={self.k}"]
-        options += [f"{name}={getattr(self, name)}" for name in ("k_factor", "metric", "scan", "train")
+        options += [f"{name}={getattr(self, name)}" for name in ("k_factor", "metric", "scan", "train", "storage",
+                                                                 "ram_budget")
                     if getattr(self, name) != getattr(MemorySpec, name)]
         options += [f"{name}={value}" for name, value in sorted(self.index_params.items())]
         options += [f"block={self.block}"] if self.block != 1 else []

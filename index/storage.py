@@ -30,10 +30,24 @@ class RowStorage:
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
-    def _reserve(self, needed: int) -> None:
+    def disk_nbytes(self) -> int:
+        return 0
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def reserve(self, needed: int) -> None:
+        """Make room for ``needed`` tokens per row at once: the capacity is exact, so no growth (which holds the old
+        and the new buffers together) happens up to there."""
+        self._reserve(needed, exact=True)
+
+    def _reserve(self, needed: int, exact: bool = False) -> None:
         if needed <= self.capacity:
             return
-        new_cap = max(needed, 2 * self.capacity, MIN_CAPACITY)
+        new_cap = needed if exact else max(needed, 2 * self.capacity, MIN_CAPACITY)
         used = max(self.sizes)
         B, H, d = self.shape
         for name in ("keys", "values"):
@@ -57,6 +71,31 @@ class RowStorage:
         self.keys[b, :, start:start + n] = keys
         self.values[b, :, start:start + n] = values
         self.sizes[b] = start + n
+
+    def append_rows(self, rows: list) -> None:
+        """Append (keys, values) [H, n_b, d] (or None) to each row b."""
+        for b, row in enumerate(rows):
+            if row is not None:
+                self.append_row(b, *row)
+
+    def entries(self, heads, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, h, n, d] of ``heads`` (views; zeros past a shorter row's end)."""
+        return self.keys[:, heads, :n], self.values[:, heads, :n]
+
+    def scan_keys(self, rows: list[int], heads, n: int) -> torch.Tensor:
+        """Keys [len(rows), h, n, d] of ``rows`` and ``heads`` for ``exact_topk`` (a view when all rows are taken
+        and ``heads`` is a slice)."""
+        keys = self.keys[:, heads, :n]
+        return keys if len(rows) == self.shape[0] else keys[rows]
+
+    def take(self, name: str, ids: torch.Tensor, heads: list[int]) -> torch.Tensor:
+        """Rows of ``name`` ("keys" or "values") at ids [B, h, Q, K] (>= 0) of storage heads ``heads``:
+        [B, h, Q, K, d], by one index_select over the flattened storage."""
+        t = getattr(self, name)
+        B, H, C, d = t.shape
+        rows = torch.arange(B, device=ids.device).view(B, 1) * H
+        offsets = (rows + torch.tensor(heads, device=ids.device).view(1, -1)).view(B, -1, 1, 1) * C
+        return t.view(B * H * C, d).index_select(0, (ids + offsets).view(-1)).view(*ids.shape, d)
 
     def float_keys(self, b: int, start: int, stop: int):
         """Stored keys of row ``b``, positions [start, stop), as float32 numpy [H, n, d]."""

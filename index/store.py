@@ -11,6 +11,9 @@ from .result import SearchResult, empty_result, rescore
 from .spec import MemorySpec
 from .storage import RowStorage
 
+ADD_CHUNK = 1 << 14  # keys per (row, head) cast to float32 and added to an index at once
+
+
 class KnnStore:
     """Keys/values of a batch of sequences, searchable by inner product.
 
@@ -41,11 +44,18 @@ class KnnStore:
 
     The index receives the stored keys (after rounding to ``dtype``), cast to
     float32, so exact indices rank keys exactly as the returned scores do.
+
+    ``storage="disk"`` in the spec keeps keys and values in files under
+    ``directory`` (``knn_index.disk.DiskStorage``; None: a temporary directory
+    removed by ``close()``), read back only for the candidates of a search; a
+    directory that already holds a store is opened (``verify``: check every
+    byte's CRC) and its indexes are rebuilt from the files at the first add or
+    search, unless ``load_state_dict`` installs saved ones.
     """
 
     def __init__(self, batch_size: int, num_heads: int, head_dim: int, spec: MemorySpec | str | dict = "Flat", *,
                  dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", seed: int = 0,
-                 train_size: int | None = None):
+                 train_size: int | None = None, directory=None, verify: bool = True):
         self.batch_size = checks.positive_int("batch_size", batch_size)
         self.num_heads = checks.positive_int("num_heads", num_heads)
         self.head_dim = checks.positive_int("head_dim", head_dim)
@@ -72,8 +82,17 @@ class KnnStore:
         self._gpu = None
         if not self.exact and self.device.type == "cuda" and factory.gpu_available():
             self._gpu = faiss.StandardGpuResources()
-        self._storage = RowStorage(self.batch_size, self.num_heads, self.head_dim, dtype, self.device)
+        if spec.storage == "disk":
+            from .disk import DiskStorage
+
+            self._storage = DiskStorage(directory, self.batch_size, self.num_heads, self.head_dim, dtype, self.device,
+                                        spec.ram_budget, verify=verify)
+        elif directory is not None:
+            raise ValueError(f"directory={directory!r} is for storage=disk; spec '{spec}' keeps keys in RAM")
+        else:
+            self._storage = RowStorage(self.batch_size, self.num_heads, self.head_dim, dtype, self.device)
         self._reset_indexes()
+        self._unindexed = any(self._storage.sizes)  # an opened store directory: indexes built on first use
 
     def _check_train_size(self, train_size) -> int:
         if self.exact or self._proto.is_trained:
@@ -126,24 +145,55 @@ class KnnStore:
         """The Faiss index of row ``b``, head ``h`` (None for the torch backend)."""
         return None if self._indexes is None else self._indexes[b][h]
 
+    @property
+    def directory(self) -> str | None:
+        """The folder of a disk store's files (None in RAM)."""
+        return getattr(self._storage, "directory", None)
+
     def nbytes(self) -> int:
-        """Bytes held: key/value storage (allocated capacity) + serialized size of every Faiss index."""
+        """Bytes held in RAM: key/value storage (allocated capacity; 0 on disk) + serialized size of every Faiss
+        index."""
         total = self._storage.nbytes()
         if self._indexes is not None:
             total += sum(factory.index_nbytes(i) for row in self._indexes for i in row)
         return total
 
+    def disk_nbytes(self) -> int:
+        """Bytes of a disk store's files (0 in RAM)."""
+        return self._storage.disk_nbytes()
+
+    def reserve(self, tokens: int) -> None:
+        """Prepare every row to hold ``tokens`` tokens: RAM storage allocates exactly that capacity now (no growth
+        up to there, so no old and new buffer held together); disk storage checks the free space for them (OSError
+        if the disk is too small)."""
+        self._storage.reserve(checks.positive_int("tokens", tokens))
+
+    def flush(self) -> None:
+        """Make a disk store's files durable (fsync); nothing in RAM."""
+        self._storage.flush()
+
+    def journal_sha256(self) -> str:
+        """SHA-256 of a disk store's journal, which records the CRC-32 of every appended byte."""
+        if self.directory is None:
+            raise ValueError("journal_sha256: this store keeps its keys in RAM (storage=ram)")
+        return self._storage.journal_sha256()
+
+    def close(self) -> None:
+        """Flush and close a disk store's files (a temporary directory is removed); nothing in RAM."""
+        self._storage.close()
+
     def reset(self) -> None:
         """Drop all keys and indexes (untrained again); configuration is kept."""
         self._storage.reset()
         self._reset_indexes()
+        self._unindexed = False
 
     def entries(self, heads: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every stored entry of ``heads``: keys and values [B, h, N, d] (views of the storage, N = ``len(self)``)
-        and valid bool [B, N] (False past a shorter row's end)."""
+        """Every stored entry of ``heads``: keys and values [B, h, N, d] (views of RAM storage, read from the files
+        of disk storage; N = ``len(self)``) and valid bool [B, N] (False past a shorter row's end)."""
         st, n = self._storage, len(self)
         valid = torch.arange(n, device=self.device)[None, :] < torch.tensor(st.sizes, device=self.device)[:, None]
-        return st.keys[:, heads, :n], st.values[:, heads, :n], valid
+        return *st.entries(heads, n), valid
 
     def __repr__(self) -> str:
         return (f"KnnStore(B={self.batch_size}, H={self.num_heads}, d={self.head_dim}, spec='{self.spec}', "
@@ -163,12 +213,12 @@ class KnnStore:
         keys = keys.detach().to(self.device, self.dtype)
         values = values.detach().to(self.device, self.dtype)
         st = self._storage
+        self._ensure_indexed()
         if mask is None and len(set(st.sizes)) == 1:
             st.append_all(keys, values)
         else:
-            for b in range(B):
-                sel = slice(None) if mask is None else mask[b]
-                st.append_row(b, keys[b][:, sel], values[b][:, sel])
+            rows = [slice(None) if mask is None else mask[b] for b in range(B)]
+            st.append_rows([(keys[b][:, sel], values[b][:, sel]) for b, sel in enumerate(rows)])
         if not self.exact:
             for b in range(B):
                 self._sync_row(b)
@@ -184,18 +234,34 @@ class KnnStore:
         if stage != self._stage[b]:
             self._build_row(b, stage)
             done = 0
-        x = self._storage.float_keys(b, done, n)
         coarse = self._row_coarse(b)
-        if coarse is None:
-            for h, idx in enumerate(self._indexes[b]):
-                factory.add_sequential(idx, self._indexable(b, h, x[h]), done)
-        else:  # every head's keys assigned to lists at once, then appended with ids done, done + 1, ...
-            x = np.stack([self._indexable(b, h, x[h]) for h in range(self.num_heads)])
-            lists = coarse.nearest(torch.from_numpy(x), list(range(self.num_heads)))
-            for h, idx in enumerate(self._indexes[b]):
-                assert idx.ntotal == done, "index and storage out of sync"
-                coarse.add(h, x[h], lists[h])
+        if self.spec.metric == "l2" and not self._norms[b].all() and n - done > ADD_CHUNK:
+            # the norms come from every key of this first add, as if it were added at once
+            largest = np.zeros(self.num_heads)
+            for start in range(done, n, ADD_CHUNK):
+                x = self._storage.float_keys(b, start, min(n, start + ADD_CHUNK))
+                largest = np.maximum(largest, [factory.augmentation_norm(x[h]) for h in range(self.num_heads)])
+            self._norms[b] = np.where(self._norms[b] == 0, largest, self._norms[b])
+        for start in range(done, n, ADD_CHUNK):
+            x = self._storage.float_keys(b, start, min(n, start + ADD_CHUNK))
+            if coarse is None:
+                for h, idx in enumerate(self._indexes[b]):
+                    factory.add_sequential(idx, self._indexable(b, h, x[h]), start)
+            else:  # every head's keys assigned to lists at once, then appended with ids start, start + 1, ...
+                x = np.stack([self._indexable(b, h, x[h]) for h in range(self.num_heads)])
+                lists = coarse.nearest(torch.from_numpy(x), list(range(self.num_heads)))
+                for h, idx in enumerate(self._indexes[b]):
+                    assert idx.ntotal == start, "index and storage out of sync"
+                    coarse.add(h, x[h], lists[h])
         self._indexed[b] = n
+
+    def _ensure_indexed(self) -> None:
+        """Index the keys of an opened store directory (once, before its first add or search)."""
+        if self._unindexed:
+            self._unindexed = False
+            if not self.exact:
+                for b in range(self.batch_size):
+                    self._sync_row(b)
 
     def _row_coarse(self, b: int) -> Coarse | None:
         """The torch coarse step of row ``b``'s trained IVF indexes (built when they change), or None where each
@@ -258,6 +324,7 @@ class KnnStore:
         k = self.spec.k if k is None else checks.k_value(k)
         checks.finite("queries", queries)
         Q, K = queries.shape[2], min(k, len(self))
+        self._ensure_indexed()
         if K == 0 or Q == 0:
             return empty_result(B, len(hs), Q, d, self.dtype, self.device)
         q = queries.detach().to(self.device, torch.float32).contiguous()
@@ -265,7 +332,7 @@ class KnnStore:
             ids = self._exact_ids(q, list(range(B)), hsel, K)
         else:
             ids = self._faiss_ids(q, hsel, hs, min(K * self.spec.k_factor, len(self)))
-        return rescore(q, ids, self._storage.keys, self._storage.values, hs, K)
+        return rescore(q, ids, self._storage, hs, K)
 
     def _head_selection(self, heads) -> tuple[slice | list[int], list[int]]:
         """(index usable on the heads dim, list of head numbers) for ``heads``: None, a slice or ints."""
@@ -287,9 +354,9 @@ class KnnStore:
         """Exact top-K over the stored keys of ``rows`` and heads ``hsel`` (torch, batched)."""
         st = self._storage
         n = max(st.sizes[b] for b in rows)
-        keys = st.keys[:, hsel, :n]  # a view when hsel is a slice
+        keys = st.scan_keys(rows, hsel, n)
         if len(rows) < self.batch_size:
-            keys, q = keys[rows], q[rows]
+            q = q[rows]
         return exact_topk(q, keys, [st.sizes[b] for b in rows], K)
 
     def _faiss_ids(self, q: torch.Tensor, hsel, hs: list[int], K: int) -> torch.Tensor:
@@ -325,14 +392,15 @@ class KnnStore:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Everything needed to rebuild this store with ``load_state_dict``: keys, values, row sizes and, for
         Faiss, the indexes as ``faiss.serialize_index`` bytes in uint8 tensors (GPU indexes copied to the CPU
-        first). Nothing is pickled."""
+        first). Nothing is pickled. A disk store's keys and values stay in its files: its state holds the row sizes
+        and indexes only, and loads into a store opened on the same directory."""
         st = self._storage
+        self._ensure_indexed()
         used = len(self)
-        state = {
-            "sizes": torch.tensor(st.sizes, dtype=torch.int64),
-            "keys": st.keys[:, :, :used].contiguous(),  # zeros past a shorter row's end (RowStorage)
-            "values": st.values[:, :, :used].contiguous(),
-        }
+        state = {"sizes": torch.tensor(st.sizes, dtype=torch.int64)}
+        if self.directory is None:
+            state["keys"] = st.keys[:, :, :used].contiguous()  # zeros past a shorter row's end (RowStorage)
+            state["values"] = st.values[:, :, :used].contiguous()
         if self.exact:
             return state
         state["stage"] = torch.tensor(self._stage, dtype=torch.int64)
@@ -351,9 +419,12 @@ class KnnStore:
 
         Every tensor and every Faiss index is checked against this store before anything changes (names, shapes,
         dtypes, row sizes; index type, dimension, metric, training and size); a mismatch raises ValueError.
+        A disk store takes a state with keys and values (they are written to its files) or without them, when its
+        directory already holds exactly those row sizes (a saved disk store, opened).
         """
         B, H, d = self.batch_size, self.num_heads, self.head_dim
-        expected = {"sizes", "keys", "values"}
+        on_disk = self.directory is not None and "keys" not in state and "values" not in state
+        expected = {"sizes"} if on_disk else {"sizes", "keys", "values"}
         if not self.exact:
             expected |= {"stage", "indexed"} | {f"index.{b}.{h}" for b in range(B) for h in range(H)}
             if self.spec.metric != "ip":
@@ -363,14 +434,17 @@ class KnnStore:
                              f"{sorted(expected - set(state))}, unexpected {sorted(set(state) - expected)}")
         sizes = _int_list(state, "sizes", B)
         n = max(sizes)
-        for name in ("keys", "values"):
+        if on_disk and sizes != self._storage.sizes:
+            raise ValueError(f"state['sizes'] is {sizes}, but the files in {self.directory!r} hold {self._storage.sizes} "
+                             "tokens per row")
+        for name in ("keys", "values") if not on_disk else ():
             t = state[name]
             if not t.is_floating_point() or tuple(t.shape) != (B, H, n, d):
                 raise ValueError(f"state[{name!r}] has shape {tuple(t.shape)} ({t.dtype}); this store needs a "
                                  f"floating tensor of shape {(B, H, n, d)}")
         if min(sizes) < 0:
             raise ValueError(f"state['sizes'] holds negative sizes: {sizes}")
-        for b, size in enumerate(sizes):
+        for b, size in enumerate(sizes if not on_disk else ()):
             checks.finite("state['keys']", state["keys"][b, :, :size])
         indexes = None
         if not self.exact:
@@ -387,11 +461,14 @@ class KnnStore:
                 norms = norms.double().numpy().copy()
             indexes = [[self._load_index(state[f"index.{b}.{h}"], f"index.{b}.{h}", stages[b], indexed[b], sizes[b])
                         for h in range(H)] for b in range(B)]
-        self.reset()
         st = self._storage
-        for b, size in enumerate(sizes):
-            st.append_row(b, state["keys"][b, :, :size].to(st.device, st.dtype),
-                          state["values"][b, :, :size].to(st.device, st.dtype))
+        if on_disk:
+            self._reset_indexes()
+        else:
+            self.reset()
+            st.append_rows([(state["keys"][b, :, :size].to(st.device, st.dtype),
+                             state["values"][b, :, :size].to(st.device, st.dtype)) for b, size in enumerate(sizes)])
+        self._unindexed = False
         if indexes is not None:
             self._indexes, self._stage, self._indexed = indexes, stages, indexed
             if norms is not None:

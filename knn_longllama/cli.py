@@ -283,7 +283,8 @@ def cmd_read(args) -> int:
     model, tokenizer = load_model(args.model, args.device, **model_settings(args))
     first = join_group(args)
     doc = Document.read(model, tokenizer=tokenizer, path=args.file, memory_spec=args.memory,
-                        progress=not args.quiet and first, context_parallel=args.context_parallel)
+                        progress=not args.quiet and first, context_parallel=args.context_parallel,
+                        memory_dir=args.memory_dir)
     doc.save(args.output)
     if first:
         shards = f" as shards {args.output}.rank*" if args.context_parallel else ""
@@ -442,6 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="UTF-8 text file")
     p.add_argument("-o", "--output", required=True, help="memory file to write (safetensors)")
     p.add_argument("--memory", type=memory_spec, default=None, help=MEMORY_HELP + " (default: the model's)")
+    p.add_argument("--memory-dir", default=None,
+                   help="folder for the keys and values of a 'storage=disk' memory (kept with the memory file, "
+                        "which records it relative to itself; docs/sizing.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_read)
 

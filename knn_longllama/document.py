@@ -5,6 +5,10 @@
     doc.save("book.memory")                                 # one safetensors file, written atomically and fsynced
     doc = Document.load("book.memory", model, tokenizer)    # verified end to end before anything is used
 
+    # keys and values in files under book.d/ (RAM bounded); the saved memory is those files plus book.memory
+    doc = Document.read(model, tokenizer=tokenizer, path="book.txt", memory_dir="book.d",
+                        memory_spec="IVF1024,PQ16 k=32 k_factor=4 nprobe=32 storage=disk")
+
 Reading streams the text window by window: full windows go straight into memory, so RAM beyond the memory itself
 stays bounded. `ask` equals `generate` on the concatenated tokens (document + question): reading only consumes
 whole windows that would be prefix windows of the concatenated input, and keeps the rest as pending tokens that
@@ -15,6 +19,12 @@ A memory file is a safetensors file: the tensors of every memory layer (`layer{i
 JSON manifest in the metadata (format version, model fingerprint, memory spec, memory layers, token counts and the
 SHA-256 of every tensor) and a digest of that manifest: SHA-256, or HMAC-SHA256 with the key in the environment
 variable `KNN_LONGLLAMA_MEMORY_KEY` when it is set. See README, "Safety".
+
+A memory read with `storage=disk` keeps its keys and values in the files of `memory_dir` (a folder per memory layer,
+see `knn_index.disk`); its memory file holds the indexes and, in the manifest's `disk` field, that folder (relative to
+the memory file) and the SHA-256 of every layer's journal, which records a CRC-32 of every appended byte. Loading
+checks the journals against the manifest, then opens the files in place (nothing is copied); `verify_data=True` (the
+default) also checks every CRC, reading the files once (docs/sizing.md).
 """
 
 import hashlib
@@ -43,6 +53,7 @@ MANIFEST_KEY, DIGEST_KEY = "knn_longllama_manifest", "knn_longllama_digest"
 KEY_ENV = "KNN_LONGLLAMA_MEMORY_KEY"
 MANIFEST_FIELDS = {"format_version": int, "model_fingerprint": str, "memory_spec": str, "mem_layers": list,
                    "num_tokens": int, "last_context_length": int, "checksums": dict}
+DISK_FIELD = "disk"  # optional manifest field of a storage=disk memory: {"dir": str, "journals": {layer: sha256}}
 FINGERPRINT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                       "num_key_value_heads", "max_position_embeddings", "rope_theta", "rms_norm_eps", "hidden_act",
                       "mem_layers", "mem_positionals", "mem_dtype", "mem_distance", "mem_sink_tokens")
@@ -165,33 +176,52 @@ class Document:
     """A document in memory: per-layer memories of its full windows plus the pending tail tokens."""
 
     def __init__(self, model, tokenizer, memories: dict, pending: list[int], num_tokens: int,
-                 last_context_length: int, memory_spec: str):
+                 last_context_length: int, memory_spec: str, memory_dir: str | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.memories, self.pending = memories, pending
         self.num_tokens, self.last_context_length = num_tokens, last_context_length
-        self.memory_spec = memory_spec
+        self.memory_spec, self.memory_dir = memory_spec, memory_dir
+
+    def close(self) -> None:
+        """Close the files of a `storage=disk` memory (a temporary folder is removed); nothing to do in RAM."""
+        for memory in self.memories.values():
+            store = _knn_store(memory)
+            if store is not None:
+                store.close()
 
     @classmethod
     @torch.no_grad()
     def read(cls, model, source=None, tokenizer=None, *, path=None, text=None, memory_spec=None,
              last_context_length: int | None = None, progress: bool = True,
-             context_parallel: bool = False) -> "Document":
+             context_parallel: bool = False, memory_dir=None) -> "Document":
         """Stream a document into memory window by window (see the module docstring).
 
         The document is one of: `path=` (a UTF-8 text file), `text=` (a string), or `source`: a `pathlib.Path`,
         token ids (tensor or list of ints) or an iterable of strings. A plain `str` source is refused: it could be
         either a path or text. `memory_spec` (default: the model config's) says how memory layers store and search.
         `context_parallel`: shard the memory across the ranks of the initialised torch.distributed group (every
-        rank reads the same document; see `knn_longllama.parallel`).
+        rank reads the same document; see `knn_longllama.parallel`). `memory_dir`: the folder (created if missing,
+        and holding no memory yet) where a `storage=disk` memory keeps its files, one sub-folder per memory layer;
+        default a temporary folder removed by `close()` (such a document cannot be saved). When the number of tokens
+        is known (token ids), every memory reserves room for them first: RAM storage allocates it exactly, disk
+        storage checks the free space (OSError if it is short).
         """
         config = model.config
         lctx = config.max_position_embeddings
         tail = check_last_context_length(config.last_context_length if last_context_length is None
                                          else last_context_length)
-        chunks = iter_token_chunks(tokenizer, **_source_kwargs(source, path, text, config.vocab_size))
-        spec = config.memory_spec if memory_spec is None else memory_spec
+        source_kwargs = _source_kwargs(source, path, text, config.vocab_size)
+        chunks = iter_token_chunks(tokenizer, **source_kwargs)
+        spec = MemorySpec.coerce(config.memory_spec if memory_spec is None else memory_spec)
         device = model.device
-        memories = {idx: model.model.new_memory(1, device, spec) for idx in config.mem_layers}
+        dirs = _layer_dirs(memory_dir, spec, config.mem_layers, context_parallel)
+        if any(d is not None and os.path.exists(os.path.join(d, "journal")) for d in dirs.values()):
+            raise ValueError(f"memory_dir {os.fspath(memory_dir)!r} already holds a memory; choose an empty folder")
+        memories = {idx: model.model.new_memory(1, device, spec, directory=dirs[idx]) for idx in config.mem_layers}
+        known = len(source_kwargs.get("ids") or ())
+        if known - tail >= lctx:
+            for store in filter(None, map(_knn_store, memories.values())):
+                store.reserve((known - tail) // lctx * lctx)
         if context_parallel:
             if config.mem_sink_tokens:
                 raise ValueError("context_parallel does not support mem_sink_tokens > 0 yet; set mem_sink_tokens=0")
@@ -209,7 +239,8 @@ class Document:
                     del buffer[:ready]
         if total == 0:
             raise ValueError("the document holds no tokens")
-        return cls(model, tokenizer, memories, buffer, total, tail, str(MemorySpec.coerce(spec)))
+        return cls(model, tokenizer, memories, buffer, total, tail, str(spec),
+                   None if memory_dir is None else os.path.abspath(os.fspath(memory_dir)))
 
     def new_cache(self) -> LongLlamaCache:
         """A generation cache over this document's memory; what it adds goes to a private overlay."""
@@ -246,6 +277,16 @@ class Document:
         path = check_output_path(path)
         if any(isinstance(memory, ShardedMemory) for memory in self.memories.values()):
             path = shard_path(path, dist.get_rank(), dist.get_world_size())
+        disk = None
+        if MemorySpec.coerce(self.memory_spec).storage == "disk":
+            if self.memory_dir is None:
+                raise ValueError("this document's disk memory lives in a temporary folder; read it with "
+                                 "memory_dir= to save it")
+            for memory in self.memories.values():
+                _knn_store(memory).flush()
+            folder = os.path.dirname(os.path.abspath(path))
+            disk = {"dir": os.path.relpath(self.memory_dir, folder),
+                    "journals": {str(idx): _knn_store(m).journal_sha256() for idx, m in self.memories.items()}}
         tensors = {}
         for idx, memory in self.memories.items():
             for name, tensor in memory.state_dict().items():
@@ -259,15 +300,19 @@ class Document:
             "num_tokens": self.num_tokens,
             "last_context_length": self.last_context_length,
             "checksums": {name: _sha256(t) for name, t in tensors.items()},
+            **({} if disk is None else {DISK_FIELD: disk}),
         }, sort_keys=True)
         _atomic_save(tensors, path, {MANIFEST_KEY: manifest, DIGEST_KEY: _digest(manifest)})
 
     @classmethod
-    def load(cls, path, model, tokenizer=None, *, context_parallel: bool = False) -> "Document":
+    def load(cls, path, model, tokenizer=None, *, context_parallel: bool = False,
+             verify_data: bool = True) -> "Document":
         """Load a saved memory, verified end to end before use: the manifest digest (or HMAC), every tensor's
         checksum (no tensor missing or extra), the model fingerprint, and every manifest field and tensor against
         the model and the memory spec. Anything else raises ValueError naming the file. `context_parallel`: load
-        this rank's shard of a memory saved by as many processes (see `knn_longllama.parallel`)."""
+        this rank's shard of a memory saved by as many processes (see `knn_longllama.parallel`). A `storage=disk`
+        memory: every layer's journal must match the manifest, then its files are opened in place; `verify_data`
+        also checks the CRC of every appended byte (reads the files once; False skips that for a quick load)."""
         path = os.fspath(path)
         if context_parallel:
             path = current_shard_path(path)
@@ -283,12 +328,14 @@ class Document:
                              f"{error}") from None
         try:
             manifest = _verified_manifest(metadata, tensors)
-            return cls._from_verified(manifest, tensors, model, tokenizer, context_parallel)
+            dirs = _verified_disk(manifest, path, context_parallel)
+            return cls._from_verified(manifest, tensors, model, tokenizer, context_parallel, dirs, verify_data)
         except ValueError as error:
             raise ValueError(f"{path!r}: {error}") from None
 
     @classmethod
-    def _from_verified(cls, manifest: dict, tensors: dict, model, tokenizer, context_parallel: bool) -> "Document":
+    def _from_verified(cls, manifest: dict, tensors: dict, model, tokenizer, context_parallel: bool,
+                       dirs: dict | None = None, verify_data: bool = True) -> "Document":
         config = model.config
         if manifest["model_fingerprint"] != model_fingerprint(model):
             raise ValueError(f"made by another model or memory configuration (mem_layers {manifest['mem_layers']}, "
@@ -296,6 +343,8 @@ class Document:
         if manifest["mem_layers"] != list(config.mem_layers):
             raise ValueError(f"memory layers {manifest['mem_layers']} differ from the model's {config.mem_layers}")
         spec = str(MemorySpec.coerce(manifest["memory_spec"]))
+        if (MemorySpec.coerce(spec).storage == "disk") != (dirs is not None):
+            raise ValueError(f"memory spec '{spec}' and the manifest's {DISK_FIELD!r} field disagree")
         tail, num_tokens = manifest["last_context_length"], manifest["num_tokens"]
         lctx = config.max_position_embeddings
         pending = tensors.pop("pending", None)
@@ -308,7 +357,10 @@ class Document:
         memories = {}
         for idx in config.mem_layers:
             prefix = f"layer{idx}."
-            memory = model.model.new_memory(1, model.device, spec)
+            if dirs is None:
+                memory = model.model.new_memory(1, model.device, spec)
+            else:
+                memory = model.model.new_memory(1, model.device, spec, directory=dirs[idx], verify=verify_data)
             if context_parallel:
                 memory = ShardedMemory(memory)
             elif f"{prefix}shard" in tensors:
@@ -329,7 +381,62 @@ class Document:
         if stored % lctx or not min(num_tokens, tail) <= len(pending) < tail + lctx:
             raise ValueError(f"{stored} tokens in memory and {len(pending)} pending are not a read state for "
                              f"windows of {lctx} and last_context_length={tail}")
-        return cls(model, tokenizer, memories, pending, num_tokens, tail, spec)
+        return cls(model, tokenizer, memories, pending, num_tokens, tail, spec,
+                   None if dirs is None else os.path.dirname(next(iter(dirs.values()), "")) or None)
+
+
+def _knn_store(memory):
+    """The `knn_index.KnnStore` holding a memory's entries (through sink and shard wrappers), or None."""
+    while not hasattr(memory, "store"):
+        memory = getattr(memory, "base", None) or getattr(memory, "local", None)
+        if memory is None:
+            return None
+    return memory.store
+
+
+def _layer_dirs(memory_dir, spec: MemorySpec, mem_layers, context_parallel: bool) -> dict:
+    """Per memory layer, the folder of its files (None: in RAM or a temporary folder)."""
+    if memory_dir is None:
+        return {idx: None for idx in mem_layers}
+    if spec.storage != "disk":
+        raise ValueError(f"memory_dir={os.fspath(memory_dir)!r} is the folder of a storage=disk memory; memory spec "
+                         f"'{spec}' keeps its entries in RAM")
+    if context_parallel:
+        raise ValueError("memory_dir: a context-parallel memory cannot be stored on disk yet; drop memory_dir or "
+                         "context_parallel")
+    memory_dir = os.fspath(memory_dir)
+    if os.path.exists(memory_dir) and not os.path.isdir(memory_dir):
+        raise ValueError(f"memory_dir {memory_dir!r} is not a folder")
+    return {idx: os.path.join(os.path.abspath(memory_dir), f"layer{idx}") for idx in mem_layers}
+
+
+def _verified_disk(manifest: dict, path: str, context_parallel: bool) -> dict | None:
+    """Per memory layer, the folder of a disk memory's files, once each layer's journal matches the manifest;
+    None for a memory held in the file."""
+    disk = manifest.get(DISK_FIELD)
+    if disk is None:
+        return None
+    layers = [str(i) for i in manifest["mem_layers"]]
+    if not isinstance(disk, dict) or set(disk) != {"dir", "journals"} or not isinstance(disk["dir"], str) or \
+            not isinstance(disk["journals"], dict) or sorted(disk["journals"]) != sorted(layers):
+        raise ValueError(f"the manifest's {DISK_FIELD!r} field must hold 'dir' and the journal digest of every "
+                         "memory layer")
+    if context_parallel:
+        raise ValueError("a disk memory is not context-parallel; load it with context_parallel=False")
+    folder = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), disk["dir"]))
+    dirs = {}
+    for layer in layers:
+        journal = os.path.join(folder, f"layer{layer}", "journal")
+        if not os.path.isfile(journal):
+            raise ValueError(f"its disk memory {journal!r} is missing (the memory's folder {disk['dir']!r} is kept "
+                             "relative to the memory file)")
+        with open(journal, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        if not hmac.compare_digest(digest, str(disk["journals"][layer])):
+            raise ValueError(f"{journal!r} differs from the journal saved in the manifest: the files changed after "
+                             "the save (appended to, truncated or corrupted)")
+        dirs[int(layer)] = os.path.dirname(journal)
+    return dirs
 
 
 def _verified_manifest(metadata: dict, tensors: dict) -> dict:
@@ -357,7 +464,7 @@ def _verified_manifest(metadata: dict, tensors: dict) -> dict:
     if scheme not in ("sha256", "hmac-sha256") or not hmac.compare_digest(stored, _digest(text).partition(":")[2]):
         raise ValueError("the manifest does not match its digest (edited or corrupted)" if scheme != "hmac-sha256"
                          else f"the manifest does not match its HMAC (edited, or signed with another {KEY_ENV})")
-    if set(manifest) != set(MANIFEST_FIELDS) or any(
+    if set(manifest) - {DISK_FIELD} != set(MANIFEST_FIELDS) or any(
             not isinstance(manifest[f], t) or isinstance(manifest[f], bool) for f, t in MANIFEST_FIELDS.items()):
         raise ValueError(f"the manifest must hold exactly {', '.join(MANIFEST_FIELDS)} with types "
                          f"{[t.__name__ for t in MANIFEST_FIELDS.values()]}")

@@ -165,6 +165,9 @@ class DenseMemory:
     def reset(self) -> None:
         self.__init__(self.dtype)
 
+    def close(self) -> None:
+        pass
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         if len(self) == 0:
             return {}
@@ -183,10 +186,12 @@ class KnnMemory:
     gathering a copy of the values per query.
     """
 
-    def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, spec, *, dtype: torch.dtype, device):
+    def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, spec, *, dtype: torch.dtype, device,
+                 directory=None, verify: bool = True):
         import knn_index  # the Faiss side is only needed by the kNN backends
 
-        self.store = knn_index.KnnStore(batch_size, num_kv_heads, head_dim, spec, dtype=dtype, device=device)
+        self.store = knn_index.KnnStore(batch_size, num_kv_heads, head_dim, spec, dtype=dtype, device=device,
+                                        directory=directory, verify=verify)
         self.k, self.dtype = self.store.spec.k, dtype
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
@@ -207,6 +212,14 @@ class KnnMemory:
 
     def nbytes(self) -> int:
         return self.store.nbytes()
+
+    def reserve(self, tokens: int) -> None:
+        """See `KnnStore.reserve`."""
+        self.store.reserve(tokens)
+
+    def close(self) -> None:
+        """Close a disk memory's files (see `KnnStore.close`)."""
+        self.store.close()
 
     def reset(self) -> None:
         self.store.reset()
@@ -346,19 +359,25 @@ class BlockMemory:
                 self.values[b].append(state["values"][b : b + 1, :, :size].to(self.dtype))
 
 
-def make_memory(spec, batch_size: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype, device):
+def make_memory(spec, batch_size: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype, device,
+                directory=None, verify: bool = True):
     """An empty memory for one memory layer: `DenseMemory` for spec "dense", `BlockMemory` for a spec with
     block > 1, else a `KnnMemory`.
 
-    spec: a `knn_index.MemorySpec` (or its text / dict form, validated here)."""
+    spec: a `knn_index.MemorySpec` (or its text / dict form, validated here). directory, verify: where a
+    `storage=disk` memory keeps its files (see `knn_index.KnnStore`)."""
     from knn_index import MemorySpec
 
     spec = MemorySpec.coerce(spec)
     if spec.kind == "dense":
         return DenseMemory(dtype)
     if spec.block > 1:
+        if directory is not None:
+            raise ValueError("directory: block retrieval (block > 1) keeps its tokens in RAM; memory_dir applies to "
+                             "block=1")
         return BlockMemory(batch_size, num_kv_heads, head_dim, spec, dtype=dtype, device=device)
-    return KnnMemory(batch_size, num_kv_heads, head_dim, spec, dtype=dtype, device=device)
+    return KnnMemory(batch_size, num_kv_heads, head_dim, spec, dtype=dtype, device=device, directory=directory,
+                     verify=verify)
 
 
 def crossbatch_sources(batch_size: int, extra_contexts: int, device=None) -> torch.Tensor:

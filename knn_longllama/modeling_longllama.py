@@ -387,12 +387,14 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def new_memory(self, batch_size: int, device, memory_spec=None):
+    def new_memory(self, batch_size: int, device, memory_spec=None, directory=None, verify: bool = True):
         """An empty memory for one memory layer: `memory_spec` (a `knn_index.MemorySpec` or its text form), or the
-        config's `memory_spec`; keys and values stored in `mem_dtype`."""
+        config's `memory_spec`; keys and values stored in `mem_dtype`; `directory`: the folder of a `storage=disk`
+        memory's files (default: a temporary one), opened if it holds a store (`verify`: every byte's CRC)."""
         spec = self.config.memory_spec if memory_spec is None else memory_spec
         memory = make_memory(spec, batch_size, self.config.num_key_value_heads, self.config.head_dim,
-                             dtype=getattr(torch, self.config.mem_dtype), device=device)
+                             dtype=getattr(torch, self.config.mem_dtype), device=device, directory=directory,
+                             verify=verify)
         return SinkMemory(memory, self.config.mem_sink_tokens) if self.config.mem_sink_tokens else memory
 
     def forward(
