@@ -729,7 +729,30 @@ def headline() -> str:
     if "(the shipped one)" not in model_line(scale):
         lines += ["", "**Some of these runs used another demo checkpoint than the shipped one** (see the results "
                   "page)."]
-    return "\n".join(lines + ["", link]) + "\n"
+    return "\n".join(lines + real_model_lines() + ["", link]) + "\n"
+
+
+def real_model_lines() -> list[str]:
+    """Headline lines for pretrained checkpoints: passkey trials read training-free, per (model, settings, memory,
+    length), and the RULER-style average per (model, setting, length)."""
+    lines = []
+    trials = frame("training_free", points=["model", "settings", "memory_spec", "tokens", "seed", "trial"])
+    if not trials.empty:
+        lines += ["", "Pretrained checkpoints read training-free (`python -m experiments.training_free`), passkey:", "",
+                  "| model | settings | memory | tokens | correct / trials |", "|---|---|---|---|---|"]
+        for (model, settings, memory, tokens), part in trials.groupby(["model", "settings", "memory_spec", "tokens"],
+                                                                      sort=False):
+            lines.append(f"| {model} | {settings} | {memory} | {tokens} | {int(part['correct'].sum())}/{len(part)} |")
+    samples = frame("ruler_sample", points=["model", "setting", "task", "tokens", "seed", "sample"])
+    if not samples.empty:
+        cells = samples.groupby(["model", "setting", "tokens", "task"], sort=False)["score"].mean().reset_index()
+        average = cells.groupby(["model", "setting", "tokens"], sort=False).agg(
+            score=("score", "mean"), tasks=("task", "nunique")).reset_index()
+        lines += ["", "RULER-style average score (%, tasks measured) per length:", ""]
+        for (model, setting), part in average.groupby(["model", "setting"], sort=False):
+            points = ", ".join(f"{r['tokens']}: {100 * r['score']:.0f} ({r['tasks']})" for _, r in part.iterrows())
+            lines.append(f"- {model}, {setting}: {points}")
+    return lines
 
 
 PAGE_HEADER = """# Experiment results
