@@ -45,7 +45,7 @@ def parse_settings(text: str) -> dict:
 
 
 def run(model_name: str, settings_list: list[str], memories: list[str], lengths: list[int], trials: int, seed: int,
-        threads: int, label: str | None, results=None, verbose: bool = True) -> list[dict]:
+        threads: int, label: str | None, results=None, verbose: bool = True, first_trial: int = 0) -> list[dict]:
     knn_index.set_num_threads(threads)
     run_name = common.run_id(label)
     env = common.environment("cpu", threads, results=results)
@@ -56,7 +56,9 @@ def run(model_name: str, settings_list: list[str], memories: list[str], lengths:
         for memory in memories:
             for length in lengths:
                 n_garbage = n_garbage_for_tokens(tokenizer, length)
-                for trial, (prompt, key) in enumerate(passkey_prompts(n_garbage, trials, seed)):
+                for trial, (prompt, key) in enumerate(passkey_prompts(n_garbage, first_trial + trials, seed)):
+                    if trial < first_trial:  # the prompts of earlier trials, measured by an earlier run
+                        continue
                     started = time.perf_counter()
                     result = passkey_trial(model, tokenizer, prompt, key, memory_spec=memory)
                     row = dict(model=model_name, settings=text or "default", memory_spec=memory, tokens=length,
@@ -83,10 +85,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192])
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--first-trial", type=int, default=0, help="skip the first trials (measured before)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--run", default=None, help="the run's label (default: its start time)")
     args = parser.parse_args(argv)
-    run(args.model, args.settings, args.memory, args.lengths, args.trials, args.seed, args.threads, args.run)
+    run(args.model, args.settings, args.memory, args.lengths, args.trials, args.seed, args.threads, args.run,
+        first_trial=args.first_trial)
 
 
 if __name__ == "__main__":

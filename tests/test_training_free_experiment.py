@@ -33,3 +33,16 @@ def test_settings_are_parsed(text, expected):
 def test_bad_settings_name_the_item():
     with pytest.raises(ValueError, match="'mem_distance'"):
         training_free.parse_settings("mem_distance")
+
+
+def test_first_trial_continues_a_point(tmp_path, monkeypatch):
+    """--first-trial N measures trials N.. of the same seeded prompts, so a later run adds to a point."""
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
+    training_free.main(["--model", "demo", "--lengths", "400", "--trials", "2", "--memory", "exact k=8", "--run", "a"])
+    training_free.main(["--model", "demo", "--lengths", "400", "--trials", "1", "--first-trial", "1",
+                        "--memory", "exact k=8", "--run", "b"])
+    trials = common.table("training_free")
+    first, again = trials[trials["run"] == "a"].set_index("trial"), trials[trials["run"] == "b"].set_index("trial")
+    assert list(again.index) == [1]
+    assert again.loc[1, "prompt_tokens"] == first.loc[1, "prompt_tokens"]
+    assert again.loc[1, "generated"] == first.loc[1, "generated"]
