@@ -502,20 +502,26 @@ def _atomic_save(tensors: dict, path: str, metadata: dict) -> None:
             save_file(tensors, tmp, metadata=metadata)
         except SafetensorError as error:
             raise OSError(f"cannot write the memory file {path!r}: {error}") from None
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        publish_file(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def publish_file(tmp: str, path: str) -> None:
+    """Make the written file `tmp` the file `path`, durably: fsync it, give it the permissions the umask gives,
+    rename it over `path` (same folder) and fsync the folder."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _alive(pid: int) -> bool:

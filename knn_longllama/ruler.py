@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .document import publish_file
 from .passkey import FILLER
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -553,17 +554,7 @@ def save_rows(path, rows: Sequence[dict]) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-        folder_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(folder_fd)
-        finally:
-            os.close(folder_fd)
+        publish_file(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
