@@ -153,15 +153,16 @@ class LongLlamaConfig(PreTrainedConfig):
                     f"got {self.mem_attention_grouping!r}."
                 )
         if self.mem_distance is not None:
-            if isinstance(self.mem_distance, bool) or not isinstance(self.mem_distance, int) or self.mem_distance < 0:
-                raise ValueError(f"`mem_distance` must be null or an int >= 0 (a RoPE distance), "
+            if isinstance(self.mem_distance, bool) or not isinstance(self.mem_distance, int) or \
+                    not 0 <= self.mem_distance <= 1 << 24:
+                raise ValueError(f"`mem_distance` must be null or an int in [0, 2^24] (a RoPE distance), "
                                  f"got {self.mem_distance!r}.")
             if not self.mem_positionals:
                 raise ValueError("`mem_distance` needs `mem_positionals=True` (memory layers without RoPE have no "
                                  "distance to set).")
         if isinstance(self.mem_sink_tokens, bool) or not isinstance(self.mem_sink_tokens, int) or \
-                self.mem_sink_tokens < 0:
-            raise ValueError(f"`mem_sink_tokens` must be an int >= 0, got {self.mem_sink_tokens!r}.")
+                not 0 <= self.mem_sink_tokens <= 1 << 24:
+            raise ValueError(f"`mem_sink_tokens` must be an int in [0, 2^24], got {self.mem_sink_tokens!r}.")
         try:
             self.memory_spec = str(MemorySpec.coerce(self.memory_spec))
         except ValueError as error:

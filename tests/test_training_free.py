@@ -137,7 +137,8 @@ def test_document_round_trip_with_sinks(tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     (dict(mem_distance=-1), "mem_distance"), (dict(mem_distance=8, mem_positionals=False), "mem_positionals"),
-    (dict(mem_sink_tokens=-2), "mem_sink_tokens"),
+    (dict(mem_sink_tokens=-2), "mem_sink_tokens"), (dict(mem_sink_tokens=10**20), "mem_sink_tokens"),
+    (dict(mem_distance=10**20), "mem_distance"),
 ])
 def test_bad_settings(overrides, message):
     with pytest.raises(ValueError, match=message):
