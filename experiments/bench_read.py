@@ -1,15 +1,20 @@
-"""What reading through kNN memory costs over the bare model: the demo reading N tokens, as a multiple of the floor.
+"""What reading through kNN memory costs over the bare model: a model reading N tokens, as a multiple of the floor.
 
 The floor is the same windows through the same model with no memory layers (one forward of N tokens, all windows,
 no cache). Each memory spec reads the same N filler tokens with `Document.read` in the same process and threads,
 right after its floor, so each ratio compares like with like.
 
-    python -m experiments.bench_read                                   # 65536 and 262144 tokens, ~15 minutes
+    python -m experiments.bench_read                                   # the demo: 65536 and 262144 tokens, ~15 min
     python -m experiments.bench_read --tokens 16384 --memory "IVF1024,Flat k=32 nprobe=8 train=grow"
     python -m experiments.bench_read --tokens 1048576 --memory "IVF1024,Flat k=32 nprobe=8 train=grow"  # ~10 min
+    python -m experiments.bench_read --model smollm2 --tokens 8192 32768 131072   # the training-free rule's memory
+    python -m experiments.bench_read --model smollm2 --attn-implementation eager --tokens 8192
 
-Rows go to experiments/results/results.csv (experiment bench_read): seconds, tokens/s, x_floor, peak RSS, and the
-process's CPU seconds with their ratio x_floor_cpu (steadier than wall time when other jobs share the cores).
+`--model` takes what the CLI takes (demo, smollm2, a .gguf file, a folder); without `--memory` a pretrained model
+reads with its own `memory_spec` (smollm2: the training-free rule). Rows go to experiments/results/results.csv
+(experiment bench_read): seconds, tokens/s, x_floor, peak RSS, and the process's CPU seconds with their ratio
+x_floor_cpu (steadier than wall time when other jobs share the cores), with the model and its attention
+implementation.
 """
 
 import argparse
@@ -27,7 +32,12 @@ SPECS = ["IVF1024,Flat k=32 nprobe=8", "IVF1024,Flat k=32 nprobe=8 train=grow",
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m experiments.bench_read", description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[65536, 262144])
-    p.add_argument("--memory", nargs="+", default=SPECS, help="memory specs to read with")
+    p.add_argument("--model", default="demo", help="demo (default), smollm2, a .gguf file or a checkpoint folder")
+    p.add_argument("--attn-implementation", choices=["eager", "sdpa"], default=None,
+                   help="the model's attention (default: the model's own: eager for the demo, sdpa training-free)")
+    p.add_argument("--memory", nargs="+", default=None,
+                   help="memory specs to read with (default: three IVF settings for the demo, the model's own spec "
+                        "otherwise)")
     p.add_argument("--floor-repeats", type=int, default=3, help="the floor is the fastest of this many runs")
     p.add_argument("--threads", type=int, default=1, help="knn_index.set_num_threads (torch and faiss)")
     p.add_argument("--device", default="cpu")
@@ -55,14 +65,19 @@ def cpu_timed(fn):
     return out, seconds, time.process_time() - start
 
 
-def measure(tokens: int, specs: list[str], device: str, floor_repeats: int) -> list[dict]:
+def measure(tokens: int, specs: list[str] | None, device: str, floor_repeats: int, model_name: str = "demo",
+            attn_implementation: str | None = None) -> list[dict]:
     """The floor and one read per spec of `tokens` filler tokens, as rows."""
-    from knn_longllama.demo import load_demo
+    from knn_longllama.cli import load_model
     from knn_longllama.document import Document
 
-    model, tokenizer = load_demo(device=device)
-    bare, _ = load_demo(device=device, mem_layers=[])
+    settings = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    model, tokenizer = load_model(model_name, device, **settings)
+    bare, _ = load_model(model_name, device, mem_layers=[], **settings)
+    if specs is None:
+        specs = SPECS if model_name == "demo" else [str(model.config.memory_spec)]
     ids = filler_ids(tokenizer, tokens).to(device)
+    labels = {"model": model_name, "attention": model.config._attn_implementation}
 
     def floor():
         with torch.no_grad():
@@ -70,12 +85,12 @@ def measure(tokens: int, specs: list[str], device: str, floor_repeats: int) -> l
 
     floors = [cpu_timed(floor)[1:] for _ in range(floor_repeats)]
     floor_s, floor_cpu = min(f[0] for f in floors), min(f[1] for f in floors)
-    rows = [{"tokens": tokens, "memory_spec": "bare windows", "seconds": round(floor_s, 3), "x_floor": 1.0,
+    rows = [{**labels, "tokens": tokens, "memory_spec": "bare windows", "seconds": round(floor_s, 3), "x_floor": 1.0,
              "tokens_per_s": round(tokens / floor_s), "cpu_seconds": round(floor_cpu, 3), "x_floor_cpu": 1.0}]
     for spec in specs:
         common.reset_peak_rss()
         doc, seconds, cpu = cpu_timed(lambda: Document.read(model, ids, memory_spec=spec, progress=False))
-        rows.append({"tokens": tokens, "memory_spec": spec, "seconds": round(seconds, 3),
+        rows.append({**labels, "tokens": tokens, "memory_spec": spec, "seconds": round(seconds, 3),
                      "x_floor": round(seconds / floor_s, 2), "tokens_per_s": round(tokens / seconds),
                      "cpu_seconds": round(cpu, 3), "x_floor_cpu": round(cpu / floor_cpu, 2),
                      "peak_rss_mb": common.rss_mb(),
@@ -91,7 +106,7 @@ def main(argv=None) -> None:
     knn_index.set_num_threads(args.threads)
     env, run = common.environment(args.device, args.threads), common.run_id(args.run)
     for tokens in args.tokens:
-        rows = measure(tokens, args.memory, args.device, args.floor_repeats)
+        rows = measure(tokens, args.memory, args.device, args.floor_repeats, args.model, args.attn_implementation)
         for row in rows:
             print(row, flush=True)
         common.append_rows("bench_read", rows, METRICS, run, env)

@@ -580,19 +580,27 @@ def benchmarks_section() -> list[str]:
                                                x="keys in the index", y="big_batch time / index.search time", logx=10,
                                                logy=True, hline=1.0,
                                                series=series(batched, ["setting"], "keys", "vs_search"))])]
-    read = frame("bench_read", points=["tokens", "memory_spec"])
+    read = frame("bench_read")
     if not read.empty:
-        columns = [c for c in ("run", "tokens", "memory_spec", "seconds", "x_floor", "cpu_seconds", "x_floor_cpu",
-                               "tokens_per_s", "peak_rss_mb", "memory_mb") if c in read.columns]
+        for column, default in (("model", "demo"), ("attention", "eager")):  # earlier runs: the demo, eager
+            read[column] = read[column].replace("", default) if column in read else default
+        read = read.drop_duplicates(["model", "attention", "tokens", "memory_spec"], keep="last")
+        columns = [c for c in ("run", "model", "attention", "tokens", "memory_spec", "seconds", "x_floor",
+                               "cpu_seconds", "x_floor_cpu", "tokens_per_s", "peak_rss_mb", "memory_mb")
+                   if c in read.columns]
         knn = read[read["memory_spec"] != "bare windows"]
+        knn = knn.assign(ratio=knn["x_floor_cpu"].fillna(knn["x_floor"]) if "x_floor_cpu" in knn else knn["x_floor"])
         parts += ["### Reading cost over the bare model (`python -m experiments.bench_read`)\n", environment_line(read),
-                  markdown(read[columns], "The demo model reading N filler tokens with `Document.read`, one thread: "
+                  markdown(read[columns], "A model reading N filler tokens with `Document.read`, one thread: "
                            "seconds, and x_floor, the time over the same windows through the model without memory "
-                           "layers in the same process; cpu_seconds and x_floor_cpu: the same in CPU time of the "
-                           "process, steadier when other jobs share the cores (empty in earlier runs)"),
+                           "layers in the same process (same attention implementation); cpu_seconds and x_floor_cpu: "
+                           "the same in CPU time of the process, steadier when other jobs share the cores (empty in "
+                           "earlier runs)"),
                   plot("bench_read", [dict(title="Reading with kNN memory, as a multiple of the bare windows",
-                                           x="tokens read", y="time / bare windows", logx=2, logy=True,
-                                           series=series(knn, ["memory_spec"], "tokens", "x_floor"))])]
+                                           x="tokens read", y="CPU time / bare windows' (wall time in early runs)",
+                                           logx=2, logy=True,
+                                           series=series(knn, ["model", "attention", "memory_spec"], "tokens",
+                                                         "ratio"))])]
     checks = frame("device_check", points=["check", "device"])
     if not checks.empty:
         columns = [c for c in ("check", "device", "memory_spec", "keys", "queries", "heads", "dim", "k", "same_ids",

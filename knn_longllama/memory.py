@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+FUSED_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # dtypes of the fused CPU attention kernel
+
 
 @dataclass
 class MemoryLookup:
@@ -34,6 +36,14 @@ class MemoryLookup:
     scores: torch.Tensor
     valid: torch.Tensor
     values: torch.Tensor
+
+    @classmethod
+    def of_entries(cls, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                   valid: torch.Tensor) -> "MemoryLookup":
+        """The lookup of queries `[B, h, Q, d]` offered shared entries: keys, values `[B, h, K, d]`, valid `[B, h, K]`
+        (scores in float32, as the stores re-score)."""
+        scores = queries.detach().float() @ keys.float().transpose(-1, -2)
+        return cls(scores=scores.to(queries.dtype), valid=valid[:, :, None, :], values=values)
 
     def mix(self, probs: torch.Tensor) -> torch.Tensor:
         """Attention-weighted sum of the values: probs `[B, h, Q, K]` -> `[B, h, Q, d]`."""
@@ -67,6 +77,26 @@ class SoftmaxPart:
         weights = torch.exp(logits - top[..., None])
         return cls(top, weights.sum(dim=-1), found.mix(weights), scale, floor)
 
+    @classmethod
+    def attention(cls, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
+                  scale: float, floor: float) -> "SoftmaxPart":
+        """The statistics of queries `[B, h, Q, d]` over keys and values `[B, h, K, d]` with an additive `bias`
+        broadcastable to `[B, h, Q, K]` (`floor` on blocked entries). On CPU one fused flash-attention call gives
+        the output and its log-sum-exp (max = log-sum-exp, total = 1); elsewhere the same numbers in plain matmuls."""
+        if queries.device.type == "cpu" and queries.dtype in FUSED_CPU_DTYPES:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                queries, keys, values, 0.0, False, attn_mask=bias.to(queries.dtype), scale=scale)
+            lse = lse.reshape(out.shape[:-1]).float()
+            return cls(lse, torch.ones_like(lse), out.float(), scale, floor)
+        logits = (queries.float() @ keys.float().transpose(-1, -2)).mul_(scale).add_(bias.float())
+        top = logits.amax(dim=-1)
+        weights = torch.exp(logits - top[..., None])
+        return cls(top, weights.sum(dim=-1), weights @ values.float(), scale, floor)
+
+    def output(self) -> torch.Tensor:
+        """The attention output `[B, h, Q, d]` (float32) over this part's entries alone."""
+        return self.weighted / self.total[..., None]
+
     def rescaled(self, top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(total, weighted) relative to a larger max `top` instead of `self.max`."""
         factor = torch.exp(self.max - top)
@@ -86,6 +116,15 @@ class SoftmaxPart:
         weights = torch.exp(local - top[..., None])
         total, weighted = self.rescaled(top)
         return (weights @ values.float() + weighted) / (weights.sum(dim=-1) + total)[..., None]
+
+
+def joined_entries(*parts):
+    """Shared entries `(keys, values, valid)` of several memories, one after the other (None parts skipped)."""
+    parts = [p for p in parts if p is not None]
+    if len(parts) < 2:
+        return parts[0] if parts else None
+    dtype = parts[-1][0].dtype
+    return tuple(torch.cat([p[i].to(dtype) if i < 2 else p[i] for p in parts], dim=2) for i in range(3))
 
 
 class _GrowingBuffer:
@@ -122,6 +161,7 @@ class DenseMemory:
     """Every stored (key, value) is attended by every query (official FoT memory)."""
 
     all_entries = True  # lookups offer every stored entry, so attention may read `entries()` with fused SDPA
+    shared_entries = True  # every query of a lookup is offered the same entries (`entries_for`)
 
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype
@@ -150,6 +190,14 @@ class DenseMemory:
         if len(self) == 0:
             return None
         return self.keys.view(), self.values.view(), self.mask.view()[:, 0]
+
+    def entries_for(self, queries: torch.Tensor, h0: int, h1: int):
+        """See `BlockMemory.entries_for`; here every stored entry."""
+        entries = self.entries()
+        if entries is None:
+            return None
+        keys, values, valid = entries
+        return keys[:, h0:h1], values[:, h0:h1], valid[:, None].expand(-1, h1 - h0, -1)
 
     def __len__(self) -> int:
         return self.keys.length
@@ -239,6 +287,8 @@ class BlockMemory:
     docs/semantics.md#block-retrieval.
     """
 
+    shared_entries = True  # every query of a lookup is offered the same entries (`entries_for`)
+
     def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, spec, *, dtype: torch.dtype, device):
         import knn_index
 
@@ -278,7 +328,9 @@ class BlockMemory:
             padded[b, :, : r.shape[1]], valid[b, : r.shape[1]] = r, True
         self.index.add(padded, padded, valid)
 
-    def lookup(self, queries: torch.Tensor, h0: int, h1: int) -> MemoryLookup | None:
+    def entries_for(self, queries: torch.Tensor, h0: int, h1: int):
+        """The entries offered to every query in `queries` `[B, h1 - h0, Q, d]` of KV heads `h0:h1`: keys and values
+        `[B, h1 - h0, K, d]` (in `dtype`) and valid bool `[B, h1 - h0, K]`; None while empty."""
         if len(self) == 0:
             return None
         B, h, block = queries.shape[0], h1 - h0, self.block
@@ -300,9 +352,12 @@ class BlockMemory:
         width = max(ids.shape[1] for ids in rows)
         if width == 0:
             return None
-        ids = torch.full((B, h, width), -1, dtype=torch.long, device=queries.device)
-        for b, row in enumerate(rows):
-            ids[b, :, : row.shape[1]] = row
+        if B == 1:
+            ids = rows[0][None]
+        else:
+            ids = torch.full((B, h, width), -1, dtype=torch.long, device=queries.device)
+            for b, row in enumerate(rows):
+                ids[b, :, : row.shape[1]] = row
         keys = torch.zeros(B, h, width, self.shape[2], dtype=self.dtype, device=queries.device)
         values = torch.zeros_like(keys)
         for b in range(B):
@@ -310,8 +365,11 @@ class BlockMemory:
                 index = ids[b].clamp_min(0)[:, :, None].expand(-1, -1, self.shape[2])
                 keys[b] = self.keys[b].view()[0, h0:h1].gather(1, index)
                 values[b] = self.values[b].view()[0, h0:h1].gather(1, index)
-        scores = queries.detach().float() @ keys.float().transpose(-1, -2)
-        return MemoryLookup(scores=scores.to(queries.dtype), valid=(ids >= 0)[:, :, None, :], values=values)
+        return keys, values, ids >= 0
+
+    def lookup(self, queries: torch.Tensor, h0: int, h1: int) -> MemoryLookup | None:
+        entries = self.entries_for(queries, h0, h1)
+        return None if entries is None else MemoryLookup.of_entries(queries, *entries)
 
     def __len__(self) -> int:
         return max(self.sizes())
@@ -422,6 +480,11 @@ class OverlayMemory:
         self.base, self.dtype = base, base.dtype
         self.overlay = DenseMemory(base.dtype)
         self.all_entries = getattr(base, "all_entries", False)
+        self.shared_entries = getattr(base, "shared_entries", False)
+
+    def entries_for(self, queries: torch.Tensor, h0: int, h1: int):
+        """The base's shared entries followed by every overlay entry (see `BlockMemory.entries_for`)."""
+        return joined_entries(self.base.entries_for(queries, h0, h1), self.overlay.entries_for(queries, h0, h1))
 
     def entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """Base entries followed by the overlay's (dense base only; see `DenseMemory.entries`)."""
@@ -442,9 +505,10 @@ class OverlayMemory:
             return base.merge(SoftmaxPart.of(extra, base.scale, base.floor))
         parts = [extra] if base is None else [base, extra]
         scores = torch.cat([p.scores for p in parts], dim=-1)
-        k = getattr(self.base, "k", None)  # kNN base: keep the top-k of base and overlay together
+        k = None if self.shared_entries else getattr(self.base, "k", None)  # kNN base: top-k of base and overlay
         if all(p.values.dim() == 4 for p in parts) and (k is None or k >= scores.shape[-1]):  # every entry
-            valid = torch.cat([p.valid for p in parts], dim=-1)  # each [B, 1, 1, n]
+            heads = max(p.valid.shape[1] for p in parts)  # each [B, 1 or h, 1, n]
+            valid = torch.cat([p.valid.expand(-1, heads, -1, -1) for p in parts], dim=-1)
             return MemoryLookup(scores, valid, torch.cat([p.values.to(extra.values.dtype) for p in parts], dim=2))
         q = queries.shape[2]
         per_query = lambda v: v if v.dim() == 5 else v[:, :, None].expand(-1, -1, q, -1, -1)  # noqa: E731
@@ -472,6 +536,11 @@ class SinkMemory:
         self.dtype = base.dtype
         self.sinks = DenseMemory(base.dtype)
         self.taken = None  # [B] sink tokens captured per row; None until the first add
+        self.shared_entries = getattr(base, "shared_entries", False)
+
+    def entries_for(self, queries: torch.Tensor, h0: int, h1: int):
+        """The sinks followed by the base's shared entries (see `BlockMemory.entries_for`)."""
+        return joined_entries(self.sinks.entries_for(queries, h0, h1), self.base.entries_for(queries, h0, h1))
 
     def with_base(self, base) -> "SinkMemory":
         """A copy of these sinks over another base (e.g. an `OverlayMemory` of this one's base)."""

@@ -148,6 +148,8 @@ class LongLlamaAttention(nn.Module):
                                                                  and q_memory is None)
         if self.config._attn_implementation == "sdpa" and fusable:
             out = self._attend_sdpa(q, k, v, window.allowed, memory.entries() if memory is not None else None)
+        elif self.config._attn_implementation == "sdpa" and getattr(memory, "shared_entries", False):
+            out = self._attend_parts(q, k, v, window.allowed, memory, q_memory)
         else:
             out = self._attend_eager(q, k, v, window.allowed, memory, q_memory)
         out = out.transpose(1, 2).reshape(bsz, q_len, self.num_heads * self.head_dim)
@@ -167,6 +169,25 @@ class LongLlamaAttention(nn.Module):
         if entries is not None and not valid.all():
             bias[..., n_local:].masked_fill_(~valid[:, None, None, :], floor)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
+
+    def _attend_parts(self, q, k, v, allowed, memory, q_memory=None):
+        """Fused attention over the local keys and, apart, over the entries a memory offers to every query of the
+        window (looked up with `q_memory` where given), joined as one softmax through their log-sum-exps
+        (`SoftmaxPart`). The query heads of a KV head are folded into the query axis: no key is repeated."""
+        bsz, _, q_len, d = q.shape
+        groups = self.num_heads // self.num_kv_heads
+        fold = lambda t: t.reshape(bsz, self.num_kv_heads, groups * q_len, d)  # noqa: E731
+        floor, scale = score_floor(q.dtype), 1.0 / math.sqrt(d)
+        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, floor)
+        bias = bias[:, :, None].expand(-1, -1, groups, -1, -1).reshape(bsz, 1, groups * q_len, -1)
+        part = SoftmaxPart.attention(fold(q), k, v, bias, scale, floor)
+        q_memory = fold(q if q_memory is None else q_memory)
+        entries = memory.entries_for(q_memory, 0, self.num_kv_heads)
+        if entries is not None:
+            keys, values, valid = entries
+            bias = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill_(~valid, floor)[:, :, None]
+            part = part.merge(SoftmaxPart.attention(q_memory, keys.to(q.dtype), values.to(q.dtype), bias, scale, floor))
+        return part.output().to(q.dtype).view(bsz, self.num_heads, q_len, d)
 
     @staticmethod
     def _append(local: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
@@ -321,10 +342,13 @@ class LongLlamaPreTrainedModel(PreTrainedModel):
         those given as `mem_layers=[...]` (none by default). Config fields passed as keyword arguments
         (`mem_layers`, `mem_dtype`, `mem_attention_grouping`, `last_context_length`, `memory_spec`, ...) override
         the stored config. `training_free=True` first applies `training_free_settings` for the checkpoint's trained
-        context (its `max_position_embeddings`); explicit keyword arguments still win."""
+        context (its `max_position_embeddings`) and picks `attn_implementation="sdpa"`; explicit keyword arguments
+        still win."""
         training_free = kwargs.pop("training_free", False)
         if training_free and config is not None:
             raise ValueError("`training_free=True` derives a config from the checkpoint's; pass it without `config`.")
+        if training_free and kwargs.get("attn_implementation") is None:
+            kwargs["attn_implementation"] = "sdpa"
         if config is None:
             fields = set(LongLlamaConfig.__annotations__) | set(LEGACY_MEMORY_FIELDS)
             if "torch_attention" in kwargs:  # the official field, an alias of attn_implementation
@@ -341,7 +365,7 @@ class LongLlamaPreTrainedModel(PreTrainedModel):
                 llama = LlamaForCausalLM.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
                 if training_free:
                     overrides = {**training_free_settings(llama.config.max_position_embeddings), **overrides}
-                return cls.from_llama(llama, **overrides)
+                return cls.from_llama(llama, attn_implementation=kwargs.get("attn_implementation"), **overrides)
             config_dict, _ = LongLlamaConfig.get_config_dict(
                 pretrained_model_name_or_path, local_files_only=kwargs.get("local_files_only", False)
             )
@@ -354,9 +378,11 @@ class LongLlamaPreTrainedModel(PreTrainedModel):
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
 
     @classmethod
-    def from_llama(cls, llama_model: nn.Module, **overrides):
-        """Convert a loaded Hugging Face `LlamaForCausalLM` (same weights, memory layers from `overrides`)."""
+    def from_llama(cls, llama_model: nn.Module, attn_implementation: str | None = None, **overrides):
+        """Convert a loaded Hugging Face `LlamaForCausalLM` (same weights, memory layers from `overrides`);
+        `attn_implementation`: as in `from_pretrained` ("eager" by default, whatever the LLaMA model used)."""
         config = LongLlamaConfig.from_llama_config(llama_model.config, **overrides)
+        config._attn_implementation = attn_implementation
         config.dtype = llama_model.dtype
         model = cls(config).to(dtype=llama_model.dtype, device=llama_model.device)
         missing, unexpected = model.load_state_dict(llama_model.state_dict(), strict=False, assign=True)

@@ -56,6 +56,69 @@ def test_forward_matches_reference(distance, sinks, spec, k, use_cache):
     assert_close_on_real(out, reference(model, ids, mask, use_cache, 8, k), mask, 2e-4)
 
 
+@pytest.mark.parametrize("distance, sinks", [(11, 0), (40, 5)])
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_sdpa_with_dense_memory_at_a_distance_matches_reference(distance, sinks, kv_heads):
+    """Dense memory with `mem_distance` offers the same entries to every query: sdpa attends to them with a fused
+    call of their own, joined with the local keys' through the log-sum-exps (`_attend_parts`)."""
+    model = tiny_model(seed=3, num_key_value_heads=kv_heads, mem_distance=distance, mem_sink_tokens=sinks,
+                       memory_spec="dense", mem_layers=[1, 2], attn_implementation="sdpa")
+    assert model.config._attn_implementation == "sdpa"
+    ids, mask = left_padded_batch(57, pad=9, vocab=model.config.vocab_size)
+    for use_cache in (False, True):
+        out = model(ids, attention_mask=mask, use_cache=use_cache, last_context_length=8).logits
+        assert_close_on_real(out, reference(model, ids, mask, use_cache, 8), mask, 2e-4)
+
+
+@pytest.mark.parametrize("spec, distance, sinks", [("exact k=2 block=4", 12, 3), ("exact k=2 block=4", None, 0),
+                                                   ("Flat k=3 block=3", 7, 5)])
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_sdpa_with_block_memory_equals_eager(spec, distance, sinks, kv_heads):
+    """Block retrieval under sdpa (fused parts joined by log-sum-exp) computes what the eager path computes (whose
+    lookups are checked against brute force below): forward with and without cache, then token-by-token
+    generation through evictions."""
+    ids, mask = left_padded_batch(57, pad=9, vocab=61)
+    outputs = {}
+    for attn in ("eager", "sdpa"):
+        model = tiny_model(seed=3, num_key_value_heads=kv_heads, mem_distance=distance, mem_sink_tokens=sinks,
+                           memory_spec=spec, mem_layers=[1, 2], attn_implementation=attn)
+        runs = [model(ids, attention_mask=mask, use_cache=use_cache, last_context_length=8).logits
+                for use_cache in (False, True)]
+        runs.append(model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                   last_context_length=8, output_logits=True, return_dict_in_generate=True))
+        outputs[attn] = runs
+    for eager, sdpa in zip(outputs["eager"][:2], outputs["sdpa"][:2]):
+        assert_close_on_real(sdpa, eager.double(), mask, 1e-5)
+    eager, sdpa = outputs["eager"][2], outputs["sdpa"][2]
+    assert torch.equal(eager.sequences, sdpa.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(eager.logits, sdpa.logits)) < 1e-4
+
+
+def test_softmax_part_of_fused_attention_against_a_written_out_softmax():
+    """`SoftmaxPart.attention`: the fused CPU kernel (float32, bfloat16) and the plain float32 fallback (float64 input) against
+    softmax(q k^T * scale + bias) v, with blocked entries and a row whose entries are all blocked."""
+    from knn_longllama.memory import SoftmaxPart
+
+    torch.manual_seed(0)
+    B, h, Q, K, d, scale, floor = 2, 3, 7, 11, 16, 0.25, -1e6
+    q, k, v = torch.randn(B, h, Q, d), torch.randn(B, h, K, d), torch.randn(B, h, K, d)
+    blocked = torch.rand(B, 1, Q, K) < 0.3
+    blocked[1, 0, 2] = True
+    bias = torch.zeros(B, 1, Q, K).masked_fill_(blocked, floor)
+    want = torch.softmax((q.double() @ k.double().transpose(-1, -2)) * scale + bias.double(), dim=-1) @ v.double()
+    seen = ~blocked.all(-1, keepdim=True).expand(B, h, Q, d)  # a fully blocked query's output is only finite
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-5), (torch.bfloat16, 5e-2)):
+        part = SoftmaxPart.attention(q.to(dtype), k.to(dtype), v.to(dtype), bias, scale, floor)
+        assert part.output().dtype == torch.float32 or dtype == torch.float64
+        assert torch.isfinite(part.output()).all()
+        assert (part.output().double() - want)[seen].abs().max() < tol, dtype
+    halves = [SoftmaxPart.attention(q, k[:, :, cut], v[:, :, cut], bias[..., cut], scale, floor)
+              for cut in (slice(0, 5), slice(5, K))]
+    merged = halves[0].merge(halves[1]).output()
+    assert torch.isfinite(merged).all()
+    assert (merged.double() - want)[seen].abs().max() < 1e-5
+
+
 def test_generation_evicts_through_sinks():
     """Chunks and single tokens through the cache: evictions move windows into the sinks and the searched base."""
     model = tiny_model(seed=4, num_key_value_heads=2, mem_distance=9, mem_sink_tokens=6, memory_spec="exact k=2")
