@@ -58,6 +58,7 @@ class MemorySpec:
     block:    tokens per retrieved unit. 1: the top-k tokens per query. b > 1: the memory is cut into blocks of b
               consecutive tokens, each searchable by one representative key (the mean of its keys); a lookup
               retrieves the k best blocks for the mean of its queries, and every query attends to all their tokens.
+              The index then holds one representative per block (in RAM, float32); ``storage`` holds the tokens.
     """
 
     index: str = DENSE
@@ -94,8 +95,6 @@ class MemorySpec:
         set_(self, "block", _int("block", self.block, MAX_BLOCK))
         if self.index == DENSE and self.block != 1:
             raise ValueError(f"memory 'dense' attends to every entry and retrieves no blocks; got block={self.block}")
-        if self.block != 1 and self.storage == "disk":
-            raise ValueError(f"block={self.block}: block retrieval keeps its tokens in RAM; storage=disk needs block=1")
         if self.index != DENSE and self.index != EXACT:
             return
         extra = {name: value for name, value in (("k_factor", self.k_factor), ("metric", self.metric),

@@ -386,7 +386,8 @@ class Document:
 
 
 def _knn_store(memory):
-    """The `knn_index.KnnStore` holding a memory's entries (through sink and shard wrappers), or None."""
+    """What holds a memory's keys and values (through sink and shard wrappers): a kNN memory's `knn_index.KnnStore`
+    or a block memory's storage (both reserve, flush, close and, on disk, give their journal's digest), or None."""
     while not hasattr(memory, "store"):
         memory = getattr(memory, "base", None) or getattr(memory, "local", None)
         if memory is None:

@@ -17,6 +17,7 @@ with a `SoftmaxPart` instead: the softmax statistics of the queries over all its
 with the local scores in the same joint softmax.
 """
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -283,47 +284,61 @@ class BlockMemory:
     """Top-k blocks: the memory is cut into blocks of `spec.block` consecutive real tokens per row. A lookup retrieves,
     per row and KV head, the k blocks whose representative key (the mean of the block's keys) scores highest against
     the mean of the lookup's queries, plus the row's last, incomplete block, and offers all their tokens to every
-    query (exact scores). The representatives are searched with the spec's index (a `knn_index.KnnStore`).
-    docs/semantics.md#block-retrieval.
+    query (exact scores). The representatives are searched with the spec's index (a `knn_index.KnnStore`, in RAM);
+    the tokens live in the spec's storage: tensors (`ram`) or files read back block by block (`disk`, see
+    `knn_index.disk`; `directory`, `verify` as in `KnnStore`). docs/semantics.md#block-retrieval.
     """
 
     shared_entries = True  # every query of a lookup is offered the same entries (`entries_for`)
 
-    def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, spec, *, dtype: torch.dtype, device):
+    def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, spec, *, dtype: torch.dtype, device,
+                 directory=None, verify: bool = True):
         import knn_index
+        from knn_index.spec import DEFAULT_RAM_BUDGET
+        from knn_index.storage import RowStorage
 
-        self.block, self.k, self.dtype = spec.block, spec.k, dtype
+        self.block, self.k, self.dtype, self.device = spec.block, spec.k, dtype, torch.device(device)
         self.shape = (batch_size, num_kv_heads, head_dim)
-        self.index = knn_index.KnnStore(batch_size, num_kv_heads, head_dim, spec.replace(block=1),
+        self.index = knn_index.KnnStore(batch_size, num_kv_heads, head_dim,
+                                        spec.replace(block=1, storage="ram", ram_budget=DEFAULT_RAM_BUDGET),
                                         dtype=torch.float32, device=device)
-        self.reset()
+        if spec.storage == "disk":
+            from knn_index.disk import DiskStorage
+
+            self.store = DiskStorage(directory, batch_size, num_kv_heads, head_dim, dtype, device, spec.ram_budget,
+                                     verify)
+        elif directory is not None:
+            raise ValueError(f"directory={os.fspath(directory)!r} is for storage=disk; spec '{spec}' keeps its "
+                             "tokens in RAM")
+        else:
+            self.store = RowStorage(batch_size, num_kv_heads, head_dim, dtype, device)
 
     def reset(self) -> None:
-        B = self.shape[0]
-        self.keys, self.values = [_GrowingBuffer() for _ in range(B)], [_GrowingBuffer() for _ in range(B)]
+        self.store.reset()
         self.index.reset()
 
     def sizes(self) -> list[int]:
-        return [buffer.length for buffer in self.keys]
+        return list(self.store.sizes)
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
         B, H, d = self.shape
-        reps = []
+        before = self.sizes()
+        rows = []
         for b in range(B):
             sel = mask[b].bool()
-            before = self.keys[b].length
-            if bool(sel.any()):
-                self.keys[b].append(keys[b : b + 1, :, sel].detach().to(self.dtype))
-                self.values[b].append(values[b : b + 1, :, sel].detach().to(self.dtype))
-            first, last = before // self.block, self.keys[b].length // self.block  # blocks completed by this add
-            row = self.keys[b].view()
-            reps.append(row[0, :, first * self.block : last * self.block].float().reshape(H, last - first, self.block, d)
-                        .mean(2) if last > first else torch.zeros(H, 0, d, device=keys.device))
+            rows.append((keys[b][:, sel].detach().to(self.dtype), values[b][:, sel].detach().to(self.dtype))
+                        if bool(sel.any()) else None)
+        self.store.append_rows(rows)
+        reps = []
+        for b, n in enumerate(self.store.sizes):
+            first, last = before[b] // self.block, n // self.block  # blocks completed by this add
+            block_keys = torch.from_numpy(self.store.float_keys(b, first * self.block, last * self.block))
+            reps.append(block_keys.reshape(H, last - first, self.block, d).mean(2).to(self.device))
         width = max(r.shape[1] for r in reps)
         if width == 0:
             return
-        padded = torch.zeros(B, H, width, d, device=keys.device)
-        valid = torch.zeros(B, width, dtype=torch.bool, device=keys.device)
+        padded = torch.zeros(B, H, width, d, device=self.device)
+        valid = torch.zeros(B, width, dtype=torch.bool, device=self.device)
         for b, r in enumerate(reps):
             padded[b, :, : r.shape[1]], valid[b, : r.shape[1]] = r, True
         self.index.add(padded, padded, valid)
@@ -339,8 +354,7 @@ class BlockMemory:
             mean = queries.detach().float().mean(2, keepdim=True)  # [B, h, 1, d]
             blocks = self.index.search(mean, k=self.k, heads=slice(h0, h1)).ids[:, :, 0]  # [B, h, k'], -1 = none
         rows = []
-        for b in range(B):
-            n = self.keys[b].length
+        for b, n in enumerate(self.store.sizes):
             tail = torch.arange(n // block * block, n, device=queries.device).expand(h, -1)
             ids = tail
             if blocks is not None:
@@ -352,20 +366,12 @@ class BlockMemory:
         width = max(ids.shape[1] for ids in rows)
         if width == 0:
             return None
-        if B == 1:
-            ids = rows[0][None]
-        else:
-            ids = torch.full((B, h, width), -1, dtype=torch.long, device=queries.device)
-            for b, row in enumerate(rows):
-                ids[b, :, : row.shape[1]] = row
-        keys = torch.zeros(B, h, width, self.shape[2], dtype=self.dtype, device=queries.device)
-        values = torch.zeros_like(keys)
-        for b in range(B):
-            if self.keys[b].length:
-                index = ids[b].clamp_min(0)[:, :, None].expand(-1, -1, self.shape[2])
-                keys[b] = self.keys[b].view()[0, h0:h1].gather(1, index)
-                values[b] = self.values[b].view()[0, h0:h1].gather(1, index)
-        return keys, values, ids >= 0
+        ids = torch.full((B, h, width), -1, dtype=torch.long, device=queries.device)
+        for b, row in enumerate(rows):
+            ids[b, :, : row.shape[1]] = row
+        heads, at = list(range(h0, h1)), ids.clamp_min(0)[:, :, None]  # [B, h, 1, K]
+        keys, values = (self.store.take(name, at, heads)[:, :, 0] for name in ("keys", "values"))
+        return keys.to(queries.device), values.to(queries.device), ids >= 0
 
     def lookup(self, queries: torch.Tensor, h0: int, h1: int) -> MemoryLookup | None:
         entries = self.entries_for(queries, h0, h1)
@@ -375,46 +381,57 @@ class BlockMemory:
         return max(self.sizes())
 
     def nbytes(self) -> int:
-        return sum(buffer.nbytes() for buffer in self.keys + self.values) + self.index.nbytes()
+        return self.store.nbytes() + self.index.nbytes()
+
+    def reserve(self, tokens: int) -> None:
+        """Room for `tokens` tokens per row (RAM: allocated exactly; disk: the free space checked)."""
+        self.store.reserve(tokens)
+
+    def close(self) -> None:
+        """Close a disk memory's files (a temporary folder is removed); nothing to do in RAM."""
+        self.store.close()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Tokens of every row (zeros past a shorter row's end), row sizes, and the representatives' index."""
+        """Row sizes, the representatives' index and, in RAM, the tokens of every row (zeros past a shorter row's
+        end); a disk memory's tokens stay in its files."""
         B, H, d = self.shape
-        n = len(self)
         state = {"sizes": torch.tensor(self.sizes(), dtype=torch.int64)}
-        for name, buffers in (("keys", self.keys), ("values", self.values)):
-            out = torch.zeros(B, H, n, d, dtype=self.dtype)
-            for b, buffer in enumerate(buffers):
-                if buffer.length:
-                    out[b, :, : buffer.length] = buffer.view()[0].cpu()
-            state[name] = out
+        if getattr(self.store, "directory", None) is None:
+            keys, values = self.store.entries(slice(None), len(self))
+            state.update(keys=keys.contiguous(), values=values.contiguous())
         state.update({f"index.{name}": t for name, t in self.index.state_dict().items()})
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load `state_dict` output, checked: shapes, sizes, and one representative per complete block."""
+        """Load `state_dict` output, checked: shapes, sizes, and one representative per complete block. A disk
+        memory takes a state without tokens when its files hold exactly those row sizes (a saved memory, opened)."""
         B, H, d = self.shape
         sizes = state.get("sizes")
         if sizes is None or sizes.dtype != torch.int64 or tuple(sizes.shape) != (B,) or bool((sizes < 0).any()):
             raise ValueError(f"block memory state needs int64 'sizes' of shape ({B},) >= 0")
+        on_disk = getattr(self.store, "directory", None) is not None and "keys" not in state
         n = int(sizes.max())
-        for name in ("keys", "values"):
+        for name in ("keys", "values") if not on_disk else ():
             t = state.get(name)
             if t is None or not t.is_floating_point() or tuple(t.shape) != (B, H, n, d):
                 raise ValueError(f"block memory state[{name!r}] must be a float tensor of shape {(B, H, n, d)}")
-        unexpected = [name for name in state if name not in ("sizes", "keys", "values") and not name.startswith("index.")]
+        tokens = ("sizes",) if on_disk else ("sizes", "keys", "values")
+        unexpected = [name for name in state if name not in tokens and not name.startswith("index.")]
         if unexpected:
             raise ValueError(f"block memory state holds unexpected tensors {unexpected}")
+        if on_disk and sizes.tolist() != self.sizes():
+            raise ValueError(f"block memory state: row sizes {sizes.tolist()}, but the files in "
+                             f"{self.store.directory!r} hold {self.sizes()} tokens per row")
         index_state = {name[6:]: t for name, t in state.items() if name.startswith("index.")}
-        self.reset()
         self.index.load_state_dict(index_state)
         if self.index.sizes() != [int(s) // self.block for s in sizes]:
+            self.index.reset()
             raise ValueError(f"block memory state: the index holds {self.index.sizes()} representatives for rows of "
                              f"{sizes.tolist()} tokens in blocks of {self.block}")
-        for b, size in enumerate(sizes.tolist()):
-            if size:
-                self.keys[b].append(state["keys"][b : b + 1, :, :size].to(self.dtype))
-                self.values[b].append(state["values"][b : b + 1, :, :size].to(self.dtype))
+        if not on_disk:
+            self.store.reset()
+            self.store.append_rows([(state["keys"][b, :, :size].to(self.dtype), state["values"][b, :, :size]
+                                     .to(self.dtype)) if size else None for b, size in enumerate(sizes.tolist())])
 
 
 def make_memory(spec, batch_size: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype, device,
@@ -430,10 +447,8 @@ def make_memory(spec, batch_size: int, num_kv_heads: int, head_dim: int, *, dtyp
     if spec.kind == "dense":
         return DenseMemory(dtype)
     if spec.block > 1:
-        if directory is not None:
-            raise ValueError("directory: block retrieval (block > 1) keeps its tokens in RAM; memory_dir applies to "
-                             "block=1")
-        return BlockMemory(batch_size, num_kv_heads, head_dim, spec, dtype=dtype, device=device)
+        return BlockMemory(batch_size, num_kv_heads, head_dim, spec, dtype=dtype, device=device, directory=directory,
+                           verify=verify)
     return KnnMemory(batch_size, num_kv_heads, head_dim, spec, dtype=dtype, device=device, directory=directory,
                      verify=verify)
 
@@ -607,7 +622,8 @@ class SinkMemory:
         unknown = [name for name in state if not name.startswith(("base.", "sinks."))]
         if unknown:
             raise ValueError(f"state of a SinkMemory holds unknown tensors {unknown}")
-        self.reset()
+        self.sinks.reset()  # not the base: its load replaces it, and a disk base keeps its opened files
+        self.taken = None
         sinks = {name[6:]: t for name, t in state.items() if name.startswith("sinks.")}
         if sinks:
             taken = sinks.pop("taken", None)

@@ -382,3 +382,60 @@ def test_chunked_index_adds_equal_one_add(monkeypatch):
     chunked.add(keys, values)
     assert np.array_equal(whole._norms, chunked._norms)
     assert same(whole.search(q), chunked.search(q))
+
+
+@pytest.mark.parametrize("spec", ["exact k=2 block=16", "Flat k=3 block=8 sinks", "IVF4,Flat k=2 nprobe=4 block=8"])
+def test_block_memory_on_disk_matches_ram(tmp_path, spec):
+    """Block retrieval with its tokens in files: the same entries as in RAM, window after window, rows of
+    different sizes; saved and opened in place (state without tokens), refused when the files hold other sizes."""
+    from knn_longllama.memory import make_memory
+
+    spec = spec.replace(" sinks", "")
+    ram = make_memory(spec, B, H, D, dtype=torch.bfloat16, device="cpu")
+    disk = make_memory(spec + " storage=disk ram_budget=1", B, H, D, dtype=torch.bfloat16, device="cpu",
+                       directory=tmp_path / "m")
+    g = torch.Generator().manual_seed(3)
+    for keys, values, mask in windows(4, seed=5, T=40):
+        ram.add(keys, values, mask)
+        disk.add(keys, values, mask)
+        queries = torch.randn(B, H, 6, D, generator=g)
+        want, got = ram.entries_for(queries[:, 1:], 1, H), disk.entries_for(queries[:, 1:], 1, H)
+        assert all(torch.equal(a, b) for a, b in zip(want, got))
+    assert disk.nbytes() < ram.nbytes() and disk.sizes() == ram.sizes()
+    state = disk.state_dict()
+    assert "keys" not in state and "values" not in state
+    disk.store.flush()
+    disk.close()
+    opened = make_memory(spec + " storage=disk ram_budget=1", B, H, D, dtype=torch.bfloat16, device="cpu",
+                         directory=tmp_path / "m")
+    opened.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(ram.entries_for(queries, 0, H), opened.entries_for(queries, 0, H)))
+    with pytest.raises(ValueError, match="the files in .* hold"):
+        opened.load_state_dict(dict(state, sizes=state["sizes"] - 1))
+    with pytest.raises(ValueError, match="is for storage=disk"):
+        make_memory(spec, B, H, D, dtype=torch.bfloat16, device="cpu", directory=tmp_path / "other")
+
+
+@pytest.mark.parametrize("spec", ["exact k=2 block=4", "Flat k=3"])
+def test_document_with_sinks_on_disk(tmp_path, spec):
+    """A training-free-style model (distance, sinks; blocks or tokens) reads to disk: the same answers as in RAM;
+    saved, reloaded in place (the sinks' load leaves the opened files alone) and checked like any disk memory."""
+    from conftest import tiny_model
+
+    from knn_longllama.document import Document
+
+    model = tiny_model(seed=8, mem_distance=12, mem_sink_tokens=3, memory_spec="exact k=2 block=4", mem_layers=[1, 2],
+                       attn_implementation="sdpa")
+    ids = torch.randint(3, model.config.vocab_size, (90,), generator=torch.Generator().manual_seed(2)).tolist()
+    want = Document.read(model, ids, memory_spec=spec, progress=False).ask([4, 5], max_new_tokens=5)
+    doc = Document.read(model, ids, memory_spec=spec + " storage=disk", memory_dir=tmp_path / "d", progress=False)
+    assert torch.equal(doc.ask([4, 5], max_new_tokens=5), want)
+    doc.save(tmp_path / "doc.memory")
+    doc.close()
+    loaded = Document.load(tmp_path / "doc.memory", model)
+    assert torch.equal(loaded.ask([4, 5], max_new_tokens=5), want)
+    loaded.close()
+    with open(tmp_path / "d" / "layer1" / "values.0", "r+b") as f:
+        f.write(b"\xff\xff\xff")
+    with pytest.raises(ValueError, match="fail their checksum"):
+        Document.load(tmp_path / "doc.memory", model)
