@@ -13,7 +13,7 @@ Reading streams the text window by window: full windows go straight into memory,
 stays bounded. `ask` equals `generate` on the concatenated tokens (document + question): reading only consumes
 whole windows that would be prefix windows of the concatenated input, and keeps the rest as pending tokens that
 each question feeds again. Every question starts from the read state: its own windows and evictions go to a
-private overlay (see `OverlayMemory`), never to the document's memory.
+private overlay (see `OverlayMemory`, `BlockOverlay`), never to the document's memory.
 
 A memory file is a safetensors file: the tensors of every memory layer (`layer{i}.*`) and the pending tokens, plus a
 JSON manifest in the metadata (format version, model fingerprint, memory spec, memory layers, token counts and the
@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from knn_index import MemorySpec
 
 from .configuration_longllama import check_last_context_length
-from .memory import OverlayMemory, SinkMemory
+from .memory import SinkMemory, overlay
 from .parallel import ShardedMemory, current_shard_path, shard_path
 from .modeling_longllama import LongLlamaCache
 
@@ -245,8 +245,8 @@ class Document:
     def new_cache(self) -> LongLlamaCache:
         """A generation cache over this document's memory; what it adds goes to a private overlay."""
         cache = LongLlamaCache(self.model.config.num_hidden_layers)
-        cache.memories = {idx: memory.with_base(OverlayMemory(memory.base)) if isinstance(memory, SinkMemory)
-                          else OverlayMemory(memory) for idx, memory in self.memories.items()}
+        cache.memories = {idx: memory.with_base(overlay(memory.base)) if isinstance(memory, SinkMemory)
+                          else overlay(memory) for idx, memory in self.memories.items()}
         return cache
 
     @torch.no_grad()

@@ -20,6 +20,7 @@ with the local scores in the same joint softmax.
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 FUSED_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # dtypes of the fused CPU attention kernel
@@ -432,6 +433,101 @@ class BlockMemory:
             self.store.reset()
             self.store.append_rows([(state["keys"][b, :, :size].to(self.dtype), state["values"][b, :, :size]
                                      .to(self.dtype)) if size else None for b, size in enumerate(sizes.tolist())])
+
+
+class BlockOverlay:
+    """A read-only `BlockMemory` continued by private adds (a question's evictions): its lookups are those of the
+    base after the same adds, with the base unchanged. The new tokens, and the blocks they complete (the base's
+    incomplete last block included), stay in the overlay; representatives of new blocks are scored exactly and
+    compete with the base's search results for the k blocks, so with an exact base index (`exact`, `Flat`) a lookup
+    retrieves what the base itself would."""
+
+    shared_entries = True
+
+    def __init__(self, base: BlockMemory):
+        from knn_index.storage import RowStorage
+
+        self.base, self.dtype, self.block, self.k = base, base.dtype, base.block, base.k
+        B, H, d = base.shape
+        self.start = base.sizes()  # tokens per row in the base; overlay token i of row b is token start[b] + i
+        self.extra = RowStorage(B, H, d, base.dtype, base.device)
+        self.reps = [torch.zeros(H, 0, d, device=base.device) for _ in range(B)]  # blocks completed in the overlay
+
+    def _keys(self, b: int, start: int, stop: int) -> torch.Tensor:
+        """Float32 keys `[H, n, d]` of row b's tokens [start, stop) of base and overlay together."""
+        cut = self.start[b]
+        parts = [self.base.store.float_keys(b, start, min(stop, cut))] if start < cut else []
+        parts += [self.extra.float_keys(b, max(start, cut) - cut, stop - cut)] if stop > cut else []
+        return torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1))
+
+    def add(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
+        H, d = self.base.shape[1:]
+        before = self.sizes()
+        self.extra.append_rows([(keys[b][:, sel].detach().to(self.dtype), values[b][:, sel].detach().to(self.dtype))
+                                if bool(sel.any()) else None for b, sel in enumerate(mask.bool())])
+        for b, n in enumerate(self.sizes()):
+            first, last = before[b] // self.block, n // self.block
+            if last > first:
+                reps = self._keys(b, first * self.block, last * self.block).reshape(H, -1, self.block, d).mean(2)
+                self.reps[b] = torch.cat([self.reps[b], reps.to(self.reps[b].device)], dim=1)
+
+    def sizes(self) -> list[int]:
+        return [s + n for s, n in zip(self.start, self.extra.sizes)]
+
+    def __len__(self) -> int:
+        return max(self.sizes())
+
+    def entries_for(self, queries: torch.Tensor, h0: int, h1: int):
+        """See `BlockMemory.entries_for`."""
+        if len(self) == 0:
+            return None
+        B, h, block, device = queries.shape[0], h1 - h0, self.block, queries.device
+        mean = queries.detach().float().mean(2, keepdim=True)  # [B, h, 1, d]
+        if len(self.base.index) > 0:
+            found = self.base.index.search(mean, k=self.k, heads=slice(h0, h1))
+            base_ids, base_scores = found.ids[:, :, 0], found.scores[:, :, 0].float()
+        else:
+            base_ids = torch.full((B, h, 0), -1, dtype=torch.long, device=device)
+            base_scores = torch.zeros(B, h, 0, device=device)
+        rows = []
+        for b, n in enumerate(self.sizes()):
+            reps = self.reps[b][h0:h1].to(device)  # [h, m, d], blocks start[b] // block + 0..m-1
+            scores = torch.cat([base_scores[b].masked_fill(base_ids[b] < 0, float("-inf")),
+                                (reps @ mean[b, :, 0, :, None])[..., 0]], dim=1)
+            ids = torch.cat([base_ids[b], self.start[b] // block + torch.arange(reps.shape[1], device=device)
+                             .expand(h, -1)], dim=1)
+            top = scores.topk(min(self.k, scores.shape[1]), dim=1)
+            chosen = ids.gather(1, top.indices).masked_fill(top.values == float("-inf"), -1)
+            tokens = (chosen.clamp_min(0)[:, :, None] * block + torch.arange(block, device=device))
+            tokens = tokens.masked_fill((chosen < 0)[:, :, None], -1).reshape(h, -1)
+            rows.append(torch.cat([tokens, torch.arange(n // block * block, n, device=device).expand(h, -1)], dim=1))
+        width = max(row.shape[1] for row in rows)
+        if width == 0:
+            return None
+        ids = torch.full((B, h, width), -1, dtype=torch.long, device=device)
+        for b, row in enumerate(rows):
+            ids[b, :, : row.shape[1]] = row
+        start = torch.tensor(self.start, device=device).view(B, 1, 1, 1)
+        at = ids.clamp_min(0)[:, :, None]  # [B, h, 1, K]
+        heads = list(range(h0, h1))
+        out = []
+        zeros = torch.zeros(*at.shape, self.base.shape[2], dtype=self.dtype, device=device)
+        for name in ("keys", "values"):
+            old = self.base.store.take(name, at.minimum((start - 1).clamp_min(0)), heads).to(device) \
+                if max(self.start) else zeros
+            new = self.extra.take(name, (at - start).clamp(0, self.extra.capacity - 1), heads).to(device) \
+                if self.extra.capacity else zeros
+            out.append(torch.where((at < start)[..., None], old, new)[:, :, 0])
+        return out[0], out[1], ids >= 0
+
+    def lookup(self, queries: torch.Tensor, h0: int, h1: int) -> MemoryLookup | None:
+        entries = self.entries_for(queries, h0, h1)
+        return None if entries is None else MemoryLookup.of_entries(queries, *entries)
+
+
+def overlay(memory):
+    """A private continuation of a read-only memory (see `OverlayMemory`, `BlockOverlay`)."""
+    return BlockOverlay(memory) if isinstance(memory, BlockMemory) else OverlayMemory(memory)
 
 
 def make_memory(spec, batch_size: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype, device,

@@ -427,13 +427,13 @@ def test_document_with_sinks_on_disk(tmp_path, spec):
     model = tiny_model(seed=8, mem_distance=12, mem_sink_tokens=3, memory_spec="exact k=2 block=4", mem_layers=[1, 2],
                        attn_implementation="sdpa")
     ids = torch.randint(3, model.config.vocab_size, (90,), generator=torch.Generator().manual_seed(2)).tolist()
-    want = Document.read(model, ids, memory_spec=spec, progress=False).ask([4, 5], max_new_tokens=5)
+    want = Document.read(model, ids, memory_spec=spec, progress=False).ask([4, 5], max_new_tokens=30)  # evicts
     doc = Document.read(model, ids, memory_spec=spec + " storage=disk", memory_dir=tmp_path / "d", progress=False)
-    assert torch.equal(doc.ask([4, 5], max_new_tokens=5), want)
+    assert torch.equal(doc.ask([4, 5], max_new_tokens=30), want)
     doc.save(tmp_path / "doc.memory")
     doc.close()
     loaded = Document.load(tmp_path / "doc.memory", model)
-    assert torch.equal(loaded.ask([4, 5], max_new_tokens=5), want)
+    assert torch.equal(loaded.ask([4, 5], max_new_tokens=30), want)
     loaded.close()
     with open(tmp_path / "d" / "layer1" / "values.0", "r+b") as f:
         f.write(b"\xff\xff\xff")

@@ -12,11 +12,13 @@ from knn_longllama.document import Document
 from conftest import tiny_model
 
 BACKENDS = [dict(memory_spec="dense"), dict(memory_spec="dense", attn_implementation="sdpa"),  # fused SDPA over memory
-            dict(memory_spec="Flat k=1000"), dict(memory_spec="exact k=3")]
+            dict(memory_spec="Flat k=1000"), dict(memory_spec="exact k=3"), dict(memory_spec="exact k=2 block=4"),
+            dict(memory_spec="Flat k=3 block=3", attn_implementation="sdpa", mem_distance=20, mem_sink_tokens=3)]
 
 
 def backend_id(backend: dict) -> str:
-    return backend["memory_spec"] + (" sdpa" if backend.get("attn_implementation") else "")
+    return backend["memory_spec"] + (" sdpa" if backend.get("attn_implementation") else "") + \
+        (" sinks" if backend.get("mem_sink_tokens") else "")
 
 
 def concatenated_generate(model, doc_ids, question_ids, steps):
