@@ -3,8 +3,8 @@
     python -m experiments.training_free --lengths 16384 32768 --trials 2 \
         --settings "" "mem_distance=1024" "mem_distance=1024,mem_sink_tokens=64" --memory "exact k=32"
 
-Each `--settings` item is a comma-separated list of config overrides (`name=int`, or `mem_layers=a-b` for a range
-of layers) applied on top of the model's defaults (`--model smollm2`: cli.SMOLLM2). Every trial is one row of
+Each `--settings` item is a comma-separated list of config overrides (`name=int`, `mem_layers=a-b` for a range
+of layers, `mem_attention_grouping=HxQ` for a pair) applied on top of the model's defaults (`--model smollm2`: cli.SMOLLM2). Every trial is one row of
 experiments/results/results.csv (experiment "training_free"): whether the pass key was found, the prompt length,
 the seconds it took and the text generated, so that failures can be read.
 """
@@ -37,6 +37,8 @@ def parse_settings(text: str) -> dict:
         if name == "mem_layers" and "-" in value:
             first, last = (int(v) for v in value.split("-"))
             settings[name] = list(range(first, last + 1))
+        elif "x" in value:  # mem_attention_grouping=9x64: (heads, queries)
+            settings[name] = tuple(int(v) for v in value.split("x"))
         elif value in ("none", "null"):
             settings[name] = None
         else:

@@ -171,23 +171,36 @@ class LongLlamaAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
 
     def _attend_parts(self, q, k, v, allowed, memory, q_memory=None):
-        """Fused attention over the local keys and, apart, over the entries a memory offers to every query of the
-        window (looked up with `q_memory` where given), joined as one softmax through their log-sum-exps
-        (`SoftmaxPart`). The query heads of a KV head are folded into the query axis: no key is repeated."""
+        """Fused attention over the local keys and, apart, over the entries a memory offers to every query of a
+        lookup (looked up with `q_memory` where given), joined as one softmax through their log-sum-exps
+        (`SoftmaxPart`). The query heads of a KV head are folded into the query axis: no key is repeated. A lookup
+        takes the whole window, or each chunk of `mem_attention_grouping`, as `_attend_eager` does."""
         bsz, _, q_len, d = q.shape
         groups = self.num_heads // self.num_kv_heads
-        fold = lambda t: t.reshape(bsz, self.num_kv_heads, groups * q_len, d)  # noqa: E731
+        heads_per_chunk, queries_per_chunk = self.num_kv_heads, q_len
+        if self.config.mem_attention_grouping is not None:
+            max_heads, max_queries = self.config.mem_attention_grouping
+            heads_per_chunk, queries_per_chunk = max(1, max_heads // groups), max_queries
+        q = q.view(bsz, self.num_kv_heads, groups, q_len, d)
+        q_memory = q if q_memory is None else q_memory.view(bsz, self.num_kv_heads, groups, q_len, d)
         floor, scale = score_floor(q.dtype), 1.0 / math.sqrt(d)
-        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, floor)
-        bias = bias[:, :, None].expand(-1, -1, groups, -1, -1).reshape(bsz, 1, groups * q_len, -1)
-        part = SoftmaxPart.attention(fold(q), k, v, bias, scale, floor)
-        q_memory = fold(q if q_memory is None else q_memory)
-        entries = memory.entries_for(q_memory, 0, self.num_kv_heads)
-        if entries is not None:
-            keys, values, valid = entries
-            bias = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill_(~valid, floor)[:, :, None]
-            part = part.merge(SoftmaxPart.attention(q_memory, keys.to(q.dtype), values.to(q.dtype), bias, scale, floor))
-        return part.output().to(q.dtype).view(bsz, self.num_heads, q_len, d)
+        blocked = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, floor)[:, :, None]
+        out = torch.empty_like(q)
+        for h0 in range(0, self.num_kv_heads, heads_per_chunk):
+            h1 = min(h0 + heads_per_chunk, self.num_kv_heads)
+            for t0 in range(0, q_len, queries_per_chunk):
+                t1 = min(t0 + queries_per_chunk, q_len)
+                fold = lambda t: t[:, h0:h1, :, t0:t1].reshape(bsz, h1 - h0, groups * (t1 - t0), d)  # noqa: E731
+                bias = blocked[..., t0:t1, :].expand(-1, -1, groups, -1, -1).reshape(bsz, 1, groups * (t1 - t0), -1)
+                part = SoftmaxPart.attention(fold(q), k[:, h0:h1], v[:, h0:h1], bias, scale, floor)
+                entries = memory.entries_for(fold(q_memory), h0, h1)
+                if entries is not None:
+                    keys, values, valid = entries
+                    bias = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill_(~valid, floor)
+                    part = part.merge(SoftmaxPart.attention(fold(q_memory), keys.to(q.dtype), values.to(q.dtype),
+                                                            bias[:, :, None], scale, floor))
+                out[:, h0:h1, :, t0:t1] = part.output().to(q.dtype).view(bsz, h1 - h0, groups, t1 - t0, d)
+        return out.view(bsz, self.num_heads, q_len, d)
 
     @staticmethod
     def _append(local: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:

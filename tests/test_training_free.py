@@ -72,8 +72,8 @@ def test_sdpa_with_dense_memory_at_a_distance_matches_reference(distance, sinks,
 
 @pytest.mark.parametrize("spec, distance, sinks", [("exact k=2 block=4", 12, 3), ("exact k=2 block=4", None, 0),
                                                    ("Flat k=3 block=3", 7, 5)])
-@pytest.mark.parametrize("kv_heads", [1, 2, 4])
-def test_sdpa_with_block_memory_equals_eager(spec, distance, sinks, kv_heads):
+@pytest.mark.parametrize("kv_heads, grouping", [(1, None), (2, None), (4, None), (2, (2, 5)), (2, (4, 3))])
+def test_sdpa_with_block_memory_equals_eager(spec, distance, sinks, kv_heads, grouping):
     """Block retrieval under sdpa (fused parts joined by log-sum-exp) computes what the eager path computes (whose
     lookups are checked against brute force below): forward with and without cache, then token-by-token
     generation through evictions."""
@@ -81,7 +81,8 @@ def test_sdpa_with_block_memory_equals_eager(spec, distance, sinks, kv_heads):
     outputs = {}
     for attn in ("eager", "sdpa"):
         model = tiny_model(seed=3, num_key_value_heads=kv_heads, mem_distance=distance, mem_sink_tokens=sinks,
-                           memory_spec=spec, mem_layers=[1, 2], attn_implementation=attn)
+                           memory_spec=spec, mem_layers=[1, 2], attn_implementation=attn,
+                           mem_attention_grouping=grouping)  # a lookup per chunk of (heads, queries)
         runs = [model(ids, attention_mask=mask, use_cache=use_cache, last_context_length=8).logits
                 for use_cache in (False, True)]
         runs.append(model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
