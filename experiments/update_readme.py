@@ -484,6 +484,21 @@ def training_free_section() -> list[str]:
             markdown(rows, "Passkey retrieval: correct / trials (95% Wilson interval), median seconds per trial")]
 
 
+def block_retrieval_section() -> list[str]:
+    """`python -m experiments.block_retrieval`: per passkey trial, whether the key's block was retrieved."""
+    trials = frame("block_retrieval", points=["model", "settings", "memory_spec", "tokens", "seed", "trial"])
+    if trials.empty:
+        return []
+    columns = ["model", "settings", "memory_spec", "tokens", "trial", "correct", "key_token", "memory_tokens",
+               "final_hits", "decode_hits", "missed_layers"]
+    return ["### Was the pass key's block retrieved? (`python -m experiments.block_retrieval`)\n",
+            environment_line(trials),
+            markdown(trials[columns], "Per passkey trial: *final_hits*, the share of (layer, KV head) lookups of the "
+                     "prompt's final window that offered the whole key sentence; *decode_hits*, the same over the "
+                     "generation steps; *missed_layers*, the layers whose final-window lookup missed it for some "
+                     "head; *key_token*: its place among the memory's searched tokens")]
+
+
 def environment_line(table: pd.DataFrame) -> str:
     known = common.environments().set_index("env")
     lines = [f"{e['cpus']} CPUs ({e['processor'] or 'processor not recorded'}), torch {e['torch']}, faiss "
@@ -822,7 +837,8 @@ def results_page() -> str:
     """The whole of experiments/README.md."""
     measured = [s for s in SCALES if any(not frame(e, s).empty for e in ("passkey", "ingest", "decode", "recall"))]
     parts = [part for scale in measured for part in scale_section(scale)]
-    parts += failures_section() + ruler_section() + training_free_section() + [archives()] + benchmarks_section()
+    parts += failures_section() + ruler_section() + training_free_section() + block_retrieval_section() + \
+        [archives()] + benchmarks_section()
     return PAGE_HEADER + "\n" + "\n".join(part for part in parts if part)
 
 

@@ -46,3 +46,28 @@ def test_first_trial_continues_a_point(tmp_path, monkeypatch):
     assert list(again.index) == [1]
     assert again.loc[1, "prompt_tokens"] == first.loc[1, "prompt_tokens"]
     assert again.loc[1, "generated"] == first.loc[1, "generated"]
+
+
+def test_grouping_is_parsed():
+    assert training_free.parse_settings("mem_attention_grouping=9x64") == {"mem_attention_grouping": (9, 64)}
+
+
+def test_block_retrieval_finds_the_key_when_every_block_is_retrieved(tmp_path, monkeypatch):
+    """experiments/block_retrieval.py: with k above the number of blocks every lookup offers the key line (hits 1);
+    the key span it reports decodes to the key line."""
+    from experiments import block_retrieval
+    from knn_longllama.demo import load_demo
+    from knn_longllama.passkey import n_garbage_for_tokens, passkey_prompts
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
+    rows = block_retrieval.run("demo", "", "exact k=1000 block=16", [2048], 1, 0, 0, 1, "all")
+    rows += block_retrieval.run("demo", "", "exact k=1 block=16", [2048], 1, 0, 0, 1, "one")
+    assert rows[0]["final_hits"] == 1.0 and rows[0]["decode_hits"] == 1.0 and rows[0]["missed_layers"] == "-"
+    assert rows[1]["final_hits"] < 1.0 and rows[1]["memory_tokens"] == rows[0]["memory_tokens"]
+    assert len(common.table("block_retrieval")) == 2
+    section = "\n".join(update_readme.block_retrieval_section())
+    assert "| demo | default | exact k=1000 block=16 | 2048 | 0 |" in section
+    _, tokenizer = load_demo()
+    prompt, key = next(iter(passkey_prompts(n_garbage_for_tokens(tokenizer, 2048), 1, 0)))
+    start, stop = block_retrieval.key_span(tokenizer, prompt, key, 0)
+    assert tokenizer.decode(tokenizer(prompt)["input_ids"][start:stop]).strip() == f"The pass key is {key}."
