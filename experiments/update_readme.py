@@ -775,6 +775,18 @@ def real_model_lines() -> list[str]:
         for (model, setting), part in average.groupby(["model", "setting"], sort=False):
             points = ", ".join(f"{r['tokens']}: {100 * r['score']:.0f} ({r['tasks']})" for _, r in part.iterrows())
             lines.append(f"- {model}, {setting}: {points}")
+    read = frame("bench_read")
+    if not read.empty and "model" in read:
+        read = read[~read["model"].isin(["", "demo"])]
+        read = read[read["memory_spec"] != "bare windows"].drop_duplicates(
+            ["model", "attention", "tokens", "memory_spec"], keep="last")
+        if not read.empty:
+            lines += ["", "Reading cost of pretrained checkpoints (`python -m experiments.bench_read --model ...`), CPU "
+                      "time over the same windows without memory, one thread:", ""]
+            for (model, attention, memory), part in read.groupby(["model", "attention", "memory_spec"], sort=False):
+                points = ", ".join(f"{r['tokens']}: {r['x_floor_cpu']:.2f}x" for _, r in part.sort_values("tokens")
+                                   .iterrows())
+                lines.append(f"- {model}, {memory}, {attention}: {points}")
     return lines
 
 
