@@ -86,7 +86,8 @@ SCALES = {
                  "IVF1024,Flat l2": "IVF1024,Flat metric=l2 nprobe=32",
                  "IVF1024,Flat l2 nprobe128": "IVF1024,Flat metric=l2 nprobe=128",
                  "IVF1024,Flat l2 nprobe128 big_batch": "IVF1024,Flat metric=l2 scan=big_batch nprobe=128",
-                 "HNSW32": "HNSW32 efSearch=64", "IVF1024,PQ16": "IVF1024,PQ16 k_factor=4 nprobe=32"},
+                 "HNSW32": "HNSW32 efSearch=64", "IVF1024,PQ16": "IVF1024,PQ16 k_factor=4 nprobe=32",
+                 "blocks 8x64 sdpa": "exact k=8 block=64"},
         ks=[8, 32, 128], depth_length=65536, depths=[0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0],
         ingest_lengths=[4096, 16384, 65536, 262144, 1048576], decode_sizes=[1024, 16384, 131072, 1048576],
         recall_tokens=262144, dense_sdpa=True,
@@ -100,7 +101,20 @@ SCALES = {
 
 # Dense memory labels -> torch_attention, both attending to every memory entry (up to a scale's `dense_max`): the
 # official matmul + fp32 softmax, and one fused SDPA call over [local ; memory] keys (the same math, one kernel).
+# Any other label ending in " sdpa" also reads with fused SDPA (block retrieval: docs/semantics.md#block-retrieval).
 DENSE = {"dense": False, "dense sdpa": True}
+
+
+def uses_sdpa(label: str) -> bool:
+    return DENSE.get(label, label.endswith(" sdpa"))
+
+
+def label_k(label: str, scale: Scale) -> int:
+    """The k a non-Flat label runs with: its spec's own for block retrieval (k blocks), else 32."""
+    from knn_index import MemorySpec
+
+    spec = MemorySpec.parse(scale.indices[label])
+    return spec.k if spec.block > 1 else 32
 PASSKEY_METRICS = ["correct", "trials", "prompt_tokens", "seconds"]
 
 
@@ -126,11 +140,14 @@ def load(device: str = "cpu", **overrides):
     return load_demo(device=device, **overrides)
 
 
-def memory_spec(label: str, scale: Scale, k: int = 32) -> str:
-    """The memory spec of a label: "dense" for both dense labels, else the scale's index with `k`."""
+def memory_spec(label: str, scale: Scale, k: int | None = None) -> str:
+    """The memory spec of a label: "dense" for both dense labels, else the scale's index with `k` (default: the
+    label's, `label_k`)."""
     from knn_index import MemorySpec
 
-    return "dense" if label in DENSE else str(MemorySpec.parse(scale.indices[label]).replace(k=k))
+    if label in DENSE:
+        return "dense"
+    return str(MemorySpec.parse(scale.indices[label]).replace(k=k or label_k(label, scale)))
 
 
 def search_mode(memory: str, config, num_tokens: int) -> str:
@@ -176,17 +193,18 @@ def exp_passkey(scale: Scale, run: Run) -> None:
     models = {}  # torch_attention -> (model, tokenizer): the one memory setting kept in the config
 
     def model_for(label):
-        attention = DENSE.get(label, False)
+        attention = uses_sdpa(label)
         if attention not in models:
             models[attention] = load(run.device, torch_attention=attention)
         return models[attention]
 
     dense_labels = passkey_dense_labels(scale)
     configs = [(label, None) for label in dense_labels]
-    configs += [(label, k) for label in scale.indices for k in (scale.ks if label == "Flat" else [32])]
+    configs += [(label, k) for label in scale.indices for k in (scale.ks if label == "Flat" else
+                                                                 [label_k(label, scale)])]
     for label, k in configs:
         model, tokenizer = model_for(label)
-        memory = memory_spec(label, scale, k or 32)
+        memory = memory_spec(label, scale, k)
         for length in scale.passkey_lengths:
             if label in DENSE and length > scale.dense_max:
                 continue
@@ -274,7 +292,7 @@ def sweep_children(kind: str, sizes: list, scale: Scale, run: Run) -> None:
             key = (label, n)
             if key not in run.reads:
                 read = "read" if n in scale.decode_sizes else "ingest"
-                run.reads[key] = run_child(["--child", read, memory, str(n), str(DENSE.get(label, False))], run)
+                run.reads[key] = run_child(["--child", read, memory, str(n), str(uses_sdpa(label))], run)
             metrics = run.reads[key][kind]
             run.append(kind, [dict(scale=scale.name, index=label, tokens=n, memory_spec=memory, **metrics)],
                        [m for m in metrics if m != "search"])
