@@ -15,6 +15,7 @@ Two experiments, every case in a fresh process (so its peak RSS is its own), one
     python -m experiments.bench_disk store --tokens 65536 --compare            # RAM and disk side by side
     python -m experiments.bench_disk store --tokens 1048576 --modes disk       # the 1M-token build (~38 GB of files)
     python -m experiments.bench_disk read --tokens 65536 262144 --passkey-tokens 8192 --trials 3
+    python -m experiments.bench_disk read --tokens 1048576 --memory "exact k=8 block=64" --attn-implementation sdpa
     python -m experiments.bench_disk growth       # RAM storage: capacity reserved exactly vs grown by doubling
 
 Rows go to experiments/results/results.csv (experiments `disk_store`, `disk_read` and `disk_growth`).
@@ -48,6 +49,8 @@ def parse_args(argv=None):
     read.add_argument("--memory", default=READ_SPEC, help="memory spec (storage= is set per mode)")
     read.add_argument("--passkey-tokens", type=int, default=0, help="passkey prompt length (0: no passkey trials)")
     read.add_argument("--trials", type=int, default=3)
+    read.add_argument("--attn-implementation", choices=["eager", "sdpa"], default="eager",
+                      help="the demo's attention (sdpa: fused, block retrieval included)")
     growth = sub.add_parser("growth", help="RAM storage: peak RSS with the exact capacity reserved vs grown")
     growth.add_argument("--tokens", type=int, nargs="+", default=[67584])
     growth.add_argument("--modes", nargs="+", default=["grow", "reserve"], choices=["grow", "reserve"])
@@ -145,7 +148,7 @@ def read_case(cfg) -> dict:
     from knn_longllama.passkey import passkey_accuracy
 
     knn_index.set_num_threads(cfg["threads"])
-    model, tokenizer = load_demo()
+    model, tokenizer = load_demo(attn_implementation=cfg.get("attn_implementation", "eager"))
     spec = with_storage(cfg["memory"], cfg["mode"], cfg["ram_budget"])
     ids = filler_ids(tokenizer, cfg["tokens"])
     common.reset_peak_rss()
@@ -220,7 +223,7 @@ def main(argv=None) -> None:
                 metrics = ["peak_over_start_mb", "stored_mb", "allocated_mb"]
             else:
                 row = run_isolated(ctx, read_case, cfg)
-                setting.update(passkey_tokens=a.passkey_tokens)
+                setting.update(passkey_tokens=a.passkey_tokens, attention=a.attn_implementation)
                 metrics = ["seconds", "peak_rss_mb", "memory_mb", "disk_mb", "passkey_correct", "passkey_trials",
                            "passkey_generated"]
             print(setting, row, flush=True)
