@@ -690,8 +690,8 @@ def disk_section() -> list[str]:
         ram = read[read["mode"] == "ram"].set_index(["run", "tokens", "memory_spec"])["seconds"]
         read = read.assign(time_vs_ram=[round(s / ram.get((r, t, m), float("nan")), 2) for r, t, m, s in
                                         zip(read["run"], read["tokens"], read["memory_spec"], read["seconds"])])
-        columns = [c for c in ("mode", "tokens", "memory_spec", "seconds", "time_vs_ram", "peak_rss_mb", "memory_mb",
-                               "disk_mb", "passkey_tokens", "passkey_correct", "passkey_trials", "passkey_generated")
+        columns = [c for c in ("mode", "tokens", "memory_spec", "attention", "seconds", "time_vs_ram", "peak_rss_mb",
+                               "memory_mb", "disk_mb", "passkey_tokens", "passkey_correct", "passkey_trials", "passkey_generated")
                    if c in read.columns]
         parts += [markdown(read[columns], "The demo model reading N filler tokens with `Document.read`, keys and "
                            "values in RAM or on disk (same index settings): seconds, time over RAM mode in the same "
