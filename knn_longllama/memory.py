@@ -12,6 +12,12 @@ earlier windows. The attention layer talks to it through two calls:
 the top-k entries per query found in per-(row, head) Faiss indices (or exact torch top-k) with exact re-scored inner
 products.
 
+`BlockMemory` (block retrieval) offers whole blocks of consecutive tokens, the same for every query of a lookup;
+such memories (`shared_entries`, DenseMemory too) also hand out those entries themselves, `entries_for(queries, h0,
+h1)` -> keys, values `[B, h, K, d]` and valid `[B, h, K]`, which attention with `attn_implementation="sdpa"` reads
+with fused kernels. `OverlayMemory` and `BlockOverlay` continue a read-only memory privately (`Document.ask`);
+`SinkMemory` keeps a row's first tokens apart, attended by every query.
+
 A memory whose entries are spread over several processes (dense memory under context parallelism) may answer a lookup
 with a `SoftmaxPart` instead: the softmax statistics of the queries over all its entries, which attention combines
 with the local scores in the same joint softmax.
