@@ -59,6 +59,11 @@ def test_memory_spec_per_label():
     assert runner.memory_spec("IVF4,Flat", TINY, 8) == "IVF4,Flat k=8 nprobe=2"
     pq = runner.replace(TINY, indices={"PQ": "IVF4,PQ4x4 nprobe=2 k_factor=4 metric=l2"})
     assert runner.memory_spec("PQ", pq, 8) == "IVF4,PQ4x4 k=8 k_factor=4 metric=l2 nprobe=2"
+    full = runner.SCALES["full"]  # block retrieval keeps its own k (blocks) and reads with fused SDPA
+    assert runner.memory_spec("blocks 8x64 sdpa", full) == "exact k=8 block=64"
+    assert runner.uses_sdpa("blocks 8x64 sdpa") and runner.uses_sdpa("dense sdpa")
+    assert not runner.uses_sdpa("dense") and not runner.uses_sdpa("Flat")
+    assert runner.label_k("Flat", full) == 32
 
 
 def test_passkey_passes_the_memory_per_call_and_leaves_the_config(run, monkeypatch):
