@@ -757,15 +757,17 @@ def headline() -> str:
 
 def real_model_lines() -> list[str]:
     """Headline lines for pretrained checkpoints: passkey trials read training-free, per (model, settings, memory,
-    length), and the RULER-style average per (model, setting, length)."""
+    length), the RULER-style average per (model, setting, length), and the reading cost over the floor."""
     lines = []
     trials = frame("training_free", points=["model", "settings", "memory_spec", "tokens", "seed", "trial"])
-    if not trials.empty:
-        lines += ["", "Pretrained checkpoints read training-free (`python -m experiments.training_free`), passkey:", "",
-                  "| model | settings | memory | tokens | correct / trials |", "|---|---|---|---|---|"]
-        for (model, settings, memory, tokens), part in trials.groupby(["model", "settings", "memory_spec", "tokens"],
-                                                                      sort=False):
-            lines.append(f"| {model} | {settings} | {memory} | {tokens} | {int(part['correct'].sum())}/{len(part)} |")
+    if not trials.empty:  # points of one trial (single-prompt probes) are on the results page only
+        lines += ["", "Pretrained checkpoints read training-free (`python -m experiments.training_free`), passkey "
+                  "correct / trials per length:", ""]
+        for (model, settings, memory), setting in trials.groupby(["model", "settings", "memory_spec"], sort=False):
+            points = [f"{tokens}: {int(part['correct'].sum())}/{len(part)}" for tokens, part in
+                      setting.groupby("tokens") if len(part) > 1]
+            if points:
+                lines.append(f"- {model}, {settings}, {memory}: {', '.join(points)}")
     samples = frame("ruler_sample", points=["model", "setting", "task", "tokens", "seed", "sample"])
     if not samples.empty:
         cells = samples.groupby(["model", "setting", "tokens", "task"], sort=False)["score"].mean().reset_index()
