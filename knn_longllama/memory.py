@@ -287,6 +287,26 @@ class KnnMemory:
         self.store.load_state_dict(state)
 
 
+def block_token_ids(chosen: list, sizes: list[int], block: int, heads: int, device) -> torch.Tensor | None:
+    """Token ids `[B, heads, K]` a block lookup offers per row: the tokens of the row's chosen blocks (`[heads, k]`
+    block numbers, -1 = none; None: no complete block) followed by its last, incomplete block; -1 pads (None if
+    nothing is offered)."""
+    rows = []
+    for found, n in zip(chosen, sizes):
+        ids = torch.arange(n // block * block, n, device=device).expand(heads, -1)
+        if found is not None:
+            tokens = found.clamp_min(0)[:, :, None] * block + torch.arange(block, device=device)
+            ids = torch.cat([tokens.masked_fill((found < 0)[:, :, None], -1).reshape(heads, -1), ids], dim=1)
+        rows.append(ids)
+    width = max(row.shape[1] for row in rows)
+    if width == 0:
+        return None
+    out = torch.full((len(rows), heads, width), -1, dtype=torch.long, device=device)
+    for b, row in enumerate(rows):
+        out[b, :, : row.shape[1]] = row
+    return out
+
+
 class BlockMemory:
     """Top-k blocks: the memory is cut into blocks of `spec.block` consecutive real tokens per row. A lookup retrieves,
     per row and KV head, the k blocks whose representative key (the mean of the block's keys) scores highest against
@@ -360,22 +380,10 @@ class BlockMemory:
         if len(self.index) > 0:
             mean = queries.detach().float().mean(2, keepdim=True)  # [B, h, 1, d]
             blocks = self.index.search(mean, k=self.k, heads=slice(h0, h1)).ids[:, :, 0]  # [B, h, k'], -1 = none
-        rows = []
-        for b, n in enumerate(self.store.sizes):
-            tail = torch.arange(n // block * block, n, device=queries.device).expand(h, -1)
-            ids = tail
-            if blocks is not None:
-                found = blocks[b]
-                tokens = (found.clamp_min(0)[:, :, None] * block + torch.arange(block, device=queries.device))
-                tokens = tokens.masked_fill((found < 0)[:, :, None], -1).reshape(h, -1)
-                ids = torch.cat([tokens, tail], dim=1)
-            rows.append(ids)
-        width = max(ids.shape[1] for ids in rows)
-        if width == 0:
+        ids = block_token_ids([None if blocks is None else blocks[b] for b in range(B)], self.sizes(), block, h,
+                              queries.device)
+        if ids is None:
             return None
-        ids = torch.full((B, h, width), -1, dtype=torch.long, device=queries.device)
-        for b, row in enumerate(rows):
-            ids[b, :, : row.shape[1]] = row
         heads, at = list(range(h0, h1)), ids.clamp_min(0)[:, :, None]  # [B, h, 1, K]
         keys, values = (self.store.take(name, at, heads)[:, :, 0] for name in ("keys", "values"))
         return keys.to(queries.device), values.to(queries.device), ids >= 0
@@ -495,24 +503,18 @@ class BlockOverlay:
         else:
             base_ids = torch.full((B, h, 0), -1, dtype=torch.long, device=device)
             base_scores = torch.zeros(B, h, 0, device=device)
-        rows = []
-        for b, n in enumerate(self.sizes()):
+        chosen = []
+        for b in range(B):
             reps = self.reps[b][h0:h1].to(device)  # [h, m, d], blocks start[b] // block + 0..m-1
             scores = torch.cat([base_scores[b].masked_fill(base_ids[b] < 0, float("-inf")),
                                 (reps @ mean[b, :, 0, :, None])[..., 0]], dim=1)
             ids = torch.cat([base_ids[b], self.start[b] // block + torch.arange(reps.shape[1], device=device)
                              .expand(h, -1)], dim=1)
             top = scores.topk(min(self.k, scores.shape[1]), dim=1)
-            chosen = ids.gather(1, top.indices).masked_fill(top.values == float("-inf"), -1)
-            tokens = (chosen.clamp_min(0)[:, :, None] * block + torch.arange(block, device=device))
-            tokens = tokens.masked_fill((chosen < 0)[:, :, None], -1).reshape(h, -1)
-            rows.append(torch.cat([tokens, torch.arange(n // block * block, n, device=device).expand(h, -1)], dim=1))
-        width = max(row.shape[1] for row in rows)
-        if width == 0:
+            chosen.append(ids.gather(1, top.indices).masked_fill(top.values == float("-inf"), -1))
+        ids = block_token_ids(chosen, self.sizes(), block, h, device)
+        if ids is None:
             return None
-        ids = torch.full((B, h, width), -1, dtype=torch.long, device=device)
-        for b, row in enumerate(rows):
-            ids[b, :, : row.shape[1]] = row
         start = torch.tensor(self.start, device=device).view(B, 1, 1, 1)
         at = ids.clamp_min(0)[:, :, None]  # [B, h, 1, K]
         heads = list(range(h0, h1))
