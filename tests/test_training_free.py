@@ -304,6 +304,12 @@ def test_training_free_rule_from_a_llama_folder(tmp_path):
     assert (c.mem_layers, c.max_position_embeddings, c.last_context_length, c.mem_distance, c.mem_sink_tokens,
             c.memory_spec) == ([0, 1, 2], 256, 128, 512, 8, "exact k=2 block=128")
     assert training_free_settings(8192)["memory_spec"] == "exact k=16 block=128"
+    assert c._attn_implementation == "sdpa"  # the rule's attention; an explicit choice wins
+    eager = LongLlamaForCausalLM.from_pretrained(tmp_path / "llama", training_free=True, attn_implementation="eager")
+    assert eager.config._attn_implementation == "eager"
+    llama = LlamaForCausalLM.from_pretrained(tmp_path / "llama", attn_implementation="sdpa")  # the GGUF route
+    assert LongLlamaForCausalLM.from_llama(llama).config._attn_implementation == "eager"
+    assert LongLlamaForCausalLM.from_llama(llama, attn_implementation="sdpa").config._attn_implementation == "sdpa"
     with pytest.raises(ValueError, match="trained_context"):
         training_free_settings(0)
     with pytest.raises(ValueError, match="training_free"):
