@@ -263,11 +263,14 @@ def test_block_memory_lookup_against_brute_force(spec):
         found = memory.lookup(queries, 0, H)
         mixed = found.mix(torch.softmax(found.scores.masked_fill(~found.valid, float("-inf")), dim=-1))
         block, k = memory.block, memory.k
+        last = memory.lookup(queries[:, 1:], 1, H)  # a lookup of the last head alone (a chunk of heads)
+        alone = last.mix(torch.softmax(last.scores.masked_fill(~last.valid, float("-inf")), dim=-1))
         for b in range(2):
             keys_b, values_b = torch.cat(stored[b][0], dim=1), torch.cat(stored[b][1], dim=1)
             for h in range(H):
                 want = reference_blocks((keys_b[h], values_b[h]), queries[b, h], block, k)
                 assert torch.allclose(mixed[b, h], want, atol=1e-5)
+            assert torch.allclose(alone[b, 0], mixed[b, H - 1], atol=1e-5)
     state = memory.state_dict()
     again = make_memory(spec, 2, H, d, dtype=torch.float32, device="cpu")
     again.load_state_dict(state)
