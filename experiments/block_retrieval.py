@@ -4,7 +4,7 @@
     python -m experiments.block_retrieval --lengths 32768 --trials 1 --first-trial 2 --settings "mem_attention_grouping=9x64"
 
 A trial runs `passkey_trial` as `experiments.training_free` does (`--model smollm2`: the training-free rule) and
-records every lookup of a block memory (`BlockMemory.entries_for`): which tokens it offered. A lookup made once the
+records every lookup of a block memory (`BlockMemory.token_ids`): which tokens it offered. A lookup made once the
 whole prompt prefix is in memory (the prompt's final window, then every generated token) "hits" when it offers
 every token of the key line ("The pass key is K."). Rows of experiments/results/results.csv (experiment
 `block_retrieval`): whether the trial answered, the key line's place in memory, and the hit shares of the final
@@ -19,7 +19,6 @@ import argparse
 import time
 
 import knn_index
-import torch
 
 from experiments import common
 from experiments.training_free import parse_settings
@@ -41,37 +40,26 @@ def key_span(tokenizer, prompt: str, key: int, sinks: int) -> tuple[int, int]:
 
 
 class Recorder:
-    """Wraps `BlockMemory.entries_for` to log (memory, its size, queries, offered ids per head) of every lookup."""
+    """Wraps `BlockMemory.token_ids` to log (memory, its size, queries, offered ids of row 0 per head) of every
+    lookup."""
 
     def __init__(self):
-        self.calls, self.original = [], BlockMemory.entries_for
+        self.calls, self.original = [], BlockMemory.token_ids
 
     def __enter__(self):
         recorder = self
 
-        def entries_for(memory, queries, h0, h1):
-            out = recorder.original(memory, queries, h0, h1)
-            if out is not None:
-                recorder.calls.append((id(memory), len(memory), queries.shape[2], out_ids(memory, queries, h0, h1)))
-            return out
+        def token_ids(memory, queries, h0, h1):
+            ids = recorder.original(memory, queries, h0, h1)
+            if ids is not None:
+                recorder.calls.append((id(memory), len(memory), queries.shape[2], ids[0]))
+            return ids
 
-        BlockMemory.entries_for = entries_for
+        BlockMemory.token_ids = token_ids
         return self
 
     def __exit__(self, *exc):
-        BlockMemory.entries_for = self.original
-
-
-def out_ids(memory, queries, h0, h1):
-    """The token ids a lookup offered, recomputed the way `entries_for` picks them (row 0): [h, K] with -1 invalid."""
-    block, n = memory.block, memory.sizes()[0]
-    mean = queries.detach().float().mean(2, keepdim=True)
-    ids = torch.arange(n // block * block, n).expand(h1 - h0, -1)
-    if len(memory.index) > 0:
-        blocks = memory.index.search(mean, k=memory.k, heads=slice(h0, h1)).ids[0, :, 0]
-        tokens = (blocks.clamp_min(0)[:, :, None] * block + torch.arange(block)).masked_fill((blocks < 0)[:, :, None], -1)
-        ids = torch.cat([tokens.reshape(h1 - h0, -1), ids], dim=1)
-    return ids
+        BlockMemory.token_ids = self.original
 
 
 def run(model_name: str, settings: str, memory: str, lengths: list[int], trials: int, first_trial: int, seed: int,

@@ -370,18 +370,24 @@ class BlockMemory:
             padded[b, :, : r.shape[1]], valid[b, : r.shape[1]] = r, True
         self.index.add(padded, padded, valid)
 
-    def entries_for(self, queries: torch.Tensor, h0: int, h1: int):
-        """The entries offered to every query in `queries` `[B, h1 - h0, Q, d]` of KV heads `h0:h1`: keys and values
-        `[B, h1 - h0, K, d]` (in `dtype`) and valid bool `[B, h1 - h0, K]`; None while empty."""
+    def token_ids(self, queries: torch.Tensor, h0: int, h1: int) -> torch.Tensor | None:
+        """The ids `[B, h1 - h0, K]` (-1 = none) of the tokens a lookup of `queries` `[B, h1 - h0, Q, d]` offers:
+        the k blocks best matching the queries' mean, then the last, incomplete block; None while empty."""
         if len(self) == 0:
             return None
-        B, h, block = queries.shape[0], h1 - h0, self.block
+        B, h = queries.shape[0], h1 - h0
         blocks = None
         if len(self.index) > 0:
             mean = queries.detach().float().mean(2, keepdim=True)  # [B, h, 1, d]
             blocks = self.index.search(mean, k=self.k, heads=slice(h0, h1)).ids[:, :, 0]  # [B, h, k'], -1 = none
-        ids = block_token_ids([None if blocks is None else blocks[b] for b in range(B)], self.sizes(), block, h,
-                              queries.device)
+        return block_token_ids([None if blocks is None else blocks[b] for b in range(B)], self.sizes(), self.block,
+                               h, queries.device)
+
+    def entries_for(self, queries: torch.Tensor, h0: int, h1: int):
+        """The entries offered to every query in `queries` `[B, h1 - h0, Q, d]` of KV heads `h0:h1`: keys and values
+        `[B, h1 - h0, K, d]` (in `dtype`) and valid bool `[B, h1 - h0, K]` (tokens of `token_ids`); None while
+        empty."""
+        ids = self.token_ids(queries, h0, h1)
         if ids is None:
             return None
         heads, at = list(range(h0, h1)), ids.clamp_min(0)[:, :, None]  # [B, h, 1, K]
