@@ -7,7 +7,7 @@
 The text form is the index (``dense``, ``exact`` or a Faiss ``index_factory`` string, no spaces) followed by
 ``name=value`` options: ``k``, ``k_factor``, ``metric`` (ip, l2), ``scan`` (index, big_batch), ``train`` (once,
 grow), ``storage`` (ram, disk), ``ram_budget`` (MiB, disk storage), ``block`` and the Faiss parameters in
-``SEARCH_PARAMS``. ``str(spec)`` gives it back. Everything that can be checked without knowing the
+``SEARCH_PARAMS``, and ``token_k`` with blocks. ``str(spec)`` gives it back. Everything that can be checked without knowing the
 vector dimension is checked here, including the factory strings that make Faiss abort, crash or hang; what depends
 on the dimension (``PQ16`` needs d divisible by 16) is checked when a store builds its index.
 This module imports neither torch nor Faiss.
@@ -59,6 +59,8 @@ class MemorySpec:
               consecutive tokens, each searchable by one representative key (the mean of its keys); a lookup
               retrieves the k best blocks for the mean of its queries, and every query attends to all their tokens.
               The index then holds one representative per block (in RAM, float32); ``storage`` holds the tokens.
+    token_k:  with block > 1: 0 (every query attends to all tokens of the retrieved blocks) or t >= 1 (each query
+              attends to its t best-scoring tokens among them: per-query top-t over the retrieved blocks).
     """
 
     index: str = DENSE
@@ -71,6 +73,7 @@ class MemorySpec:
     ram_budget: int = DEFAULT_RAM_BUDGET
     index_params: dict = field(default_factory=dict)
     block: int = 1
+    token_k: int = 0
 
     def __post_init__(self):
         index = self.index.strip() if isinstance(self.index, str) else self.index
@@ -95,6 +98,15 @@ class MemorySpec:
         set_(self, "block", _int("block", self.block, MAX_BLOCK))
         if self.index == DENSE and self.block != 1:
             raise ValueError(f"memory 'dense' attends to every entry and retrieves no blocks; got block={self.block}")
+        if isinstance(self.token_k, bool) or not isinstance(self.token_k, numbers.Integral) or \
+                not 0 <= self.token_k <= MAX_K:
+            raise ValueError(f"token_k must be 0 (all tokens of the retrieved blocks) or an int in [1, {MAX_K}], "
+                             f"got {self.token_k!r}")
+        set_(self, "token_k", int(self.token_k))
+        if self.token_k != 0:
+            if self.block == 1:
+                raise ValueError(f"token_k={self.token_k} picks tokens among retrieved blocks; it needs block > 1 "
+                                 "(with block=1, k is already the top-k tokens per query)")
         if self.index != DENSE and self.index != EXACT:
             return
         extra = {name: value for name, value in (("k_factor", self.k_factor), ("metric", self.metric),
@@ -124,7 +136,7 @@ class MemorySpec:
                 raise ValueError(f"memory {text!r}: options are name=value, got {option!r}")
             if name in fields or name in params:
                 raise ValueError(f"memory {text!r}: {name!r} is given twice")
-            if name in ("k", "k_factor", "ram_budget", "block"):
+            if name in ("k", "k_factor", "ram_budget", "block", "token_k"):
                 fields[name] = _number(name, value)
             elif name in ("metric", "scan", "train", "storage"):
                 fields[name] = value
@@ -132,7 +144,7 @@ class MemorySpec:
                 params[name] = _number(name, value)
             else:
                 raise ValueError(f"memory {text!r}: unknown option {name!r}; accepted: k, k_factor, metric, scan, train, "
-                                 f"storage, ram_budget, block, {', '.join(SEARCH_PARAMS)}")
+                                 f"storage, ram_budget, block, token_k, {', '.join(SEARCH_PARAMS)}")
         return cls(index=index, index_params=params, **fields)
 
     @classmethod
@@ -144,10 +156,10 @@ class MemorySpec:
             return cls.parse(value)
         if isinstance(value, dict):
             unknown = set(value) - {"index", "k", "k_factor", "metric", "scan", "train", "storage", "ram_budget",
-                                    "index_params", "block"}
+                                    "index_params", "block", "token_k"}
             if unknown:
                 raise ValueError(f"memory: unknown fields {sorted(unknown)}; accepted: index, k, k_factor, metric, "
-                                 "scan, train, storage, ram_budget, index_params, block")
+                                 "scan, train, storage, ram_budget, index_params, block, token_k")
             return cls(**value)
         raise ValueError(f"memory must be a MemorySpec, a string such as 'IVF1024,Flat k=32 nprobe=32' or a dict, "
                          f"got {type(value).__name__}")
@@ -161,7 +173,7 @@ class MemorySpec:
     def to_dict(self) -> dict:
         return dict(index=self.index, k=self.k, k_factor=self.k_factor, metric=self.metric, scan=self.scan,
                     train=self.train, storage=self.storage, ram_budget=self.ram_budget,
-                    index_params=dict(self.index_params), block=self.block)
+                    index_params=dict(self.index_params), block=self.block, token_k=self.token_k)
 
     def __str__(self) -> str:
         if self.index == DENSE:
@@ -172,6 +184,7 @@ class MemorySpec:
                     if getattr(self, name) != getattr(MemorySpec, name)]
         options += [f"{name}={value}" for name, value in sorted(self.index_params.items())]
         options += [f"block={self.block}"] if self.block != 1 else []
+        options += [f"token_k={self.token_k}"] if self.token_k else []
         return " ".join([self.index, *options])
 
     def __hash__(self) -> int:

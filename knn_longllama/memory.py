@@ -53,6 +53,16 @@ class MemoryLookup:
         scores = queries.detach().float() @ keys.float().transpose(-1, -2)
         return cls(scores=scores.to(queries.dtype), valid=valid[:, :, None, :], values=values)
 
+    def top(self, k: int) -> "MemoryLookup":
+        """Each query's k best-scoring valid entries (per-query values `[B, h, Q, k, d]`); all of them if fewer."""
+        if k >= self.scores.shape[-1]:
+            return self
+        valid = self.valid.expand_as(self.scores)
+        best = self.scores.masked_fill(~valid, float("-inf")).topk(k, dim=-1).indices  # [B, h, Q, k]
+        values = self.values if self.values.dim() == 5 else self.values[:, :, None].expand(-1, -1, best.shape[2], -1, -1)
+        values = values.gather(3, best[..., None].expand(-1, -1, -1, -1, values.shape[-1]))
+        return MemoryLookup(self.scores.gather(-1, best), valid.gather(-1, best), values)
+
     def mix(self, probs: torch.Tensor) -> torch.Tensor:
         """Attention-weighted sum of the values: probs `[B, h, Q, K]` -> `[B, h, Q, d]`."""
         values = self.values.to(probs.dtype)
@@ -90,8 +100,10 @@ class SoftmaxPart:
                   scale: float, floor: float) -> "SoftmaxPart":
         """The statistics of queries `[B, h, Q, d]` over keys and values `[B, h, K, d]` with an additive `bias`
         broadcastable to `[B, h, Q, K]` (`floor` on blocked entries). On CPU one fused flash-attention call gives
-        the output and its log-sum-exp (max = log-sum-exp, total = 1); elsewhere the same numbers in plain matmuls."""
-        if queries.device.type == "cpu" and queries.dtype in FUSED_CPU_DTYPES:
+        the output and its log-sum-exp (max = log-sum-exp, total = 1); elsewhere, and where gradients are needed (the
+        kernel's log-sum-exp has none), the same numbers in plain matmuls."""
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (queries, keys, values))
+        if queries.device.type == "cpu" and queries.dtype in FUSED_CPU_DTYPES and not needs_grad:
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 queries, keys, values, 0.0, False, attn_mask=bias.to(queries.dtype), scale=scale)
             lse = lse.reshape(out.shape[:-1]).float()
@@ -311,12 +323,10 @@ class BlockMemory:
     """Top-k blocks: the memory is cut into blocks of `spec.block` consecutive real tokens per row. A lookup retrieves,
     per row and KV head, the k blocks whose representative key (the mean of the block's keys) scores highest against
     the mean of the lookup's queries, plus the row's last, incomplete block, and offers all their tokens to every
-    query (exact scores). The representatives are searched with the spec's index (a `knn_index.KnnStore`, in RAM);
+    query (exact scores), or with `spec.token_k` > 0 each query's token_k best of them. The representatives are searched with the spec's index (a `knn_index.KnnStore`, in RAM);
     the tokens live in the spec's storage: tensors (`ram`) or files read back block by block (`disk`, see
     `knn_index.disk`; `directory`, `verify` as in `KnnStore`). docs/semantics.md#block-retrieval.
     """
-
-    shared_entries = True  # every query of a lookup is offered the same entries (`entries_for`)
 
     def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, spec, *, dtype: torch.dtype, device,
                  directory=None, verify: bool = True):
@@ -325,9 +335,12 @@ class BlockMemory:
         from knn_index.storage import RowStorage
 
         self.block, self.k, self.dtype, self.device = spec.block, spec.k, dtype, torch.device(device)
+        self.token_k = spec.token_k
+        self.shared_entries = spec.token_k == 0  # every query of a lookup is offered the same entries (`entries_for`)
         self.shape = (batch_size, num_kv_heads, head_dim)
         self.index = knn_index.KnnStore(batch_size, num_kv_heads, head_dim,
-                                        spec.replace(block=1, storage="ram", ram_budget=DEFAULT_RAM_BUDGET),
+                                        spec.replace(block=1, token_k=0, storage="ram",
+                                                     ram_budget=DEFAULT_RAM_BUDGET),
                                         dtype=torch.float32, device=device)
         if spec.storage == "disk":
             from knn_index.disk import DiskStorage
@@ -396,7 +409,10 @@ class BlockMemory:
 
     def lookup(self, queries: torch.Tensor, h0: int, h1: int) -> MemoryLookup | None:
         entries = self.entries_for(queries, h0, h1)
-        return None if entries is None else MemoryLookup.of_entries(queries, *entries)
+        if entries is None:
+            return None
+        found = MemoryLookup.of_entries(queries, *entries)
+        return found.top(self.token_k) if self.token_k else found
 
     def __len__(self) -> int:
         return max(self.sizes())
@@ -462,12 +478,11 @@ class BlockOverlay:
     compete with the base's search results for the k blocks, so with an exact base index (`exact`, `Flat`) a lookup
     retrieves what the base itself would."""
 
-    shared_entries = True
-
     def __init__(self, base: BlockMemory):
         from knn_index.storage import RowStorage
 
         self.base, self.dtype, self.block, self.k = base, base.dtype, base.block, base.k
+        self.token_k, self.shared_entries = base.token_k, base.shared_entries
         B, H, d = base.shape
         self.start = base.sizes()  # tokens per row in the base; overlay token i of row b is token start[b] + i
         self.extra = RowStorage(B, H, d, base.dtype, base.device)
@@ -536,7 +551,10 @@ class BlockOverlay:
 
     def lookup(self, queries: torch.Tensor, h0: int, h1: int) -> MemoryLookup | None:
         entries = self.entries_for(queries, h0, h1)
-        return None if entries is None else MemoryLookup.of_entries(queries, *entries)
+        if entries is None:
+            return None
+        found = MemoryLookup.of_entries(queries, *entries)
+        return found.top(self.token_k) if self.token_k else found
 
 
 def overlay(memory):

@@ -148,7 +148,7 @@ class LongLlamaAttention(nn.Module):
                                                                  and q_memory is None)
         if self.config._attn_implementation == "sdpa" and fusable:
             out = self._attend_sdpa(q, k, v, window.allowed, memory.entries() if memory is not None else None)
-        elif self.config._attn_implementation == "sdpa" and getattr(memory, "shared_entries", False):
+        elif self.config._attn_implementation == "sdpa" and window.crossbatch_contexts == 0:
             out = self._attend_parts(q, k, v, window.allowed, memory, q_memory)
         else:
             out = self._attend_eager(q, k, v, window.allowed, memory, q_memory)
@@ -171,10 +171,11 @@ class LongLlamaAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
 
     def _attend_parts(self, q, k, v, allowed, memory, q_memory=None):
-        """Fused attention over the local keys and, apart, over the entries a memory offers to every query of a
-        lookup (looked up with `q_memory` where given), joined as one softmax through their log-sum-exps
-        (`SoftmaxPart`). The query heads of a KV head are folded into the query axis: no key is repeated. A lookup
-        takes the whole window, or each chunk of `mem_attention_grouping`, as `_attend_eager` does."""
+        """Fused attention over the local keys and, apart, over what the memory offers (looked up with `q_memory`
+        where given), joined as one softmax through their log-sum-exps (`SoftmaxPart`). Entries offered to every query
+        of a lookup (`shared_entries`) get a fused call of their own; per-query entries (kNN) their softmax statistics
+        from the lookup's scores. The query heads of a KV head are folded into the query axis: no key is repeated. A
+        lookup takes the whole window, or each chunk of `mem_attention_grouping`, as `_attend_eager` does."""
         bsz, _, q_len, d = q.shape
         groups = self.num_heads // self.num_kv_heads
         heads_per_chunk, queries_per_chunk = self.num_kv_heads, q_len
@@ -184,6 +185,7 @@ class LongLlamaAttention(nn.Module):
         q = q.view(bsz, self.num_kv_heads, groups, q_len, d)
         q_memory = q if q_memory is None else q_memory.view(bsz, self.num_kv_heads, groups, q_len, d)
         floor, scale = score_floor(q.dtype), 1.0 / math.sqrt(d)
+        shared = getattr(memory, "shared_entries", False)
         blocked = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, floor)[:, :, None]
         out = torch.empty_like(q)
         for h0 in range(0, self.num_kv_heads, heads_per_chunk):
@@ -193,7 +195,14 @@ class LongLlamaAttention(nn.Module):
                 fold = lambda t: t[:, h0:h1, :, t0:t1].reshape(bsz, h1 - h0, groups * (t1 - t0), d)  # noqa: E731
                 bias = blocked[..., t0:t1, :].expand(-1, -1, groups, -1, -1).reshape(bsz, 1, groups * (t1 - t0), -1)
                 part = SoftmaxPart.attention(fold(q), k[:, h0:h1], v[:, h0:h1], bias, scale, floor)
-                entries = memory.entries_for(fold(q_memory), h0, h1)
+                if not shared:
+                    found = memory.lookup(fold(q_memory), h0, h1)
+                    if found is not None:
+                        part = part.merge(found if isinstance(found, SoftmaxPart) else
+                                          SoftmaxPart.of(found, scale, floor))
+                    entries = None
+                else:
+                    entries = memory.entries_for(fold(q_memory), h0, h1)
                 if entries is not None:
                     keys, values, valid = entries
                     bias = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill_(~valid, floor)

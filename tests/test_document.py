@@ -14,7 +14,9 @@ from conftest import tiny_model
 BACKENDS = [dict(memory_spec="dense"), dict(memory_spec="dense", attn_implementation="sdpa"),  # fused SDPA over memory
             dict(memory_spec="Flat k=1000"), dict(memory_spec="exact k=3"), dict(memory_spec="exact k=2 block=4"),
             dict(memory_spec="Flat k=3 block=3", attn_implementation="sdpa", mem_distance=20, mem_sink_tokens=3,
-                 mem_attention_grouping=(2, 5))]  # lookups per 2 heads and 5 queries
+                 mem_attention_grouping=(2, 5)),  # lookups per 2 heads and 5 queries
+            dict(memory_spec="exact k=2 block=4 token_k=3", attn_implementation="sdpa", mem_distance=20,
+                 mem_sink_tokens=3), dict(memory_spec="exact k=3", attn_implementation="sdpa", mem_distance=20)]
 
 
 def backend_id(backend: dict) -> str:

@@ -48,9 +48,11 @@ CASES = [  # (mem_distance, mem_sink_tokens, memory_spec, reference k)
 
 @pytest.mark.parametrize("distance, sinks, spec, k", CASES)
 @pytest.mark.parametrize("use_cache", [False, True])
-def test_forward_matches_reference(distance, sinks, spec, k, use_cache):
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_forward_matches_reference(distance, sinks, spec, k, use_cache, attn):
+    """sdpa: fused local attention joined with the memory part by log-sum-exp (`_attend_parts`) for top-k memories."""
     model = tiny_model(seed=3, num_key_value_heads=2, mem_distance=distance, mem_sink_tokens=sinks,
-                       memory_spec=spec, mem_layers=[1, 2])
+                       memory_spec=spec, mem_layers=[1, 2], attn_implementation=attn)
     ids, mask = left_padded_batch(57, pad=9, vocab=model.config.vocab_size)  # row 1's sinks span two windows
     out = model(ids, attention_mask=mask, use_cache=use_cache, last_context_length=8).logits
     assert_close_on_real(out, reference(model, ids, mask, use_cache, 8, k), mask, 2e-4)
@@ -71,12 +73,13 @@ def test_sdpa_with_dense_memory_at_a_distance_matches_reference(distance, sinks,
 
 
 @pytest.mark.parametrize("spec, distance, sinks", [("exact k=2 block=4", 12, 3), ("exact k=2 block=4", None, 0),
-                                                   ("Flat k=3 block=3", 7, 5)])
+                                                   ("Flat k=3 block=3", 7, 5), ("exact k=2 block=4 token_k=3", 12, 3),
+                                                   ("exact k=3", 11, 5)])
 @pytest.mark.parametrize("kv_heads, grouping", [(1, None), (2, None), (4, None), (2, (2, 5)), (2, (4, 3))])
 def test_sdpa_with_block_memory_equals_eager(spec, distance, sinks, kv_heads, grouping):
-    """Block retrieval under sdpa (fused parts joined by log-sum-exp) computes what the eager path computes (whose
-    lookups are checked against brute force below): forward with and without cache, then token-by-token
-    generation through evictions."""
+    """Retrieval under sdpa (fused parts joined by log-sum-exp) computes what the eager path computes (whose
+    lookups are checked against brute force below and in test_forward_matches_reference): forward with and without
+    cache, then token-by-token generation through evictions. Blocks, blocks with per-query token_k, top-k tokens."""
     ids, mask = left_padded_batch(57, pad=9, vocab=61)
     outputs = {}
     for attn in ("eager", "sdpa"):
@@ -118,6 +121,16 @@ def test_softmax_part_of_fused_attention_against_a_written_out_softmax():
     merged = halves[0].merge(halves[1]).output()
     assert torch.isfinite(merged).all()
     assert (merged.double() - want)[seen].abs().max() < 1e-5
+    # gradients (training): the kernel's log-sum-exp has none, so the parts must come from differentiable matmuls
+    weights = torch.randn(B, h, Q, d, dtype=torch.float64)
+    q64 = q.double().requires_grad_()
+    ref = torch.softmax((q64 @ k.double().transpose(-1, -2)) * scale + bias.double(), dim=-1) @ v.double()
+    (want_grad,) = torch.autograd.grad((ref * weights)[seen].sum(), q64)
+    q32 = q.clone().requires_grad_()
+    halves = [SoftmaxPart.attention(q32, k[:, :, cut], v[:, :, cut], bias[..., cut], scale, floor)
+              for cut in (slice(0, 5), slice(5, K))]
+    (grad,) = torch.autograd.grad((halves[0].merge(halves[1]).output() * weights)[seen].sum(), q32)
+    assert (grad.double() - want_grad).abs().max() < 1e-4
 
 
 def test_generation_evicts_through_sinks():
@@ -229,9 +242,10 @@ def test_sink_state_is_checked():
         memory.load_state_dict(bad)
 
 
-def reference_blocks(stored, queries, block, k):
+def reference_blocks(stored, queries, block, k, token_k=0):
     """Brute force for one (row, head): the k blocks of `block` tokens whose mean key best matches the mean query,
-    plus the incomplete last block; every query attends to their tokens. stored: keys, values [n, d]."""
+    plus the incomplete last block; every query attends to their tokens, or (token_k > 0) to its token_k
+    best-scoring ones among them. stored: keys, values [n, d]."""
     keys, values = stored
     n = len(keys)
     complete = n // block
@@ -239,10 +253,18 @@ def reference_blocks(stored, queries, block, k):
     chosen = (reps @ queries.mean(0)).topk(min(k, complete)).indices if complete else torch.empty(0, dtype=torch.long)
     tokens = torch.cat([torch.arange(c * block, (c + 1) * block) for c in chosen.tolist()] +
                        [torch.arange(complete * block, n)])
-    return torch.softmax(queries @ keys[tokens].T, dim=-1) @ values[tokens]
+    if not token_k:
+        return torch.softmax(queries @ keys[tokens].T, dim=-1) @ values[tokens]
+    out = []
+    for query in queries:
+        scores = keys[tokens] @ query
+        best = tokens[scores.topk(min(token_k, len(tokens))).indices]
+        out.append(torch.softmax(keys[best] @ query, dim=-1) @ values[best])
+    return torch.stack(out)
 
 
-@pytest.mark.parametrize("spec", ["exact k=2 block=4", "Flat k=3 block=3", "exact k=50 block=4"])
+@pytest.mark.parametrize("spec", ["exact k=2 block=4", "Flat k=3 block=3", "exact k=50 block=4",
+                                  "exact k=2 block=4 token_k=3", "Flat k=3 block=3 token_k=5"])
 def test_block_memory_lookup_against_brute_force(spec):
     from knn_longllama.memory import BlockMemory, make_memory
 
@@ -268,7 +290,7 @@ def test_block_memory_lookup_against_brute_force(spec):
         for b in range(2):
             keys_b, values_b = torch.cat(stored[b][0], dim=1), torch.cat(stored[b][1], dim=1)
             for h in range(H):
-                want = reference_blocks((keys_b[h], values_b[h]), queries[b, h], block, k)
+                want = reference_blocks((keys_b[h], values_b[h]), queries[b, h], block, k, memory.token_k)
                 assert torch.allclose(mixed[b, h], want, atol=1e-5)
             assert torch.allclose(alone[b, 0], mixed[b, H - 1], atol=1e-5)
     state = memory.state_dict()
