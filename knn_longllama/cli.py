@@ -392,9 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--threads", type=thread_count, default=None,
                         help="threads for torch and Faiss together, 1 to the number of CPUs (default: their own)")
     common.add_argument("--attn-implementation", choices=["eager", "sdpa"], default=None,
-                        help="eager: matmul + fp32 softmax, the official math (default); sdpa: fused attention in "
-                             "non-memory layers and, with dense memory, in memory layers (faster; the same math up "
-                             "to float rounding)")
+                        help="eager: matmul + fp32 softmax, the official math (default); sdpa: fused attention, "
+                             "memory entries joined by log-sum-exp (faster; the same math up to float rounding)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = sub.add_parser("passkey", parents=[common],

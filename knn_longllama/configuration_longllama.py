@@ -39,8 +39,8 @@ class LongLlamaConfig(PreTrainedConfig):
     - `mem_sink_tokens`: the first n tokens of each document, once they leave the local window, are attended by
       every query of the memory layers (as memory entries, beside the retrieved ones) instead of being searched.
     - `attn_implementation` (transformers' own setting): `"eager"` (default, the official math: matmul + fp32
-      softmax) or `"sdpa"` (fused scaled_dot_product_attention in non-memory layers and in memory layers with dense
-      memory, over local keys and every memory entry; kNN memory layers keep matmul + fp32 softmax).
+      softmax) or `"sdpa"` (fused attention; in memory layers the local keys and the memory entries are attended
+      apart and joined as one softmax through their log-sum-exps, docs/semantics.md#block-retrieval).
     - `memory_spec`: how memory layers store and search their entries, one `knn_index.MemorySpec` in text form:
       `"dense"` (official: attend to the whole memory), `"exact k=32"` (exact top-k in torch) or a Faiss
       `index_factory` string with options, e.g. `"IVF1024,Flat k=32 nprobe=32 metric=l2"`. Validated here;
