@@ -195,14 +195,15 @@ class LongLlamaAttention(nn.Module):
                 fold = lambda t: t[:, h0:h1, :, t0:t1].reshape(bsz, h1 - h0, groups * (t1 - t0), d)  # noqa: E731
                 bias = blocked[..., t0:t1, :].expand(-1, -1, groups, -1, -1).reshape(bsz, 1, groups * (t1 - t0), -1)
                 part = SoftmaxPart.attention(fold(q), k[:, h0:h1], v[:, h0:h1], bias, scale, floor)
-                if not shared:
-                    found = memory.lookup(fold(q_memory), h0, h1)
+                if shared:
+                    entries = memory.entries_for(fold(q_memory), h0, h1)
+                else:  # sinks (the same for every query) apart from the per-query lookup of the memory they wrap
+                    searched = memory.base if isinstance(memory, SinkMemory) else memory
+                    found = searched.lookup(fold(q_memory), h0, h1)
                     if found is not None:
                         part = part.merge(found if isinstance(found, SoftmaxPart) else
                                           SoftmaxPart.of(found, scale, floor))
-                    entries = None
-                else:
-                    entries = memory.entries_for(fold(q_memory), h0, h1)
+                    entries = memory.sinks.entries_for(fold(q_memory), h0, h1) if searched is not memory else None
                 if entries is not None:
                     keys, values, valid = entries
                     bias = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill_(~valid, floor)
