@@ -6,8 +6,8 @@
 
 The text form is the index (``dense``, ``exact`` or a Faiss ``index_factory`` string, no spaces) followed by
 ``name=value`` options: ``k``, ``k_factor``, ``metric`` (ip, l2), ``scan`` (index, big_batch), ``train`` (once,
-grow), ``storage`` (ram, disk), ``ram_budget`` (MiB, disk storage), ``block`` and the Faiss parameters in
-``SEARCH_PARAMS``, and ``token_k`` with blocks. ``str(spec)`` gives it back. Everything that can be checked without knowing the
+grow), ``storage`` (ram, disk), ``ram_budget`` (MiB, disk storage), ``block``, ``token_k`` and the Faiss
+parameters in ``SEARCH_PARAMS``. ``str(spec)`` gives it back. Everything that can be checked without knowing the
 vector dimension is checked here, including the factory strings that make Faiss abort, crash or hang; what depends
 on the dimension (``PQ16`` needs d divisible by 16) is checked when a store builds its index.
 This module imports neither torch nor Faiss.

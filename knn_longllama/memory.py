@@ -59,7 +59,8 @@ class MemoryLookup:
             return self
         valid = self.valid.expand_as(self.scores)
         best = self.scores.masked_fill(~valid, float("-inf")).topk(k, dim=-1).indices  # [B, h, Q, k]
-        values = self.values if self.values.dim() == 5 else self.values[:, :, None].expand(-1, -1, best.shape[2], -1, -1)
+        values = self.values if self.values.dim() == 5 else \
+            self.values[:, :, None].expand(-1, -1, best.shape[2], -1, -1)
         values = values.gather(3, best[..., None].expand(-1, -1, -1, -1, values.shape[-1]))
         return MemoryLookup(self.scores.gather(-1, best), valid.gather(-1, best), values)
 
@@ -323,9 +324,10 @@ class BlockMemory:
     """Top-k blocks: the memory is cut into blocks of `spec.block` consecutive real tokens per row. A lookup retrieves,
     per row and KV head, the k blocks whose representative key (the mean of the block's keys) scores highest against
     the mean of the lookup's queries, plus the row's last, incomplete block, and offers all their tokens to every
-    query (exact scores), or with `spec.token_k` > 0 each query's token_k best of them. The representatives are searched with the spec's index (a `knn_index.KnnStore`, in RAM);
-    the tokens live in the spec's storage: tensors (`ram`) or files read back block by block (`disk`, see
-    `knn_index.disk`; `directory`, `verify` as in `KnnStore`). docs/semantics.md#block-retrieval.
+    query (exact scores), or with `spec.token_k` > 0 each query's token_k best of them. The representatives are
+    searched with the spec's index (a `knn_index.KnnStore`, in RAM); the tokens live in the spec's storage: tensors
+    (`ram`) or files read back block by block (`disk`, see `knn_index.disk`; `directory`, `verify` as in
+    `KnnStore`). docs/semantics.md#block-retrieval.
     """
 
     def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, spec, *, dtype: torch.dtype, device,
