@@ -346,3 +346,15 @@ def test_training_free_flag_refuses_the_demo(capsys):
 
     assert main(["passkey", "--training-free", "--lengths", "300"]) == 2
     assert "--training-free" in capsys.readouterr().err
+
+
+def test_token_k_spec_round_trips_and_is_checked():
+    from knn_index import MemorySpec
+
+    spec = MemorySpec.parse("exact k=16 block=128 token_k=32")
+    assert spec.token_k == 32 and str(spec) == "exact k=16 block=128 token_k=32"
+    assert MemorySpec.coerce(spec.to_dict()) == spec and MemorySpec.parse("exact k=16 block=128").token_k == 0
+    for text, message in [("exact k=4 token_k=3", "needs block > 1"), ("exact k=4 block=8 token_k=-1", "token_k"),
+                          ("exact k=4 block=8 token_k=1.5", "token_k"), ("exact k=4 block=8 token_k=x", "token_k")]:
+        with pytest.raises(ValueError, match=message):
+            MemorySpec.parse(text)
