@@ -755,18 +755,21 @@ def headline() -> str:
     return "\n".join(lines + real_model_lines() + ["", link]) + "\n"
 
 
+HEADLINE_TRIALS = 8  # passkey trials of a pretrained checkpoint's setting, all lengths together, for the README
+
+
 def real_model_lines() -> list[str]:
     """Headline lines for pretrained checkpoints: passkey trials read training-free, per (model, settings, memory,
     length), the RULER-style average per (model, setting, length), and the reading cost over the floor."""
     lines = []
     trials = frame("training_free", points=["model", "settings", "memory_spec", "tokens", "seed", "trial"])
-    if not trials.empty:  # points of one trial (single-prompt probes) are on the results page only
+    if not trials.empty:  # probes of fewer trials are on the results page only
         lines += ["", "Pretrained checkpoints read training-free (`python -m experiments.training_free`), passkey "
-                  "correct / trials per length:", ""]
+                  f"correct / trials per length, settings of {HEADLINE_TRIALS}+ trials:", ""]
         for (model, settings, memory), setting in trials.groupby(["model", "settings", "memory_spec"], sort=False):
             points = [f"{tokens}: {int(part['correct'].sum())}/{len(part)}" for tokens, part in
                       setting.groupby("tokens") if len(part) > 1]
-            if points:
+            if points and len(setting) >= HEADLINE_TRIALS:
                 lines.append(f"- {model}, {settings}, {memory}: {', '.join(points)}")
     samples = frame("ruler_sample", points=["model", "setting", "task", "tokens", "seed", "sample"])
     if not samples.empty:
@@ -779,16 +782,16 @@ def real_model_lines() -> list[str]:
             lines.append(f"- {model}, {setting}: {points}")
     read = frame("bench_read")
     if not read.empty and "model" in read:
-        read = read[~read["model"].isin(["", "demo"])]
+        read = read[~read["model"].isin(["", "demo"]) & (read["attention"] == "sdpa")]
         read = read[read["memory_spec"] != "bare windows"].drop_duplicates(
             ["model", "attention", "tokens", "memory_spec"], keep="last")
         if not read.empty:
             lines += ["", "Reading cost of pretrained checkpoints (`python -m experiments.bench_read --model ...`), CPU "
-                      "time over the same windows without memory, one thread:", ""]
-            for (model, attention, memory), part in read.groupby(["model", "attention", "memory_spec"], sort=False):
+                      "time over the same windows without memory, SDPA, one thread:", ""]
+            for (model, memory), part in read.groupby(["model", "memory_spec"], sort=False):
                 points = ", ".join(f"{r['tokens']}: {r['x_floor_cpu']:.2f}x" for _, r in part.sort_values("tokens")
                                    .iterrows())
-                lines.append(f"- {model}, {memory}, {attention}: {points}")
+                lines.append(f"- {model}, {memory}: {points}")
     return lines
 
 
