@@ -551,12 +551,7 @@ class BlockOverlay:
             out.append(torch.where((at < start)[..., None], old, new)[:, :, 0])
         return out[0], out[1], ids >= 0
 
-    def lookup(self, queries: torch.Tensor, h0: int, h1: int) -> MemoryLookup | None:
-        entries = self.entries_for(queries, h0, h1)
-        if entries is None:
-            return None
-        found = MemoryLookup.of_entries(queries, *entries)
-        return found.top(self.token_k) if self.token_k else found
+    lookup = BlockMemory.lookup  # the same lookup over this overlay's entries
 
 
 def overlay(memory):
