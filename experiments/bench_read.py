@@ -9,12 +9,15 @@ right after its floor, so each ratio compares like with like.
     python -m experiments.bench_read --tokens 1048576 --memory "IVF1024,Flat k=32 nprobe=8 train=grow"  # ~10 min
     python -m experiments.bench_read --model smollm2 --tokens 8192 32768 131072   # the training-free rule's memory
     python -m experiments.bench_read --model smollm2 --attn-implementation eager --tokens 8192
+    python -m experiments.bench_read --model smollm2 --tokens 32768 --memory "IVF1024,Flat k=32 nprobe=32 metric=l2 \
+        train=grow" --set mem_distance=null mem_sink_tokens=0
 
 `--model` takes what the CLI takes (demo, smollm2, a .gguf file, a folder); without `--memory` a pretrained model
-reads with its own `memory_spec` (smollm2: the training-free rule). Rows go to experiments/results/results.csv
+reads with its own `memory_spec` (smollm2: the training-free rule); `--set FIELD=VALUE` overrides config fields
+(VALUE parsed as JSON), as `python -m experiments.ruler` does. Rows go to experiments/results/results.csv
 (experiment bench_read): seconds, tokens/s, x_floor, peak RSS, and the process's CPU seconds with their ratio
 x_floor_cpu (steadier than wall time when other jobs share the cores), with the model and its attention
-implementation.
+implementation and the overrides (column `settings`).
 """
 
 import argparse
@@ -38,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--memory", nargs="+", default=None,
                    help="memory specs to read with (default: three IVF settings for the demo, the model's own spec "
                         "otherwise)")
+    p.add_argument("--set", type=common.config_override, nargs="+", default=[], metavar="FIELD=VALUE",
+                   help="config overrides of the model with memory, e.g. mem_distance=null (values parsed as JSON)")
     p.add_argument("--floor-repeats", type=int, default=3, help="the floor is the fastest of this many runs")
     p.add_argument("--threads", type=int, default=1, help="knn_index.set_num_threads (torch and faiss)")
     p.add_argument("--device", default="cpu")
@@ -66,18 +71,21 @@ def cpu_timed(fn):
 
 
 def measure(tokens: int, specs: list[str] | None, device: str, floor_repeats: int, model_name: str = "demo",
-            attn_implementation: str | None = None) -> list[dict]:
-    """The floor and one read per spec of `tokens` filler tokens, as rows."""
+            attn_implementation: str | None = None, overrides: dict | None = None) -> list[dict]:
+    """The floor and one read per spec of `tokens` filler tokens, as rows; `overrides` are config fields of the
+    model with memory (the floor's model has no memory layers)."""
     from knn_longllama.cli import load_model
     from knn_longllama.document import Document
 
     settings = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
-    model, tokenizer = load_model(model_name, device, **settings)
+    overrides = dict(overrides or {})
+    model, tokenizer = load_model(model_name, device, **settings, **overrides)
     bare, _ = load_model(model_name, device, mem_layers=[], **settings)
     if specs is None:
         specs = SPECS if model_name == "demo" else [str(model.config.memory_spec)]
     ids = filler_ids(tokenizer, tokens).to(device)
     labels = {"model": model_name, "attention": model.config._attn_implementation}
+    set_labels = {**labels, "settings": common.overrides_text(overrides)}
 
     def floor():
         with torch.no_grad():
@@ -90,7 +98,7 @@ def measure(tokens: int, specs: list[str] | None, device: str, floor_repeats: in
     for spec in specs:
         common.reset_peak_rss()
         doc, seconds, cpu = cpu_timed(lambda: Document.read(model, ids, memory_spec=spec, progress=False))
-        rows.append({**labels, "tokens": tokens, "memory_spec": spec, "seconds": round(seconds, 3),
+        rows.append({**set_labels, "tokens": tokens, "memory_spec": spec, "seconds": round(seconds, 3),
                      "x_floor": round(seconds / floor_s, 2), "tokens_per_s": round(tokens / seconds),
                      "cpu_seconds": round(cpu, 3), "x_floor_cpu": round(cpu / floor_cpu, 2),
                      "peak_rss_mb": common.rss_mb(),
@@ -106,7 +114,8 @@ def main(argv=None) -> None:
     knn_index.set_num_threads(args.threads)
     env, run = common.environment(args.device, args.threads), common.run_id(args.run)
     for tokens in args.tokens:
-        rows = measure(tokens, args.memory, args.device, args.floor_repeats, args.model, args.attn_implementation)
+        rows = measure(tokens, args.memory, args.device, args.floor_repeats, args.model, args.attn_implementation,
+                       dict(args.set))
         for row in rows:
             print(row, flush=True)
         common.append_rows("bench_read", rows, METRICS, run, env)

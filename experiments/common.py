@@ -9,6 +9,7 @@ a column per metric. The results page is a set of group-bys on these frames (`ex
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import hashlib
@@ -24,6 +25,22 @@ import pandas as pd
 
 RESULTS = Path(__file__).resolve().parent / "results"  # every function's default `results` folder
 ID_COLUMNS = ["experiment", "run", "env"]
+
+
+def config_override(text: str) -> tuple[str, object]:
+    """FIELD=VALUE of a `--set` option: the value parsed as JSON where it is JSON, else the text itself."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE (e.g. last_context_length=256), got {text!r}")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
+def overrides_text(overrides: dict) -> str:
+    """Config overrides as one cell: `name=json_value` items separated by spaces ("" for none)."""
+    return " ".join(f"{name}={json.dumps(value)}" for name, value in overrides.items())
 
 
 def run_id(label: str | None = None) -> str:

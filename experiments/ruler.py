@@ -27,24 +27,13 @@ from experiments import common
 METRICS = ["score", "prompt_tokens", "generated_tokens", "seconds", "prediction"]
 
 
-def override(text: str) -> tuple[str, object]:
-    """FIELD=VALUE of `--set`: the value parsed as JSON where it is JSON, else the text itself."""
-    name, sep, value = text.partition("=")
-    if not sep or not name.isidentifier():
-        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE (e.g. last_context_length=256), got {text!r}")
-    try:
-        return name, json.loads(value)
-    except json.JSONDecodeError:
-        return name, value
-
-
 def setting_label(args, overrides: dict) -> str:
     """What the rows measured, in words: "in context", or "memory <spec>" and the overrides (or --label)."""
     if args.label:
         return args.label
     if args.in_context:
         return "in context"
-    extra = " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items())
+    extra = common.overrides_text(overrides)
     return f"memory {args.memory or 'default'}" + (f" {extra}" if extra else "")
 
 
@@ -68,7 +57,7 @@ def parse_args(argv=None):
     parser.add_argument("--memory", type=memory_spec, default=None, help="memory spec (default: the model's own)")
     parser.add_argument("--mem-layers", type=layer_index, nargs="*", default=None,
                         help="memory layers: indices, 'all', or no value for none")
-    parser.add_argument("--set", type=override, nargs="+", default=[], metavar="FIELD=VALUE",
+    parser.add_argument("--set", type=common.config_override, nargs="+", default=[], metavar="FIELD=VALUE",
                         help="config overrides, e.g. last_context_length=256 (values parsed as JSON)")
     parser.add_argument("--lengths", type=positive_int, nargs="+", default=[2048, 4096, 8192])
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS), metavar="TASK",

@@ -597,10 +597,10 @@ def benchmarks_section() -> list[str]:
                                                series=series(batched, ["setting"], "keys", "vs_search"))])]
     read = frame("bench_read")
     if not read.empty:
-        for column, default in (("model", "demo"), ("attention", "eager")):  # earlier runs: the demo, eager
+        for column, default in (("model", "demo"), ("attention", "eager"), ("settings", "")):  # earlier runs
             read[column] = read[column].replace("", default) if column in read else default
-        read = read.drop_duplicates(["model", "attention", "tokens", "memory_spec"], keep="last")
-        columns = [c for c in ("run", "model", "attention", "tokens", "memory_spec", "seconds", "x_floor",
+        read = read.drop_duplicates(["model", "attention", "tokens", "memory_spec", "settings"], keep="last")
+        columns = [c for c in ("run", "model", "attention", "tokens", "memory_spec", "settings", "seconds", "x_floor",
                                "cpu_seconds", "x_floor_cpu", "tokens_per_s", "peak_rss_mb", "memory_mb")
                    if c in read.columns]
         knn = read[read["memory_spec"] != "bare windows"]
@@ -614,7 +614,7 @@ def benchmarks_section() -> list[str]:
                   plot("bench_read", [dict(title="Reading with kNN memory, as a multiple of the bare windows",
                                            x="tokens read", y="CPU time / bare windows' (wall time in early runs)",
                                            logx=2, logy=True,
-                                           series=series(knn, ["model", "attention", "memory_spec"], "tokens",
+                                           series=series(knn, ["model", "attention", "memory_spec", "settings"], "tokens",
                                                          "ratio"))])]
     checks = frame("device_check", points=["check", "device"])
     if not checks.empty:
@@ -783,15 +783,16 @@ def real_model_lines() -> list[str]:
     read = frame("bench_read")
     if not read.empty and "model" in read:
         read = read[~read["model"].isin(["", "demo"]) & (read["attention"] == "sdpa")]
+        read = read.assign(settings=read["settings"] if "settings" in read else "")
         read = read[read["memory_spec"] != "bare windows"].drop_duplicates(
-            ["model", "attention", "tokens", "memory_spec"], keep="last")
+            ["model", "attention", "tokens", "memory_spec", "settings"], keep="last")
         if not read.empty:
             lines += ["", "Reading cost of pretrained checkpoints (`python -m experiments.bench_read --model ...`), CPU "
                       "time over the same windows without memory, SDPA, one thread:", ""]
-            for (model, memory), part in read.groupby(["model", "memory_spec"], sort=False):
+            for (model, memory, settings), part in read.groupby(["model", "memory_spec", "settings"], sort=False):
                 points = ", ".join(f"{r['tokens']}: {r['x_floor_cpu']:.2f}x" for _, r in part.sort_values("tokens")
                                    .iterrows())
-                lines.append(f"- {model}, {memory}: {points}")
+                lines.append(f"- {model}, {memory}{f' ({settings})' if settings else ''}: {points}")
     return lines
 
 

@@ -19,3 +19,16 @@ def test_bench_read_measures_specs_against_the_bare_windows():
     assert all(r["memory_mb"] > 0 and r["peak_rss_mb"] > 0 for r in rows[1:])
     with pytest.raises(SystemExit):
         bench_read.parse_args(["--tokens", "0"])
+
+
+def test_bench_read_overrides_reach_the_model_with_memory_only():
+    from experiments import bench_read
+
+    full = bench_read.measure(1200, ["exact k=8"], "cpu", floor_repeats=1)
+    one = bench_read.measure(1200, ["exact k=8"], "cpu", floor_repeats=1, overrides={"mem_layers": [0]})
+    assert one[1]["settings"] == "mem_layers=[0]" and "settings" not in one[0]  # the floor has no memory anyway
+    assert one[1]["memory_mb"] < full[1]["memory_mb"]
+    args = bench_read.parse_args(["--set", "mem_distance=null", "mem_sink_tokens=0"])
+    assert dict(args.set) == {"mem_distance": None, "mem_sink_tokens": 0}
+    with pytest.raises(SystemExit):
+        bench_read.parse_args(["--set", "mem_distance"])
