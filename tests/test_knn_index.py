@@ -77,7 +77,7 @@ def make_store(kind, B, H, d=D, **kw):
 
 # ----------------------------------------------------------------- exactness
 @pytest.mark.parametrize("kind", ["Flat", "torch"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_full_memory_exact_scores_with_padding(kind, dtype):
     """k >= memory: every stored, unpadded key comes back once with its exact score."""
     B, H, T = 2, 3, 40
