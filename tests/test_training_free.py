@@ -327,8 +327,10 @@ def test_training_free_rule_from_a_llama_folder(tmp_path):
     model = LongLlamaForCausalLM.from_pretrained(tmp_path / "llama", training_free=True, mem_sink_tokens=8)
     c = model.config
     assert (c.mem_layers, c.max_position_embeddings, c.last_context_length, c.mem_distance, c.mem_sink_tokens,
-            c.memory_spec) == ([0, 1, 2], 256, 128, 512, 8, "exact k=2 block=128")
-    assert training_free_settings(8192)["memory_spec"] == "exact k=16 block=128"
+            c.memory_spec) == ([0, 1, 2], 256, 128, None, 8, "IVF1024,Flat k=32 metric=l2 train=grow nprobe=32")
+    assert training_free_settings(8192)["max_position_embeddings"] == 512
+    assert training_free_settings(100)["max_position_embeddings"] == 25 and training_free_settings(1)[
+        "last_context_length"] == 1
     assert c._attn_implementation == "sdpa"  # the rule's attention; an explicit choice wins
     eager = LongLlamaForCausalLM.from_pretrained(tmp_path / "llama", training_free=True, attn_implementation="eager")
     assert eager.config._attn_implementation == "eager"

@@ -15,7 +15,7 @@ def test_rows_and_page(tmp_path, monkeypatch):
                         "--run", "smoke"])
     trials = common.table("training_free")
     assert len(trials) == 2 * 2 * 2
-    assert set(trials["settings"]) == {"default", "mem_distance=300,mem_sink_tokens=8"}
+    assert set(trials["settings"]) == {"mem_distance=none,mem_sink_tokens=0", "mem_distance=300,mem_sink_tokens=8"}
     assert set(trials["memory_spec"]) == {"exact k=8", "exact k=2 block=16"}
     assert trials["correct"].isin([0, 1]).all() and (trials["prompt_tokens"] > 300).all()
     section = "\n".join(update_readme.training_free_section())
