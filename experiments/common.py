@@ -82,7 +82,10 @@ def append_rows(experiment: str, rows: list[dict], metrics: list[str], run: str,
         table = pd.concat([read_results(results), pd.DataFrame(lines, dtype=str)], ignore_index=True).fillna("")
         settings = [c for c in table.columns if c not in ID_COLUMNS + ["metric", "value"]]
         partial = folder / f".results.csv.{os.getpid()}"
-        table[ID_COLUMNS + settings + ["metric", "value"]].to_csv(partial, index=False)
+        with open(partial, "w", newline="") as out:
+            table[ID_COLUMNS + settings + ["metric", "value"]].to_csv(out, index=False)
+            out.flush()
+            os.fsync(out.fileno())
         os.replace(partial, folder / "results.csv")
 
 

@@ -778,6 +778,7 @@ def real_model_lines() -> list[str]:
             score=("score", "mean"), tasks=("task", "nunique")).reset_index()
         lines += ["", "RULER-style average score (%, tasks measured) per length:", ""]
         for (model, setting), part in average.groupby(["model", "setting"], sort=False):
+            part = part.sort_values("tokens", key=lambda tokens: tokens.astype(float))
             points = ", ".join(f"{r['tokens']}: {100 * r['score']:.0f} ({r['tasks']})" for _, r in part.iterrows())
             lines.append(f"- {model}, {setting}: {points}")
     read = frame("bench_read")
