@@ -3,7 +3,6 @@
 import torch
 
 MIN_CAPACITY = 256
-RAW_TYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # element size -> same-width integer
 
 
 class RowStorage:
@@ -91,14 +90,12 @@ class RowStorage:
 
     def take(self, name: str, ids: torch.Tensor, heads: list[int]) -> torch.Tensor:
         """Rows of ``name`` ("keys" or "values") at ids [B, h, Q, K] (>= 0) of storage heads ``heads``:
-        [B, h, Q, K, d], by one index_select over the flattened storage, copied as integers of the same width
-        (the same bits; CPU index_select copies bfloat16 rows several times slower than int16 rows)."""
+        [B, h, Q, K, d], by one index_select over the flattened storage."""
         t = getattr(self, name)
         B, H, C, d = t.shape
         rows = torch.arange(B, device=ids.device).view(B, 1) * H
         offsets = (rows + torch.tensor(heads, device=ids.device).view(1, -1)).view(B, -1, 1, 1) * C
-        bits = t.view(B * H * C, d).view(RAW_TYPES[t.element_size()])
-        return bits.index_select(0, (ids + offsets).view(-1)).view(t.dtype).view(*ids.shape, d)
+        return t.view(B * H * C, d).index_select(0, (ids + offsets).view(-1)).view(*ids.shape, d)
 
     def float_keys(self, b: int, start: int, stop: int):
         """Stored keys of row ``b``, positions [start, stop), as float32 numpy [H, n, d]."""
