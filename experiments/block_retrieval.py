@@ -3,7 +3,8 @@
     python -m experiments.block_retrieval --lengths 32768 --trials 4
     python -m experiments.block_retrieval --lengths 32768 --trials 1 --first-trial 2 --settings "mem_attention_grouping=9x64"
 
-A trial runs `passkey_trial` as `experiments.training_free` does (`--model smollm2`: the training-free rule) and
+A trial runs `passkey_trial` as `experiments.training_free` does (`--model smollm2` with the former training-free
+rule's blocks, distance 1024 and 64 sinks, by default) and
 records every lookup of a block memory (`BlockMemory.token_ids`): which tokens it offered. A lookup made once the
 whole prompt prefix is in memory (the prompt's final window, then every generated token) "hits" when it offers
 every token of the key line ("The pass key is K."). Rows of experiments/results/results.csv (experiment
@@ -106,7 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m experiments.block_retrieval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--settings", default="", help="config overrides, as in experiments.training_free")
+    parser.add_argument("--settings", default="mem_distance=1024,mem_sink_tokens=64",
+                        help="config overrides, as in experiments.training_free (default: the distance and sinks of "
+                             "the former training-free rule, whose blocks this diagnoses)")
     parser.add_argument("--memory", default="exact k=16 block=128")
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768])
     parser.add_argument("--trials", type=int, default=4)
